@@ -1,0 +1,193 @@
+"""One attention function, several backends, and every attention mask of the project.
+
+Each mask is written once, as a function ``allowed(b, q, kv) -> bool`` over broadcastable
+integer index tensors (b: batch row, q: query index, kv: key index, all *absolute* indices
+in the sequence the keys live in, so a KV-cached chunk of queries simply starts at
+``q_offset``). The same function serves the dense boolean masks of the ``math`` and ``sdpa``
+backends and the ``mask_mod`` of ``flex_attention``. The masks (method.md section 3):
+
+- ``causal``: kv <= q.
+- ``full``: everything (bidirectional).
+- ``prefix``: kv <= q or kv < n_clean[b]. Over a permuted sequence whose first n_clean[b]
+  tokens are clean this is both the Eso-LM (A) diffusion mask (bidirectional among clean
+  tokens, masks causal) and the prefix-LM half of the Eso-LM (A) sequential mask.
+- ``block_causal``: kv // block <= q // block (BD3-LM over the clean sequence and its cache).
+- ``two_stream``: the 2L mask over ``[noisy ; clean]`` (each of length L = ``half``).
+  Noisy query q attends to its own block of the noisy half and to clean blocks strictly
+  before its block; clean queries attend within the clean half by ``inner`` (causal for
+  Eso-LM (B), prefix for Eso-LM (A), block_causal for BD3-LM). With block 1 it is the
+  Eso-LM sequential mask; with block L' it is the BD3-LM block-diffusion mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MASK_KINDS = ("causal", "full", "prefix", "block_causal", "two_stream")
+BACKENDS = ("sdpa", "math", "flex", "flash")
+CUDA_ONLY_BACKENDS = ("flex", "flash")
+
+MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class MaskSpec:
+    """Which keys each query may see.
+
+    kind: one of ``MASK_KINDS``; block: block size for block_causal / two_stream;
+    n_clean: LongTensor[B] of clean-prefix lengths (prefix masks); half: L for two_stream;
+    inner: the clean-half mask of two_stream; q_offset: absolute index of the first query
+    (the number of cached keys before it when decoding with a KV cache).
+    """
+
+    kind: str
+    block: int = 1
+    n_clean: Tensor | None = None
+    half: int = 0
+    inner: str = "causal"
+    q_offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in MASK_KINDS:
+            raise ValueError(f"mask kind {self.kind!r} is unknown; use one of {MASK_KINDS}")
+        if self.kind == "two_stream" and self.inner not in ("causal", "prefix", "block_causal"):
+            raise ValueError(f"two_stream inner mask {self.inner!r} must be causal, prefix or block_causal")
+        needs_clean = self.kind == "prefix" or (self.kind == "two_stream" and self.inner == "prefix")
+        if needs_clean and self.n_clean is None:
+            raise ValueError(f"mask {self.kind!r} needs n_clean (clean tokens per row)")
+        if self.kind == "two_stream" and self.half < 1:
+            raise ValueError("two_stream mask needs half = L >= 1")
+        if self.block < 1:
+            raise ValueError(f"block size must be >= 1, got {self.block}")
+
+    @property
+    def per_row(self) -> bool:
+        """Whether the mask differs between batch rows."""
+        return self.n_clean is not None and (self.kind == "prefix" or self.inner == "prefix")
+
+
+def _inner(kind: str, spec: MaskSpec, b: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+    if kind == "causal":
+        return kv <= q
+    if kind == "full":
+        return torch.ones_like(kv <= q)
+    if kind == "prefix":
+        return (kv <= q) | (kv < spec.n_clean[b])
+    if kind == "block_causal":
+        return torch.div(kv, spec.block, rounding_mode="floor") <= torch.div(
+            q, spec.block, rounding_mode="floor"
+        )
+    raise ValueError(kind)
+
+
+def mask_function(spec: MaskSpec) -> MaskFn:
+    """The mask of ``spec`` as ``allowed(b, q, kv)`` on broadcastable absolute indices."""
+    if spec.kind != "two_stream":
+        return lambda b, q, kv: _inner(spec.kind, spec, b, q, kv)
+    half, blk = spec.half, spec.block
+
+    def allowed(b: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        q_noisy, kv_noisy = q < half, kv < half
+        qb = torch.div(q % half, blk, rounding_mode="floor")
+        kb = torch.div(kv % half, blk, rounding_mode="floor")
+        noisy_row = torch.where(kv_noisy, qb == kb, kb < qb)
+        clean_row = ~kv_noisy & _inner(spec.inner, spec, b, q - half, kv - half)
+        return torch.where(q_noisy, noisy_row, clean_row)
+
+    return allowed
+
+
+def dense_mask(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.device) -> Tensor:
+    """Boolean mask [B or 1, 1, n_q, n_kv]; True where attention is allowed."""
+    rows = batch if spec.per_row else 1
+    b = torch.arange(rows, device=device).view(rows, 1, 1, 1)
+    q = (torch.arange(n_q, device=device) + spec.q_offset).view(1, 1, n_q, 1)
+    kv = torch.arange(n_kv, device=device).view(1, 1, 1, n_kv)
+    return mask_function(spec)(b, q, kv).expand(rows, 1, n_q, n_kv)
+
+
+def _math(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _is_plain(spec: MaskSpec, n_q: int, n_kv: int) -> bool:
+    """Full, or causal with queries and keys aligned (sdpa's is_causal fast path)."""
+    return spec.kind == "full" or (spec.kind == "causal" and spec.q_offset == 0 and n_q == n_kv)
+
+
+_FLEX_CACHE: dict[tuple, object] = {}
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    fn = mask_function(spec)
+    n_q, n_kv = q.shape[-2], k.shape[-2]
+    off = spec.q_offset
+    rows = q.shape[0] if spec.per_row else None
+
+    def mask_mod(b, h, qi, kvi):  # noqa: ARG001 - flex signature
+        return fn(b, qi + off, kvi)
+
+    key = (spec.kind, spec.block, spec.half, spec.inner, off, n_q, n_kv, str(q.device))
+    block_mask = None if spec.per_row else _FLEX_CACHE.get(key)
+    if block_mask is None:
+        block_mask = create_block_mask(mask_mod, rows, None, n_q, n_kv, device=q.device)
+        if not spec.per_row:
+            _FLEX_CACHE[key] = block_mask
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> Tensor | None:
+    """flash_attn for full/causal masks; None means: fall back to sdpa."""
+    if not _is_plain(spec, q.shape[-2], k.shape[-2]) or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+
+    out = flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=spec.kind == "causal"
+    )
+    return out.transpose(1, 2)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, backend: str = "sdpa") -> Tensor:
+    """Masked scaled dot-product attention.
+
+    q: [B, H, n_q, D]; k, v: [B, H, n_kv, D]; returns [B, H, n_q, D]. Query i has absolute
+    index ``spec.q_offset + i``; key j has absolute index j.
+    """
+    n_q, n_kv = q.shape[-2], k.shape[-2]
+    if backend == "flex":
+        return _flex(q, k, v, spec)
+    if backend == "flash":
+        out = _flash(q, k, v, spec)
+        if out is not None:
+            return out
+        backend = "sdpa"
+    if backend == "sdpa":
+        if _is_plain(spec, n_q, n_kv):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=spec.kind == "causal")
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=dense_mask(spec, q.shape[0], n_q, n_kv, q.device)
+        )
+    if backend == "math":
+        allowed = None if spec.kind == "full" else dense_mask(spec, q.shape[0], n_q, n_kv, q.device)
+        return _math(q, k, v, allowed)
+    raise ValueError(f"attention backend {backend!r} is unknown; use one of {BACKENDS}")
+
+
+def flash_available() -> bool:
+    try:
+        import flash_attn  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return False
+    return True

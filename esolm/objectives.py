@@ -1,0 +1,229 @@
+"""Training objectives (negative ELBO in nats) for every family, as plain functions.
+
+``loss(model, x)`` picks the function for ``model.config.variant`` from ``OBJECTIVES``.
+All random draws (t, masks, permutations) are made for the *global* batch and sliced to
+this process's rows, so the per-token loss of a global batch does not depend on how it
+is split across processes (method.md section 5, property 7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from esolm.config import ModelConfig
+from esolm.model.attention import MaskSpec
+from esolm.model.backbone import Backbone
+from esolm.noise import alpha, antithetic_times, diffusion_weight, uniform
+from esolm.ordering import clean_first_order, left_to_right_key
+
+
+@dataclass
+class LossOutput:
+    """Summed NLL and token counts of each term of the NELBO for one (local) batch.
+
+    per_token: differentiable scalar, diffusion_nll / diffusion_tokens +
+    sequential_nll / sequential_tokens (a missing term counts 0). Sums and counts are
+    returned so that averages stay exact across batches and processes.
+    """
+
+    per_token: Tensor
+    num_tokens: Tensor
+    diffusion_nll: Tensor
+    diffusion_tokens: Tensor
+    sequential_nll: Tensor
+    sequential_tokens: Tensor
+
+    @property
+    def nll(self) -> Tensor:
+        """Summed NLL consistent with per_token: per_token * num_tokens (detached)."""
+        return self.per_token.detach() * self.num_tokens
+
+
+def combine(diffusion_nll: Tensor, diffusion_tokens: Tensor, sequential_nll: Tensor,
+            sequential_tokens: Tensor) -> Tensor:
+    """Per-token NELBO from the (possibly all-reduced) sums of the two terms."""
+    d = diffusion_nll / diffusion_tokens.clamp_min(1) if diffusion_tokens > 0 else diffusion_nll * 0
+    s = sequential_nll / sequential_tokens.clamp_min(1) if sequential_tokens > 0 else sequential_nll * 0
+    return d + s
+
+
+@dataclass(frozen=True)
+class Draws:
+    """Random draws of this process's rows. t: [B]; u_mask, u_perm: [B, L]; diffusion: bool [B]."""
+
+    t: Tensor
+    u_mask: Tensor
+    u_perm: Tensor
+    diffusion: Tensor
+
+
+def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """-log p(target) per token, float32. logits [B, N, V], targets [B, N] -> [B, N]."""
+    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+
+
+def valid_tokens(cfg: ModelConfig, x: Tensor) -> Tensor:
+    """bool [B, L]: positions that count (not padding)."""
+    if cfg.pad_token_id is None:
+        return torch.ones_like(x, dtype=torch.bool)
+    return x != cfg.pad_token_id
+
+
+def diffusion_rows(cfg: ModelConfig, global_batch: int) -> int:
+    """How many rows of the global batch go to the diffusion term (method.md: batch split)."""
+    if cfg.variant == "ar" or cfg.alpha_0 == 0.0:
+        return 0
+    if cfg.variant in ("mdlm", "bd3lm") or cfg.alpha_0 == 1.0:
+        return global_batch
+    if global_batch < 2:
+        raise ValueError(f"a hybrid Eso-LM loss (alpha_0={cfg.alpha_0}) needs a global batch of at "
+                         f"least 2 rows, got {global_batch}")
+    return min(max(round(global_batch * cfg.batch_split), 1), global_batch - 1)
+
+
+def draw(cfg: ModelConfig, batch: int, length: int, device: torch.device,
+         generator: torch.Generator | None, rank: int = 0, world_size: int = 1) -> Draws:
+    """Draws for the global batch of ``batch * world_size`` rows, sliced to this rank's rows."""
+    g_batch = batch * world_size
+    n_diff = diffusion_rows(cfg, g_batch)
+    t = torch.zeros(g_batch)
+    t[:n_diff] = antithetic_times(n_diff, generator).cpu()
+    u_mask = uniform((g_batch, length), generator, device)
+    u_perm = uniform((g_batch, length), generator, device)
+    rows = slice(rank * batch, (rank + 1) * batch)
+    diffusion = torch.arange(g_batch) < n_diff
+    return Draws(t[rows].to(device), u_mask[rows], u_perm[rows], diffusion[rows].to(device))
+
+
+def _noised(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> tuple[Tensor, Tensor, Tensor]:
+    """z_t ~ q(. | x, alpha_t) per row: (z_t, masked bool [B, L], NELBO weight [B, 1])."""
+    cfg = model.config
+    a0 = cfg.alpha_0 if cfg.variant.startswith("eso") else 1.0
+    masked = (d.u_mask >= alpha(d.t, a0, cfg.eps)[:, None]) & valid
+    z = torch.where(masked, cfg.mask_token_id, x)
+    return z, masked, diffusion_weight(d.t, a0, cfg.eps)[:, None]
+
+
+def _natural(x: Tensor) -> Tensor:
+    return torch.arange(x.shape[1], device=x.device).expand_as(x)
+
+
+def _mdlm_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
+    """MDLM: bidirectional attention over the natural order."""
+    z, masked, weight = _noised(model, x, valid, d)
+    nll = token_nll(model(z, _natural(x), MaskSpec("full")), x)
+    return (weight * nll * masked).sum()
+
+
+def _bd3lm_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
+    """BD3-LM: the 2L ``[x_t ; x]`` sequence with the block-diffusion mask of block L'."""
+    z, masked, weight = _noised(model, x, valid, d)
+    L, pos = x.shape[1], _natural(x)
+    spec = MaskSpec("two_stream", block=model.config.block_size, half=L, inner="block_causal")
+    logits = model(torch.cat((z, x), 1), torch.cat((pos, pos), 1), spec, logits_for=slice(0, L))
+    return (weight * token_nll(logits, x) * masked).sum()
+
+
+def _eso_diffusion_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
+    """Eso-LM diffusion term: clean first, then masks, each group in a random order; causal
+    attention for (B), prefix attention (bidirectional among clean tokens) for (A)."""
+    z, masked, weight = _noised(model, x, valid, d)
+    order = clean_first_order(masked, d.u_perm, d.u_perm)
+    if model.config.variant == "eso_b":
+        spec = MaskSpec("causal")
+    else:
+        spec = MaskSpec("prefix", n_clean=(~masked).sum(1))
+    nll = token_nll(model(z.gather(1, order), order, spec), x.gather(1, order))
+    return (weight * nll * masked.gather(1, order)).sum()
+
+
+def _sequential_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
+    """Summed NLL of the positions masked in z_0, decoded left to right (method.md L_sequential)."""
+    cfg = model.config
+    B, L = x.shape
+    masked = (d.u_mask >= cfg.alpha_0) & valid
+    l2r = left_to_right_key(B, L, x.device)
+    order = clean_first_order(masked, d.u_perm if cfg.variant == "eso_b" else l2r, l2r)
+    return sequential_nll_for_order(model, x, masked, order).sum()
+
+
+def sequential_nll_for_order(model: Backbone, x: Tensor, masked: Tensor, order: Tensor) -> Tensor:
+    """NLL [B, L] (in permuted order, zero where not masked) of the masked positions of ``x``.
+
+    ``order`` lists the clean positions of z_0 first, then the masked ones in their
+    generation order. One forward pass over ``[z_0 permuted ; x permuted]`` with the 2L
+    block-size-1 mask: each masked query sees the clean tokens and the masked tokens
+    revealed before it, and nothing else.
+    """
+    cfg = model.config
+    L = x.shape[1]
+    z0 = torch.where(masked, cfg.mask_token_id, x)
+    if cfg.variant == "eso_b":
+        spec = MaskSpec("two_stream", half=L, inner="causal")
+    else:
+        spec = MaskSpec("two_stream", half=L, inner="prefix", n_clean=(~masked).sum(1))
+    tokens = torch.cat((z0.gather(1, order), x.gather(1, order)), 1)
+    logits = model(tokens, torch.cat((order, order), 1), spec, logits_for=slice(0, L))
+    return token_nll(logits, x.gather(1, order)) * masked.gather(1, order)
+
+
+def _ar_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:  # noqa: ARG001
+    """Next-token NLL; the mask id serves as the beginning-of-sequence token."""
+    B, L = x.shape
+    bos = torch.full((B, 1), model.config.mask_token_id, dtype=x.dtype, device=x.device)
+    pos = torch.arange(L, device=x.device).expand(B, L)
+    logits = model(torch.cat((bos, x[:, :-1]), 1), pos, MaskSpec("causal"))
+    return (token_nll(logits, x) * valid).sum()
+
+
+def loss(model: Backbone, x: Tensor, generator: torch.Generator | None = None, rank: int = 0,
+         world_size: int = 1) -> LossOutput:
+    """NELBO estimate (nats/token) of the batch ``x`` [B, L] under ``model``'s variant."""
+    cfg = model.config
+    check_tokens(cfg, x)
+    B, L = x.shape
+    d = draw(cfg, B, L, x.device, generator, rank, world_size)
+    valid = valid_tokens(cfg, x)
+    zero = torch.zeros((), device=x.device)
+    parts = {"diffusion": (zero, zero), "sequential": (zero, zero)}
+    for name, fn in TERMS[cfg.variant].items():
+        rows = d.diffusion if name == "diffusion" else ~d.diffusion
+        if rows.any():
+            sub = Draws(d.t[rows], d.u_mask[rows], d.u_perm[rows], d.diffusion[rows])
+            parts[name] = (fn(model, x[rows], valid[rows], sub), valid[rows].sum())
+    (dn, dt), (sn, st) = parts["diffusion"], parts["sequential"]
+    return LossOutput(combine(dn, dt, sn, st), valid.sum(), dn, dt, sn, st)
+
+
+def check_tokens(cfg: ModelConfig, x: Tensor) -> None:
+    """Clear errors for inputs the model cannot take."""
+    if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be an integer tensor [batch, length], got {tuple(x.shape)} "
+                         f"of {x.dtype}")
+    if x.shape[1] > cfg.length:
+        raise ValueError(f"input length {x.shape[1]} exceeds the model's length={cfg.length}")
+    if cfg.variant == "bd3lm" and x.shape[1] % cfg.block_size:
+        raise ValueError(f"input length {x.shape[1]} is not a multiple of block_size={cfg.block_size}")
+    allowed_max = cfg.vocab_size - 1 if cfg.pad_token_id is None else max(cfg.vocab_size - 1,
+                                                                           cfg.pad_token_id)
+    lo, hi = int(x.min()), int(x.max())
+    if lo < 0 or hi > allowed_max or (cfg.mask_token_id < cfg.vocab_size and
+                                      bool((x == cfg.mask_token_id).any())):
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size - 1}] (or be pad_token_id) and "
+                         f"never be the mask id {cfg.mask_token_id}; got ids in [{lo}, {hi}]")
+
+
+Term = Callable[[Backbone, Tensor, Tensor, Draws], Tensor]
+# variant -> the NELBO terms it has; each term returns the summed NLL of its rows
+TERMS: dict[str, dict[str, Term]] = {
+    "ar": {"sequential": _ar_nll},
+    "mdlm": {"diffusion": _mdlm_nll},
+    "bd3lm": {"diffusion": _bd3lm_nll},
+    "eso_a": {"diffusion": _eso_diffusion_nll, "sequential": _sequential_nll},
+    "eso_b": {"diffusion": _eso_diffusion_nll, "sequential": _sequential_nll},
+}

@@ -1,0 +1,34 @@
+"""Shared helpers: tiny models whose weights are all random and far from uniform predictions."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+for _k, _v in {"DVC_NO_ANALYTICS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MPLBACKEND": "Agg",
+               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
+    os.environ.setdefault(_k, _v)
+
+from esolm import ModelConfig, build_model  # noqa: E402
+
+VARIANTS = ("ar", "mdlm", "bd3lm", "eso_a", "eso_b")
+
+
+def sharp_model(variant: str = "eso_b", std: float = 0.3, dtype=torch.float32, seed: int = 0, **kw):
+    """A random model in eval mode with large weights, so predictions are far from uniform and
+    any leak of information through attention shows in the numbers."""
+    torch.manual_seed(seed)
+    base = dict(variant=variant, vocab_size=7, length=16, n_layers=2, d_model=32, n_heads=4,
+                dropout=0.0, cond_dim=32)
+    base.update(kw)
+    model = build_model(ModelConfig(**base)).to(dtype)
+    model.reset_parameters(std=std)
+    return model.eval()
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)

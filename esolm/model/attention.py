@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from esolm.device import is_accelerator
+
 MASK_KINDS = ("causal", "full", "prefix", "block_causal", "two_stream")
 BACKENDS = ("sdpa", "math", "flex", "flash")
 CUDA_ONLY_BACKENDS = ("flex", "flash")
@@ -166,6 +168,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, backend: str = "s
     index ``spec.q_offset + i``; key j has absolute index j.
     """
     n_q, n_kv = q.shape[-2], k.shape[-2]
+    if backend in CUDA_ONLY_BACKENDS and not is_accelerator(q.device):
+        raise ValueError(f"attention backend {backend!r} needs CUDA tensors, got {q.device}; "
+                         "use attn_backend='sdpa' (or 'math') on CPU")
     if backend == "flex":
         return _flex(q, k, v, spec)
     if backend == "flash":

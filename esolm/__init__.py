@@ -1,8 +1,10 @@
 """esolm: Esoteric Language Models (Eso-LMs) and their baselines in one backbone."""
 
 from esolm.config import ModelConfig
+from esolm.likelihood import iw_log_prob, order_log_prob
 from esolm.model import Backbone
 from esolm.objectives import LossOutput, loss
+from esolm.sampling import Generation, generate
 
 
 def build_model(cfg: ModelConfig) -> Backbone:
@@ -10,4 +12,5 @@ def build_model(cfg: ModelConfig) -> Backbone:
     return Backbone(cfg)
 
 
-__all__ = ["Backbone", "LossOutput", "ModelConfig", "build_model", "loss"]
+__all__ = ["Backbone", "Generation", "LossOutput", "ModelConfig", "build_model", "generate",
+           "iw_log_prob", "loss", "order_log_prob"]

@@ -109,6 +109,11 @@ def _noised(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> tuple[Tensor
     return z, masked, diffusion_weight(d.t, a0, cfg.eps)[:, None]
 
 
+def _keep(valid: Tensor) -> Tensor | None:
+    """Key-padding mask for bidirectional attention (None when nothing is padding)."""
+    return None if bool(valid.all()) else valid
+
+
 def _natural(x: Tensor) -> Tensor:
     return torch.arange(x.shape[1], device=x.device).expand_as(x)
 
@@ -116,7 +121,7 @@ def _natural(x: Tensor) -> Tensor:
 def _mdlm_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
     """MDLM: bidirectional attention over the natural order."""
     z, masked, weight = _noised(model, x, valid, d)
-    nll = token_nll(model(z, _natural(x), MaskSpec("full")), x)
+    nll = token_nll(model(z, _natural(x), MaskSpec("full", keep=_keep(valid))), x)
     return (weight * nll * masked).sum()
 
 
@@ -124,7 +129,8 @@ def _bd3lm_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
     """BD3-LM: the 2L ``[x_t ; x]`` sequence with the block-diffusion mask of block L'."""
     z, masked, weight = _noised(model, x, valid, d)
     L, pos = x.shape[1], _natural(x)
-    spec = MaskSpec("two_stream", block=model.config.block_size, half=L, inner="block_causal")
+    keep = _keep(torch.cat((valid, valid), 1))
+    spec = MaskSpec("two_stream", block=model.config.block_size, half=L, inner="block_causal", keep=keep)
     logits = model(torch.cat((z, x), 1), torch.cat((pos, pos), 1), spec, logits_for=slice(0, L))
     return (weight * token_nll(logits, x) * masked).sum()
 
@@ -133,11 +139,11 @@ def _eso_diffusion_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> T
     """Eso-LM diffusion term: clean first, then masks, each group in a random order; causal
     attention for (B), prefix attention (bidirectional among clean tokens) for (A)."""
     z, masked, weight = _noised(model, x, valid, d)
-    order = clean_first_order(masked, d.u_perm, d.u_perm)
+    order = clean_first_order(masked, d.u_perm, d.u_perm, padding=~valid)
     if model.config.variant == "eso_b":
         spec = MaskSpec("causal")
     else:
-        spec = MaskSpec("prefix", n_clean=(~masked).sum(1))
+        spec = MaskSpec("prefix", n_clean=(~masked & valid).sum(1))
     nll = token_nll(model(z.gather(1, order), order, spec), x.gather(1, order))
     return (weight * nll * masked.gather(1, order)).sum()
 
@@ -148,15 +154,16 @@ def _sequential_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tens
     B, L = x.shape
     masked = (d.u_mask >= cfg.alpha_0) & valid
     l2r = left_to_right_key(B, L, x.device)
-    order = clean_first_order(masked, d.u_perm if cfg.variant == "eso_b" else l2r, l2r)
-    return sequential_nll_for_order(model, x, masked, order).sum()
+    order = clean_first_order(masked, d.u_perm if cfg.variant == "eso_b" else l2r, l2r, padding=~valid)
+    return sequential_nll_for_order(model, x, masked, order, (~masked & valid).sum(1)).sum()
 
 
-def sequential_nll_for_order(model: Backbone, x: Tensor, masked: Tensor, order: Tensor) -> Tensor:
+def sequential_nll_for_order(model: Backbone, x: Tensor, masked: Tensor, order: Tensor,
+                             n_clean: Tensor) -> Tensor:
     """NLL [B, L] (in permuted order, zero where not masked) of the masked positions of ``x``.
 
-    ``order`` lists the clean positions of z_0 first, then the masked ones in their
-    generation order. One forward pass over ``[z_0 permuted ; x permuted]`` with the 2L
+    ``order`` lists the ``n_clean`` [B] clean positions of z_0 first, then the masked ones in
+    their generation order, then padding. One forward pass over ``[z_0 permuted ; x permuted]`` with the 2L
     block-size-1 mask: each masked query sees the clean tokens and the masked tokens
     revealed before it, and nothing else.
     """
@@ -166,19 +173,22 @@ def sequential_nll_for_order(model: Backbone, x: Tensor, masked: Tensor, order: 
     if cfg.variant == "eso_b":
         spec = MaskSpec("two_stream", half=L, inner="causal")
     else:
-        spec = MaskSpec("two_stream", half=L, inner="prefix", n_clean=(~masked).sum(1))
+        spec = MaskSpec("two_stream", half=L, inner="prefix", n_clean=n_clean)
     tokens = torch.cat((z0.gather(1, order), x.gather(1, order)), 1)
     logits = model(tokens, torch.cat((order, order), 1), spec, logits_for=slice(0, L))
     return token_nll(logits, x.gather(1, order)) * masked.gather(1, order)
 
 
-def _ar_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:  # noqa: ARG001
-    """Next-token NLL; the mask id serves as the beginning-of-sequence token."""
+def ar_token_nll(model: Backbone, x: Tensor) -> Tensor:
+    """Next-token NLL [B, L]; the mask id serves as the beginning-of-sequence token."""
     B, L = x.shape
     bos = torch.full((B, 1), model.config.mask_token_id, dtype=x.dtype, device=x.device)
     pos = torch.arange(L, device=x.device).expand(B, L)
-    logits = model(torch.cat((bos, x[:, :-1]), 1), pos, MaskSpec("causal"))
-    return (token_nll(logits, x) * valid).sum()
+    return token_nll(model(torch.cat((bos, x[:, :-1]), 1), pos, MaskSpec("causal")), x)
+
+
+def _ar_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:  # noqa: ARG001
+    return (ar_token_nll(model, x) * valid).sum()
 
 
 def loss(model: Backbone, x: Tensor, generator: torch.Generator | None = None, rank: int = 0,

@@ -2,20 +2,149 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from esolm.noise import alpha
 
-def clean_first_order(masked: Tensor, clean_key: Tensor, mask_key: Tensor) -> Tensor:
-    """sort_idx [B, L]: clean positions first ordered by ``clean_key``, then masked ones by ``mask_key``.
 
-    masked: bool [B, L]; keys: float [B, L] in [0, 1) (random draws for a uniformly random
-    order, ``position / L`` for left to right).
+def clean_first_order(masked: Tensor, clean_key: Tensor, mask_key: Tensor,
+                      padding: Tensor | None = None) -> Tensor:
+    """sort_idx [B, L]: clean positions first ordered by ``clean_key``, then masked ones by
+    ``mask_key``, then padding (so that, under causal attention, no real token sees it).
+
+    masked, padding: bool [B, L]; keys: float [B, L] in [0, 1) (random draws for a uniformly
+    random order, ``position / L`` for left to right).
     """
     key = torch.where(masked, 2.0 + mask_key, clean_key)
+    if padding is not None:
+        key = torch.where(padding, 4.0 + mask_key, key)
     return torch.argsort(key, dim=-1, stable=True)
 
 
 def left_to_right_key(batch: int, length: int, device: torch.device) -> Tensor:
     """Keys that sort positions left to right: position / L, [B, L]."""
     return (torch.arange(length, device=device) / length).expand(batch, length)
+
+
+# ----------------------------------------------------------------------------- sampling schedule
+
+SCHEDULES = ("loglinear", "power")
+ORDERS = ("random", "block")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A sampling schedule shared by a batch (method.md section 4).
+
+    order: LongTensor[B, L], positions in generation order; the first ``n_given`` are given
+    (prompt) tokens, then ``n_diffusion`` diffusion tokens, then the sequential ones left to
+    right. counts: tokens decoded per non-empty step, in order (sequential steps are 1s).
+    """
+
+    order: Tensor
+    counts: tuple[int, ...]
+    n_given: int
+    n_diffusion: int
+
+    @property
+    def steps(self) -> int:
+        return len(self.counts)
+
+
+def loglinear_counts(n: int, steps: int, alpha_0: float, eps: float,
+                     generator: torch.Generator | None) -> list[int]:
+    """Binomial(remaining, (alpha_s - alpha_t) / (1 - alpha_t)) unmasked per diffusion step,
+    t going from 1 to 0 in ``steps`` equal steps; the total is about alpha_0 * n."""
+    counts, remaining = [], n
+    times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    for t, s in zip(times[:-1], times[1:]):
+        a_t, a_s = alpha(t, alpha_0, eps), alpha(s, alpha_0, eps)
+        p = float(((a_s - a_t) / (1.0 - a_t)).clamp(0.0, 1.0)) if a_t < 1 else 0.0
+        k = int(torch.binomial(torch.tensor(float(remaining)), torch.tensor(p), generator=generator))
+        counts.append(k)
+        remaining -= k
+    return counts
+
+
+def power_counts(n_diffusion: int, steps: int, gamma: float) -> list[int]:
+    """Deterministic counts: after step s, round(D * (s / T) ** gamma) tokens are decoded.
+    gamma = 1 spreads them evenly; gamma > 1 decodes few early and many late."""
+    done = [round(n_diffusion * (s / steps) ** gamma) for s in range(steps + 1)]
+    return [b - a for a, b in zip(done[:-1], done[1:])]
+
+
+def block_steps(free: Tensor, n_diffusion: int, subcontexts: int, shuffle: bool,
+                generator: torch.Generator | None) -> tuple[Tensor, list[int]]:
+    """Block-AR (subcontext) order over the free positions [B, F]: split them into
+    ``subcontexts`` contiguous chunks; step s decodes the s-th position of every chunk.
+    Returns the diffusion part of the order [B, D] and its per-step counts."""
+    B, F = free.shape
+    size = -(-F // subcontexts)
+    rank = torch.arange(F).expand(B, F)  # rank of each free position inside its chunk
+    chunk = rank // size
+    within = rank % size
+    if shuffle:
+        u = torch.rand(B, F, generator=generator)
+        within = torch.argsort(torch.argsort(chunk * 2.0 + u, dim=1), dim=1) - chunk * size
+        across = torch.rand(B, F, generator=generator)
+    else:
+        across = chunk.float() / subcontexts
+    key = within.float() + across
+    idx = torch.argsort(key, dim=1, stable=True)[:, :n_diffusion]
+    counts = torch.bincount(within.gather(1, idx)[0], minlength=size).tolist()
+    return free.gather(1, idx), [c for c in counts if c]
+
+
+def _random_free_order(B: int, L: int, given: Tensor, generator: torch.Generator | None) -> Tensor:
+    """[B, L - P]: the non-given positions of each row, in a uniformly random order."""
+    key = torch.rand(B, L, generator=generator)
+    key[:, given] = -1.0
+    return torch.argsort(key, dim=1)[:, given.numel():]
+
+
+def make_schedule(batch: int, length: int, steps: int, alpha_0: float, *, order: str = "random",
+                  schedule: str = "loglinear", gamma: float = 1.0, subcontexts: int = 4,
+                  shuffle: bool = False, given: Tensor | None = None, eps: float = 1e-3,
+                  generator: torch.Generator | None = None) -> Schedule:
+    """Draw the generation order and tokens per step (on the CPU generator ``generator``)."""
+    validate_schedule(steps, alpha_0, order, schedule, gamma, subcontexts)
+    given = torch.zeros(0, dtype=torch.long) if given is None else given.cpu()
+    n_free = length - given.numel()
+    free = _random_free_order(batch, length, given, generator)
+    if order == "random" and schedule == "loglinear":
+        counts = loglinear_counts(n_free, steps, alpha_0, eps, generator)
+    else:
+        counts = power_counts(round(alpha_0 * n_free), steps, gamma)
+    n_diff = sum(counts)
+    if order == "block":
+        free = torch.sort(free, dim=1).values
+        diff, counts = block_steps(free, n_diff, subcontexts, shuffle, generator)
+    else:
+        diff = free[:, :n_diff]
+    taken = torch.zeros(batch, length, dtype=torch.bool)
+    taken[:, given] = True
+    taken.scatter_(1, diff, True)
+    sequential = torch.argsort((taken.float() * 2 * length + torch.arange(length)), dim=1)
+    sequential = sequential[:, : length - given.numel() - n_diff]
+    full = torch.cat((given.expand(batch, -1), diff, sequential), dim=1)
+    counts = [c for c in counts if c] + [1] * sequential.shape[1]
+    return Schedule(full, tuple(counts), given.numel(), n_diff)
+
+
+def validate_schedule(steps: int, alpha_0: float, order: str, schedule: str, gamma: float,
+                      subcontexts: int) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} is invalid: use an integer >= 1")
+    if not 0.0 <= alpha_0 <= 1.0:
+        raise ValueError(f"alpha_0={alpha_0!r} is invalid: use a value in [0, 1]")
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r} is unknown: use one of {ORDERS}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is unknown: use one of {SCHEDULES}")
+    if gamma <= 0:
+        raise ValueError(f"gamma={gamma!r} is invalid: use a value > 0")
+    if subcontexts < 1:
+        raise ValueError(f"subcontexts={subcontexts!r} is invalid: use an integer >= 1")

@@ -45,7 +45,8 @@ class MaskSpec:
     kind: one of ``MASK_KINDS``; block: block size for block_causal / two_stream;
     n_clean: LongTensor[B] of clean-prefix lengths (prefix masks); half: L for two_stream;
     inner: the clean-half mask of two_stream; q_offset: absolute index of the first query
-    (the number of cached keys before it when decoding with a KV cache).
+    (the number of cached keys before it when decoding with a KV cache); keep: optional
+    bool [B, n_kv], False for padding keys, which no other query may see.
     """
 
     kind: str
@@ -54,6 +55,7 @@ class MaskSpec:
     half: int = 0
     inner: str = "causal"
     q_offset: int = 0
+    keep: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in MASK_KINDS:
@@ -71,7 +73,8 @@ class MaskSpec:
     @property
     def per_row(self) -> bool:
         """Whether the mask differs between batch rows."""
-        return self.n_clean is not None and (self.kind == "prefix" or self.inner == "prefix")
+        return self.keep is not None or (
+            self.n_clean is not None and (self.kind == "prefix" or self.inner == "prefix"))
 
 
 def _inner(kind: str, spec: MaskSpec, b: Tensor, q: Tensor, kv: Tensor) -> Tensor:
@@ -90,6 +93,14 @@ def _inner(kind: str, spec: MaskSpec, b: Tensor, q: Tensor, kv: Tensor) -> Tenso
 
 def mask_function(spec: MaskSpec) -> MaskFn:
     """The mask of ``spec`` as ``allowed(b, q, kv)`` on broadcastable absolute indices."""
+    base = _structure(spec)
+    if spec.keep is None:
+        return base
+    keep = spec.keep
+    return lambda b, q, kv: base(b, q, kv) & (keep[b, kv] | (kv == q))
+
+
+def _structure(spec: MaskSpec) -> MaskFn:
     if spec.kind != "two_stream":
         return lambda b, q, kv: _inner(spec.kind, spec, b, q, kv)
     half, blk = spec.half, spec.block
@@ -123,6 +134,8 @@ def _math(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
 
 def _is_plain(spec: MaskSpec, n_q: int, n_kv: int) -> bool:
     """Full, or causal with queries and keys aligned (sdpa's is_causal fast path)."""
+    if spec.keep is not None:
+        return False
     return spec.kind == "full" or (spec.kind == "causal" and spec.q_offset == 0 and n_q == n_kv)
 
 
@@ -185,7 +198,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, backend: str = "s
             q, k, v, attn_mask=dense_mask(spec, q.shape[0], n_q, n_kv, q.device)
         )
     if backend == "math":
-        allowed = None if spec.kind == "full" else dense_mask(spec, q.shape[0], n_q, n_kv, q.device)
+        allowed = None if _is_plain(spec, n_q, n_kv) and spec.kind == "full" else dense_mask(spec, q.shape[0], n_q, n_kv, q.device)
         return _math(q, k, v, allowed)
     raise ValueError(f"attention backend {backend!r} is unknown; use one of {BACKENDS}")
 

@@ -98,8 +98,8 @@ class Backbone(nn.Module):
     input carries permuted rotary phases); spec: the attention mask over these N tokens.
     With ``cache``, the N tokens are appended after ``cache.length`` cached keys and attend
     to all of them as the mask allows; the first ``commit`` tokens' K/V are then kept.
-    ``logits_for`` selects the tokens whose logits are computed (the output layer dominates
-    small models). Logits are float32 with the mask id at -inf (zero-masking).
+    ``logits_for`` selects the tokens whose logits are computed, as a slice or a
+    LongTensor[B, k] of indices (the output layer dominates small models). Logits are float32 with the mask id at -inf (zero-masking).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -125,7 +125,7 @@ class Backbone(nn.Module):
 
     def forward(self, tokens: Tensor, positions: Tensor, spec: MaskSpec, t: Tensor | None = None,
                 cache: KVCache | None = None, commit: int = 0,
-                logits_for: slice = slice(None)) -> Tensor:
+                logits_for: slice | Tensor = slice(None)) -> Tensor:
         B, N = tokens.shape
         if t is None:
             t = torch.zeros(B, device=tokens.device)
@@ -142,7 +142,10 @@ class Backbone(nn.Module):
             h = block(h, c, rope, spec, layer_cache)
         if cache is not None:
             cache.length = start + commit
-        h = h[:, logits_for]
+        if isinstance(logits_for, Tensor):  # LongTensor[B, k] of token indices
+            h = h.gather(1, logits_for.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        else:
+            h = h[:, logits_for]
         shift, scale = self.modulation_out(c)[:, None].chunk(2, dim=-1)
         logits = self.head(self.norm_out(h) * (1 + scale) + shift).float()
         logits[..., self.config.mask_token_id] = float("-inf")

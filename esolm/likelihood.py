@@ -1,0 +1,146 @@
+"""Exact fixed-order likelihood, the importance-weighted bound and the NELBO (method.md section 5).
+
+With causal attention over a permutation an Eso-LM is an any-order autoregressive model:
+``log p(x | sigma) = sum_j log p(x_{sigma_j} | x_{sigma_<j})`` is exact and takes one
+forward pass (the sequential-term machinery with every position masked). AR is exact
+left to right only. MDLM and BD3-LM (bidirectional inside their context) need one forward
+pass per position: L passes of the full sequence for MDLM, L passes of [x_t ; x] for
+BD3-LM, batched ``chunk`` positions at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from esolm.model.attention import MaskSpec
+from esolm.model.backbone import Backbone
+from esolm.objectives import (_keep, ar_token_nll, check_tokens, clean_first_order, sequential_nll_for_order,
+                              token_nll, valid_tokens)
+
+
+def left_to_right(batch: int, length: int, device: torch.device | None = None) -> Tensor:
+    """The left-to-right order [B, L]."""
+    return torch.arange(length, device=device).expand(batch, length).clone()
+
+
+def random_order(batch: int, length: int, generator: torch.Generator | None = None) -> Tensor:
+    """A uniformly random order per row [B, L] (on the generator's device, CPU by default)."""
+    device = generator.device if generator is not None else None
+    return torch.argsort(torch.rand(batch, length, generator=generator, device=device), dim=1)
+
+
+def sampler_order(batch: int, length: int, alpha_0: float,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """The sampler's order at NFE = L: a Binomial(L, alpha_0) random prefix per row, then the
+    remaining positions left to right."""
+    device = generator.device if generator is not None else None
+    n_diff = torch.binomial(torch.full((batch, 1), float(length), device=device),
+                            torch.full((batch, 1), alpha_0, device=device), generator=generator)
+    key = torch.rand(batch, length, generator=generator, device=device)
+    in_prefix = torch.argsort(torch.argsort(key, 1), 1) < n_diff
+    pos = torch.arange(length, device=device) / length
+    return torch.argsort(torch.where(in_prefix, key - 1.0, pos), dim=1)
+
+
+def check_order(order: Tensor, x: Tensor) -> None:
+    if order.shape != x.shape:
+        raise ValueError(f"order shape {tuple(order.shape)} must equal the tokens' shape {tuple(x.shape)}")
+    expected = torch.arange(x.shape[1], device=order.device).expand_as(order)
+    if not torch.equal(torch.sort(order, dim=1).values, expected):
+        raise ValueError("every row of order must be a permutation of 0..L-1")
+
+
+@torch.no_grad()
+def order_log_prob(model: Backbone, x: Tensor, order: Tensor, chunk: int = 16,
+                   progress: bool = False) -> Tensor:
+    """Exact log p(x | order) in nats, [B]; padding excluded (pad positions are given first).
+
+    x, order: LongTensor[B, L]; order[b] lists positions in generation order.
+    """
+    cfg = model.config
+    check_tokens(cfg, x)
+    order = order.to(x.device)
+    check_order(order, x)
+    valid = valid_tokens(cfg, x)
+    if cfg.variant == "ar":
+        if not torch.equal(order, left_to_right(*x.shape, x.device)):
+            raise ValueError("an AR model has an exact likelihood for the left-to-right order only")
+        return -(ar_token_nll(model, x) * valid).sum(1)
+    rank = torch.argsort(order, dim=1).float() / x.shape[1]  # generation step of each position
+    order = clean_first_order(valid, rank, rank, padding=~valid)  # real tokens as asked, pads last
+    if cfg.variant.startswith("eso"):
+        none = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return -sequential_nll_for_order(model, x, valid, order, none).sum(1)
+    return -_per_position(model, x, valid, order, chunk, progress)
+
+
+def _per_position(model: Backbone, x: Tensor, valid: Tensor, order: Tensor, chunk: int,
+                  progress: bool) -> Tensor:
+    """MDLM / BD3-LM: one forward per generation step j, with order[j:] masked; ``chunk``
+    steps are stacked along the batch dimension of one call."""
+    cfg = model.config
+    B, L = x.shape
+    if cfg.variant == "bd3lm":
+        blocks = order // cfg.block_size
+        if (blocks[:, 1:] < blocks[:, :-1]).any():
+            raise ValueError("a BD3-LM order must finish each block before the next one starts")
+    rank = torch.argsort(order, dim=1)
+    total = torch.zeros(B, device=x.device)
+    pos = torch.arange(L, device=x.device)
+    for j0 in tqdm(range(0, L, chunk), disable=not progress, desc="exact likelihood", leave=False):
+        js = torch.arange(j0, min(j0 + chunk, L), device=x.device)
+        n = len(js)
+        masked = rank.unsqueeze(0) >= js.view(n, 1, 1)  # [n, B, L]
+        z = torch.where(masked, cfg.mask_token_id, x.unsqueeze(0)).reshape(n * B, L)
+        target = order[:, js].T.reshape(n * B, 1)  # position decoded at step j
+        logits = _bidirectional_logits(model, z, x.repeat(n, 1), pos.expand(n * B, L), target,
+                                       valid.repeat(n, 1))
+        nll = token_nll(logits, x.repeat(n, 1).gather(1, target)).view(n, B)
+        total += (nll * valid.gather(1, order[:, js]).T).sum(0)
+    return total
+
+
+def _bidirectional_logits(model: Backbone, z: Tensor, x: Tensor, pos: Tensor, target: Tensor,
+                          valid: Tensor) -> Tensor:
+    cfg = model.config
+    if cfg.variant == "mdlm":
+        return model(z, pos, MaskSpec("full", keep=_keep(valid)), logits_for=target)
+    L = z.shape[1]
+    spec = MaskSpec("two_stream", block=cfg.block_size, half=L, inner="block_causal",
+                    keep=_keep(torch.cat((valid, valid), 1)))
+    return model(torch.cat((z, x), 1), torch.cat((pos, pos), 1), spec, logits_for=target)
+
+
+def bd3lm_random_order(batch: int, length: int, block: int,
+                       generator: torch.Generator | None = None) -> Tensor:
+    """Blocks left to right, a uniformly random order inside each block."""
+    key = torch.rand(batch, length, generator=generator)
+    key = key + (torch.arange(length) // block).float()
+    return torch.argsort(key, dim=1)
+
+
+@torch.no_grad()
+def iw_log_prob(model: Backbone, x: Tensor, num_orders: int = 1,
+                generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+    """log (1/K) sum_k p(x | order_k) over K random orders, [B] nats (padding excluded).
+
+    AR: the left-to-right order (its only one); BD3-LM: random inside blocks.
+    """
+    if num_orders < 1:
+        raise ValueError(f"num_orders={num_orders!r} is invalid: use an integer >= 1")
+    cfg = model.config
+    B, L = x.shape
+    lps = []
+    for _ in tqdm(range(num_orders), disable=not progress, desc="orders", leave=False):
+        if cfg.variant == "ar":
+            order = left_to_right(B, L)
+        elif cfg.variant == "bd3lm":
+            order = bd3lm_random_order(B, L, cfg.block_size, generator)
+        else:
+            order = random_order(B, L, generator)
+        lps.append(order_log_prob(model, x, order.to(x.device)))
+    return torch.logsumexp(torch.stack(lps), dim=0) - math.log(num_orders)

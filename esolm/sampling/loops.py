@@ -1,0 +1,142 @@
+"""One sampling loop per family. Each takes the model, the initial tokens ``x`` [B, L]
+(mask id wherever a token is to be generated), its schedule and a ``Decoder``, fills ``x``
+in place and returns the number of forward passes it ran.
+
+Eso-LM (B): one KV cache for both phases; each step feeds only the previous step's tokens
+(committed to the cache) and the masks decoded now (scratch), method.md section 4.
+Eso-LM (A): the diffusion phase recomputes the clean tokens (bidirectional among them)
+and feeds only the masks decoded this step; the sequential phase is cached.
+With ``kv_cache=False`` both run a full forward over the permuted prefix every step:
+the reference the cached path is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from esolm.model.attention import MaskSpec
+from esolm.model.backbone import Backbone
+from esolm.ordering import Schedule
+from esolm.sampling.decode import sample_tokens
+
+CAUSAL = MaskSpec("causal")
+
+
+@dataclass
+class Decoder:
+    """Draws tokens from logits and writes them; records the logits when asked (tests)."""
+
+    generator: torch.Generator
+    top_p: float = 1.0
+    record: bool = False
+    logits: list[Tensor] = field(default_factory=list)
+    on_step: Callable[[], None] | None = None
+
+    def __call__(self, x: Tensor, positions: Tensor, logits: Tensor) -> None:
+        """x [B, L] in place: x[b, positions[b, i]] = token drawn from logits[b, i]."""
+        if self.record:
+            self.logits.append(logits.detach().clone())
+        x.scatter_(1, positions, sample_tokens(logits, self.generator, self.top_p))
+        if self.on_step is not None:
+            self.on_step()
+
+
+def eso_b(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bool) -> int:
+    order = sched.order.to(x.device)
+    cache = model.new_cache(x.shape[0]) if kv_cache else None
+    start = prev = sched.n_given  # order[:start] is decoded; its last ``prev`` are not cached yet
+    for k in sched.counts:
+        cur = order[:, start:start + k]
+        if cache is not None:
+            feed = order[:, start - prev:start + k]
+            logits = model(x.gather(1, feed), feed, CAUSAL, cache=cache, commit=prev,
+                           logits_for=slice(prev, None))
+        else:
+            feed = order[:, :start + k]
+            logits = model(x.gather(1, feed), feed, CAUSAL, logits_for=slice(start, None))
+        dec(x, cur, logits)
+        start, prev = start + k, k
+    return len(sched.counts)
+
+
+def eso_a(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bool) -> int:
+    order = sched.order.to(x.device)
+    B = x.shape[0]
+    n_clean_end = sched.n_given + sched.n_diffusion  # clean tokens when the sequential phase starts
+    cache = model.new_cache(B) if kv_cache else None
+    start = sched.n_given
+    for k in sched.counts:
+        cur = order[:, start:start + k]
+        n_clean = min(start, n_clean_end)
+        if cache is not None and start > n_clean_end:  # cached sequential step
+            feed = order[:, start - 1:start + 1]
+            logits = model(x.gather(1, feed), feed, CAUSAL, cache=cache, commit=1,
+                           logits_for=slice(1, None))
+        else:  # diffusion step, the first sequential step (it fills the cache), or uncached
+            feed = order[:, :start + k]
+            spec = MaskSpec("prefix", n_clean=torch.full((B,), n_clean, device=x.device))
+            commit = start if cache is not None and start == n_clean_end else 0
+            logits = model(x.gather(1, feed), feed, spec, cache=cache if commit else None,
+                           commit=commit, logits_for=slice(start, None))
+        dec(x, cur, logits)
+        start += k
+    return len(sched.counts)
+
+
+def mdlm(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bool) -> int:  # noqa: ARG001
+    """Full recompute each step (no cache exists for bidirectional attention). Empty steps
+    were dropped from the schedule, so every forward follows a change; logits are computed
+    only for the positions decoded this step (no B x L x V tensors)."""
+    order = sched.order.to(x.device)
+    B, L = x.shape
+    pos = torch.arange(L, device=x.device).expand(B, L)
+    full = MaskSpec("full")
+    start = sched.n_given
+    for k in sched.counts:
+        cur = order[:, start:start + k]
+        dec(x, cur, model(x, pos, full, logits_for=cur))
+        start += k
+    return len(sched.counts)
+
+
+def bd3lm(model: Backbone, x: Tensor, blocks: list[Schedule], dec: Decoder, kv_cache: bool) -> int:
+    """Blocks of L' left to right, MDLM inside the block (its own schedule), exact KV cache
+    of earlier blocks; a finished block is committed by the next block's first forward."""
+    B, L = x.shape
+    size = model.config.block_size
+    spec = MaskSpec("block_causal", block=size)
+    cache = model.new_cache(B) if kv_cache else None
+    nfe = 0
+    for b, sched in enumerate(blocks):
+        order = sched.order.to(x.device) + b * size
+        start = sched.n_given
+        for k in sched.counts:
+            cur = order[:, start:start + k]
+            first = cache.length if cache is not None else 0
+            feed = torch.arange(first, (b + 1) * size, device=x.device).expand(B, -1)
+            logits = model(x[:, first:(b + 1) * size], feed, spec, cache=cache,
+                           commit=b * size - first, logits_for=cur - first)
+            dec(x, cur, logits)
+            start += k
+            nfe += 1
+    return nfe
+
+
+def ar(model: Backbone, x: Tensor, n_given: int, dec: Decoder, kv_cache: bool) -> int:
+    """Left to right with a standard KV cache; the input at position i is x_{i-1} (BOS = mask id)."""
+    B, L = x.shape
+    inp = torch.cat((torch.full((B, 1), model.config.mask_token_id, device=x.device), x[:, :-1]), 1)
+    cache = model.new_cache(B) if kv_cache else None
+    pos = torch.arange(L, device=x.device).expand(B, L)
+    for i in range(n_given, L):
+        first = cache.length if cache is not None else 0
+        logits = model(inp[:, first:i + 1], pos[:, first:i + 1], CAUSAL, cache=cache,
+                       commit=i + 1 - first, logits_for=slice(-1, None))
+        dec(x, pos[:, i:i + 1], logits)
+        if i + 1 < L:
+            inp[:, i + 1] = x[:, i]
+    return L - n_given

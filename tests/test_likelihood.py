@@ -1,0 +1,137 @@
+"""Exact likelihood: normalisation by enumeration, agreement with the loss and the sampler."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from esolm import generate, iw_log_prob, loss, order_log_prob
+from esolm.likelihood import bd3lm_random_order, left_to_right, random_order, sampler_order
+from tests.conftest import sharp_model
+
+ALL = torch.tensor(list(itertools.product(range(3), repeat=4)))  # every sequence, V=3, L=4
+
+
+def _orders(variant: str):
+    if variant == "ar":
+        return [left_to_right(81, 4)]
+    if variant == "bd3lm":
+        return [torch.tensor([1, 0, 3, 2]).expand(81, 4), left_to_right(81, 4)]
+    return [left_to_right(81, 4), torch.tensor([2, 0, 3, 1]).expand(81, 4),
+            torch.tensor([3, 2, 1, 0]).expand(81, 4)]
+
+
+@pytest.mark.parametrize("variant", ["ar", "eso_a", "eso_b", "mdlm", "bd3lm"])
+def test_probabilities_of_all_sequences_sum_to_one(variant):
+    model = sharp_model(variant, vocab_size=3, length=4, block_size=2, dtype=torch.float64)
+    for order in _orders(variant):
+        total = order_log_prob(model, ALL, order).exp().sum()
+        torch.testing.assert_close(total, torch.tensor(1.0, dtype=total.dtype), atol=1e-5, rtol=0)
+
+
+def test_enumeration_detects_a_leak(monkeypatch):
+    """The check can fail: if each query could also see its own clean token, the
+    'probabilities' would no longer sum to one."""
+    import importlib
+
+    att = importlib.import_module("esolm.model.attention")
+    model = sharp_model("eso_b", vocab_size=3, length=4, dtype=torch.float64)
+    honest = att.mask_function
+
+    def leaky(spec):
+        fn = honest(spec)
+        if spec.kind != "two_stream":
+            return fn
+        return lambda b, q, kv: fn(b, q, kv) | (kv == q + spec.half)
+
+    monkeypatch.setattr(att, "mask_function", leaky)
+    total = order_log_prob(model, ALL, left_to_right(81, 4)).exp().sum()
+    assert abs(total.item() - 1.0) > 1e-2
+
+
+@pytest.mark.parametrize("variant", ["eso_a", "eso_b"])
+def test_alpha0_zero_left_to_right_equals_minus_the_sequential_loss(variant, gen):
+    model = sharp_model(variant, alpha_0=0.0)
+    x = torch.randint(0, 7, (5, 16), generator=gen)
+    lp = order_log_prob(model, x, left_to_right(5, 16))
+    out = loss(model, x, generator=gen)
+    torch.testing.assert_close(lp.sum(), -out.sequential_nll, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["eso_b", "mdlm", "ar"])
+def test_iw_with_one_order_equals_the_order_log_prob(variant, gen):
+    model = sharp_model(variant)
+    x = torch.randint(0, 7, (3, 16), generator=gen)
+    lb = iw_log_prob(model, x, num_orders=1, generator=torch.Generator().manual_seed(4))
+    order = left_to_right(3, 16) if variant == "ar" else random_order(3, 16, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(lb, order_log_prob(model, x, order), rtol=1e-5, atol=1e-5)
+    # more orders: a log-mean-exp, never below the smallest single-order value
+    lb4 = iw_log_prob(model, x, num_orders=4, generator=torch.Generator().manual_seed(4))
+    assert torch.isfinite(lb4).all()
+
+
+@pytest.mark.parametrize("variant", ["eso_a", "eso_b", "ar", "mdlm"])
+def test_padding_does_not_change_per_token_results(variant, gen):
+    model = sharp_model(variant, vocab_size=8, pad_token_id=7)
+    x = torch.randint(0, 7, (2, 10), generator=gen)
+    padded = torch.cat((x, torch.full((2, 6), 7)), 1)
+    order = left_to_right(2, 10)
+    padded_order = left_to_right(2, 16)
+    torch.testing.assert_close(order_log_prob(model, padded, padded_order),
+                               order_log_prob(model, x, order), rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_matches_the_exact_likelihood_by_chi_square():
+    """Property 5: for alpha_0 = 0, sampled frequencies match exp(order_log_prob(l2r))."""
+    model = sharp_model("eso_b", vocab_size=3, length=3, alpha_0=0.0)
+    xs = torch.tensor(list(itertools.product(range(3), repeat=3)))
+    probs = order_log_prob(model, xs, left_to_right(27, 3)).exp().double()
+    n = 20000
+    g = generate(model, num_samples=n, steps=3, seed=0)
+    index = (g.tokens * torch.tensor([9, 3, 1])).sum(1)
+    counts = torch.bincount(index, minlength=27).double()
+    expected = probs / probs.sum() * n
+    keep = expected >= 5
+    obs, exp = counts[keep], expected[keep]
+    if not keep.all():  # pool the rare sequences into one bin
+        obs = torch.cat((obs, counts[~keep].sum().view(1)))
+        exp = torch.cat((exp, expected[~keep].sum().view(1)))
+    assert 3 / 27 < probs.max() < 0.9, "the model is too flat or too peaked for a meaningful test"
+    assert chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
+
+
+def test_sampler_order_has_a_binomial_prefix_then_left_to_right():
+    g = torch.Generator().manual_seed(0)
+    o = sampler_order(200, 32, 0.25, g)
+    assert torch.equal(torch.sort(o, 1).values, torch.arange(32).expand(200, 32))
+    tails_sorted = []
+    for row in o:
+        # the longest sorted suffix holds every position not in the random prefix
+        k = 31
+        while k > 0 and row[k - 1] < row[k]:
+            k -= 1
+        tails_sorted.append(32 - k)
+    assert 20 < sum(tails_sorted) / 200 < 28  # about (1 - alpha_0) * L = 24, plus lucky runs
+
+
+def test_bd3lm_orders_must_respect_blocks():
+    model = sharp_model("bd3lm", block_size=4)
+    x = torch.zeros(1, 16, dtype=torch.long)
+    with pytest.raises(ValueError, match="block"):
+        order_log_prob(model, x, torch.arange(15, -1, -1)[None])
+    lp = order_log_prob(model, x, bd3lm_random_order(1, 16, 4))
+    assert torch.isfinite(lp).all()
+
+
+def test_bad_orders_are_clear_errors():
+    model = sharp_model("eso_b")
+    x = torch.zeros(2, 16, dtype=torch.long)
+    with pytest.raises(ValueError, match="permutation"):
+        order_log_prob(model, x, torch.zeros(2, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="shape"):
+        order_log_prob(model, x, left_to_right(2, 8))
+    with pytest.raises(ValueError, match="left-to-right"):
+        order_log_prob(sharp_model("ar"), x, random_order(2, 16))

@@ -74,7 +74,7 @@ class Block(nn.Module):
 
     def forward(self, h: Tensor, c: Tensor, rope: tuple[Tensor, Tensor], spec: MaskSpec,
                 cache: tuple[Tensor, Tensor, int, int] | None) -> Tensor:
-        """h: [B, N, d]; c: [B, cond]; cache: (k_buf, v_buf, start, commit) or None."""
+        """h: [B, N, d]; c: [B or 1, cond]; cache: (k_buf, v_buf, start, commit) or None."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)[:, None].chunk(6, dim=-1)
         x = self.norm1(h) * (1 + scale1) + shift1
         B, N, d = x.shape
@@ -126,16 +126,15 @@ class Backbone(nn.Module):
     def forward(self, tokens: Tensor, positions: Tensor, spec: MaskSpec, t: Tensor | None = None,
                 cache: KVCache | None = None, commit: int = 0,
                 logits_for: slice | Tensor = slice(None)) -> Tensor:
-        B, N = tokens.shape
-        if t is None:
-            t = torch.zeros(B, device=tokens.device)
+        if t is None:  # time invariant: one conditioning row, broadcast over the batch
+            t = torch.zeros(1, device=tokens.device)
         c = F.silu(self.time(t))
         h = self.drop(self.embed(tokens))
         rope = self.rotary(positions, h.dtype)
         start = 0
         if cache is not None:
             start = cache.length
-            cache.check_room(N)
+            cache.check_room(tokens.shape[1])
             spec = replace(spec, q_offset=start)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], start, commit)

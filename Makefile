@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/esolm prepare
+	$(OFFLINE) $(VENV)/bin/esolm prepare
+	$(OFFLINE) $(VENV)/bin/esolm bench
 
 test: setup
 	$(OFFLINE) $(PY) -m pytest -q

@@ -1,0 +1,175 @@
+"""``prepare``: corpus -> tokenizer -> token shards + tokenizer.json + meta.json on disk.
+
+Output folder ``<out_dir>/<dataset>/``: ``train.bin``, ``valid.bin``, ``test.bin`` (token ids
+[rows, length]), ``tokenizer.json`` and ``meta.json``. Every file is written under a temporary
+name and renamed once all of them succeeded; ``meta.json`` goes last, so a folder with a
+``meta.json`` is always complete. A rerun whose config hash and input checksums match the
+existing ``meta.json`` does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from esolm.data.config import DataConfig
+from esolm.data.shards import ShardWriter, SplitStats, atomic_path, token_dtype
+from esolm.data.sources import SPLITS, input_checksums, load_corpus
+from esolm.data.tokenizers import add_pad_token, load_tokenizer, separator_token, tokenizer_inputs
+
+FORMAT_VERSION = 1
+READ_DOCS = 1024  # documents read from a source at a time
+ENCODE_CHARS = 1 << 20  # characters per encode_batch call (bounds memory, keeps bars moving)
+_NOT_HASHED = ("out_dir", "cache_dir", "allow_network")  # where/how, not what
+
+
+def config_hash(cfg: DataConfig) -> str:
+    """sha256 of every config field that changes the output (and of the shard format)."""
+    fields = {k: v for k, v in asdict(cfg).items() if k not in _NOT_HASHED}
+    fields["format"] = FORMAT_VERSION
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _console() -> Console:
+    return Console(stderr=True)
+
+
+def _outputs_complete(out: Path, meta: dict) -> bool:
+    """Whether tokenizer.json and every shard of ``meta`` exist with the expected sizes."""
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split, info in meta["splits"].items():
+        path = out / f"{split}.bin"
+        if not path.is_file() or path.stat().st_size != info["rows"] * meta["length"] * itemsize:
+            return False
+    return (out / "tokenizer.json").is_file()
+
+
+def _is_up_to_date(out: Path, cfg: DataConfig, digest: str) -> bool:
+    """Whether ``out`` holds complete outputs of this config made from the same inputs."""
+    try:
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+        if meta["config_hash"] != digest or not _outputs_complete(out, meta):
+            return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return meta.get("inputs") == {**input_checksums(cfg), **tokenizer_inputs(cfg.tokenizer)}
+
+
+def _encode(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, encoded in parallel without post-processing."""
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+
+def _text_chunks(texts: Sequence[str]) -> Iterator[tuple[int, list[str]]]:
+    """Yield (documents read, non-empty texts) in chunks of at most ENCODE_CHARS characters."""
+    for i in range(0, len(texts), READ_DOCS):
+        batch = list(texts[i:i + READ_DOCS])
+        chunk: list[str] = []
+        size = read = 0
+        for text in batch:
+            read += 1
+            if text.strip():
+                chunk.append(text)
+                size += len(text)
+            if size >= ENCODE_CHARS:
+                yield read, chunk
+                chunk, size, read = [], 0, 0
+        yield read, chunk
+
+
+def _write_split(path: Path, split: str, texts: Sequence[str], tok: Tokenizer, cfg: DataConfig,
+                 dtype: np.dtype, ids: tuple[int, int | None], progress: bool) -> SplitStats:
+    """Encode one split and write its rows to ``path``; an empty result is a ValueError."""
+    writer = ShardWriter(path, cfg.packing, cfg.length, dtype, *ids)
+    with tqdm(total=len(texts), desc=f"tokenize {split}", unit="doc", disable=not progress,
+              leave=False) as bar:
+        try:
+            for read, chunk in _text_chunks(texts):
+                writer.add(_encode(tok, chunk), sum(len(t.encode("utf-8")) for t in chunk))
+                bar.update(read)
+        finally:
+            stats = writer.close()
+    if stats.rows == 0:
+        raise ValueError(
+            f"split {split!r} is empty: {stats.documents} document(s), {stats.tokens} tokens, not "
+            f"one full row of length {cfg.length}; use a smaller length or more data"
+        )
+    return stats
+
+
+def _build_meta(cfg: DataConfig, tok: Tokenizer, ids: tuple[int, int | None], dtype: np.dtype,
+                stats: dict[str, SplitStats], inputs: dict[str, str]) -> dict:
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    return {
+        "format": FORMAT_VERSION, "dataset": cfg.dataset, "source": cfg.source,
+        "tokenizer": cfg.tokenizer, "vocab_size": vocab_size, "mask_id": vocab_size,
+        "eos_id": ids[0], "separator_id": ids[0], "separator": separator_token(cfg.tokenizer),
+        "pad_id": ids[1], "dtype": dtype.name, "length": cfg.length, "packing": cfg.packing,
+        "splits": {s: st.as_dict() for s, st in stats.items()},
+        "inputs": inputs, "config": asdict(cfg), "config_hash": config_hash(cfg),
+    }
+
+
+def _summary(meta: dict, seconds: float) -> None:
+    """A rich table (to stderr): documents, rows, tokens and bytes per token per split."""
+    table = Table(title=f"{meta['dataset']}: {meta['tokenizer']} (vocabulary {meta['vocab_size']}),"
+                        f" {meta['packing']} L={meta['length']}, {meta['dtype']}",
+                  caption=f"prepared in {seconds:.1f} s")
+    for col in ("split", "documents", "rows", "tokens", "bytes", "bytes/token"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for split, s in meta["splits"].items():
+        table.add_row(split, f"{s['documents']:,}", f"{s['rows']:,}", f"{s['tokens']:,}",
+                      f"{s['bytes']:,}", f"{s['bytes_per_token'] or 0:.3f}")
+    _console().print(table)
+
+
+def prepare(cfg: DataConfig, progress: bool = True) -> Path:
+    """Write ``<out_dir>/<dataset>/`` for ``cfg`` (or do nothing when it is up to date).
+
+    Shards hold ids [rows, length] in uint16 when vocab_size + 1 ids fit (else uint32):
+    'wrap' joins the documents, each followed by the separator, and drops the last partial
+    row; 'pad' gives each document a row: its tokens (truncated to length), the separator if
+    it fits, then the pad id. Returns the output folder.
+    """
+    start = time.perf_counter()
+    out = Path(cfg.out_dir) / cfg.dataset
+    digest = config_hash(cfg)
+    if _is_up_to_date(out, cfg, digest):
+        if progress:
+            _console().print(f"[green]{out} is up to date[/green] (config {digest[:12]})")
+        return out
+    corpus = load_corpus(cfg, progress)
+    tok = load_tokenizer(cfg.tokenizer, corpus.splits["train"], cfg.cache_dir, cfg.allow_network,
+                         progress=progress)
+    ids = (int(tok.token_to_id(separator_token(cfg.tokenizer))),
+           add_pad_token(tok, cfg.tokenizer) if cfg.packing == "pad" else None)
+    dtype = token_dtype(tok.get_vocab_size(with_added_tokens=True), cfg.token_dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)
+    with contextlib.ExitStack() as stack:  # renames happen on exit, meta.json last
+        meta_tmp = stack.enter_context(atomic_path(out / "meta.json"))
+        stats = {}
+        for split in SPLITS:
+            tmp = stack.enter_context(atomic_path(out / f"{split}.bin"))
+            stats[split] = _write_split(tmp, split, corpus.splits[split], tok, cfg, dtype, ids,
+                                        progress)
+        tok_tmp = stack.enter_context(atomic_path(out / "tokenizer.json"))
+        tok_tmp.write_text(tok.to_str(pretty=True), encoding="utf-8")
+        inputs = {**corpus.inputs, **tokenizer_inputs(cfg.tokenizer)}
+        meta = _build_meta(cfg, tok, ids, dtype, stats, inputs)
+        meta_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    if progress:
+        _summary(meta, time.perf_counter() - start)
+    return out

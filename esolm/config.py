@@ -96,14 +96,14 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @classmethod
-    def preset(cls, size: str, **overrides: object) -> "ModelConfig":
+    def preset(cls, size: str, **overrides: object) -> ModelConfig:
         """A config with the named size preset (tiny, small, medium) and any overrides."""
         if size not in SIZE_PRESETS:
             raise ValueError(f"size preset {size!r} is unknown; use one of {tuple(SIZE_PRESETS)}")
         d, n_layers, heads = SIZE_PRESETS[size]
         return cls(**{"d_model": d, "n_layers": n_layers, "n_heads": heads, **overrides})
 
-    def replace(self, **changes: object) -> "ModelConfig":
+    def replace(self, **changes: object) -> ModelConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:

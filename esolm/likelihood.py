@@ -11,6 +11,7 @@ BD3-LM, batched ``chunk`` positions at a time.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -18,8 +19,17 @@ from tqdm.auto import tqdm
 
 from esolm.model.attention import MaskSpec
 from esolm.model.backbone import Backbone
-from esolm.objectives import (_keep, ar_token_nll, check_tokens, clean_first_order, sequential_nll_for_order,
-                              token_nll, valid_tokens)
+from esolm.objectives import (
+    ar_token_nll,
+    check_tokens,
+    combine,
+    key_padding,
+    loss,
+    sequential_nll_for_order,
+    token_nll,
+    valid_tokens,
+)
+from esolm.ordering import clean_first_order
 
 
 def left_to_right(batch: int, length: int, device: torch.device | None = None) -> Tensor:
@@ -108,10 +118,10 @@ def _bidirectional_logits(model: Backbone, z: Tensor, x: Tensor, pos: Tensor, ta
                           valid: Tensor) -> Tensor:
     cfg = model.config
     if cfg.variant == "mdlm":
-        return model(z, pos, MaskSpec("full", keep=_keep(valid)), logits_for=target)
+        return model(z, pos, MaskSpec("full", keep=key_padding(valid)), logits_for=target)
     L = z.shape[1]
     spec = MaskSpec("two_stream", block=cfg.block_size, half=L, inner="block_causal",
-                    keep=_keep(torch.cat((valid, valid), 1)))
+                    keep=key_padding(torch.cat((valid, valid), 1)))
     return model(torch.cat((z, x), 1), torch.cat((pos, pos), 1), spec, logits_for=target)
 
 
@@ -144,3 +154,47 @@ def iw_log_prob(model: Backbone, x: Tensor, num_orders: int = 1,
             order = random_order(B, L, generator)
         lps.append(order_log_prob(model, x, order.to(x.device)))
     return torch.logsumexp(torch.stack(lps), dim=0) - math.log(num_orders)
+
+
+# ----------------------------------------------------------------------------- split-level metrics
+
+OrderFn = Callable[[int, int, torch.Generator], Tensor]
+
+
+@torch.no_grad()
+def nelbo_per_token(model: Backbone, batches: Iterable[Tensor], draws: int = 4,
+                    generator: torch.Generator | None = None, progress: bool = False) -> dict:
+    """Monte Carlo NELBO over a split: ``draws`` passes (fresh antithetic t each), each giving
+    the per-token NELBO of the whole split; returns mean, standard error and token count."""
+    if draws < 1:
+        raise ValueError(f"draws={draws!r} is invalid: use an integer >= 1")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("the split is empty: no batches to evaluate")
+    values, tokens = [], 0
+    for _ in tqdm(range(draws), disable=not progress, desc="NELBO draws", leave=False):
+        sums = torch.zeros(4, dtype=torch.float64)
+        for x in batches:
+            out = loss(model, x, generator=generator)
+            sums += torch.stack([out.diffusion_nll, out.diffusion_tokens, out.sequential_nll,
+                                 out.sequential_tokens]).double().cpu()
+            tokens += int(out.num_tokens) if not values else 0
+        values.append(float(combine(*sums)))
+    mean = sum(values) / draws
+    var = sum((v - mean) ** 2 for v in values) / (draws - 1) if draws > 1 else float("nan")
+    return {"nats_per_token": mean, "stderr": math.sqrt(var / draws) if draws > 1 else float("nan"),
+            "tokens": tokens, "draws": draws}
+
+
+@torch.no_grad()
+def exact_per_token(model: Backbone, batches: Iterable[Tensor], order_fn: OrderFn,
+                    generator: torch.Generator | None = None, progress: bool = False) -> dict:
+    """Exact -log p(x | order) summed over a split, per counted (non-pad) token."""
+    nll, tokens = 0.0, 0
+    for x in tqdm(list(batches), disable=not progress, desc="exact likelihood", leave=False):
+        order = order_fn(x.shape[0], x.shape[1], generator).to(x.device)
+        nll -= float(order_log_prob(model, x, order).sum())
+        tokens += int(valid_tokens(model.config, x).sum())
+    if tokens == 0:
+        raise ValueError("the split is empty: no tokens to evaluate")
+    return {"nats_per_token": nll / tokens, "tokens": tokens}

@@ -8,8 +8,8 @@ is split across processes (method.md section 5, property 7).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +109,7 @@ def _noised(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> tuple[Tensor
     return z, masked, diffusion_weight(d.t, a0, cfg.eps)[:, None]
 
 
-def _keep(valid: Tensor) -> Tensor | None:
+def key_padding(valid: Tensor) -> Tensor | None:
     """Key-padding mask for bidirectional attention (None when nothing is padding)."""
     return None if bool(valid.all()) else valid
 
@@ -121,7 +121,7 @@ def _natural(x: Tensor) -> Tensor:
 def _mdlm_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
     """MDLM: bidirectional attention over the natural order."""
     z, masked, weight = _noised(model, x, valid, d)
-    nll = token_nll(model(z, _natural(x), MaskSpec("full", keep=_keep(valid))), x)
+    nll = token_nll(model(z, _natural(x), MaskSpec("full", keep=key_padding(valid))), x)
     return (weight * nll * masked).sum()
 
 
@@ -129,7 +129,7 @@ def _bd3lm_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
     """BD3-LM: the 2L ``[x_t ; x]`` sequence with the block-diffusion mask of block L'."""
     z, masked, weight = _noised(model, x, valid, d)
     L, pos = x.shape[1], _natural(x)
-    keep = _keep(torch.cat((valid, valid), 1))
+    keep = key_padding(torch.cat((valid, valid), 1))
     spec = MaskSpec("two_stream", block=model.config.block_size, half=L, inner="block_causal", keep=keep)
     logits = model(torch.cat((z, x), 1), torch.cat((pos, pos), 1), spec, logits_for=slice(0, L))
     return (weight * token_nll(logits, x) * masked).sum()
@@ -187,7 +187,7 @@ def ar_token_nll(model: Backbone, x: Tensor) -> Tensor:
     return token_nll(model(torch.cat((bos, x[:, :-1]), 1), pos, MaskSpec("causal")), x)
 
 
-def _ar_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:  # noqa: ARG001
+def _ar_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
     return (ar_token_nll(model, x) * valid).sum()
 
 

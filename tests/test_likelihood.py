@@ -135,3 +135,20 @@ def test_bad_orders_are_clear_errors():
         order_log_prob(model, x, left_to_right(2, 8))
     with pytest.raises(ValueError, match="left-to-right"):
         order_log_prob(sharp_model("ar"), x, random_order(2, 16))
+
+
+def test_split_metrics_nelbo_and_exact(gen):
+    from esolm.likelihood import exact_per_token, nelbo_per_token
+
+    model = sharp_model("eso_b", alpha_0=0.0)
+    batches = [torch.randint(0, 7, (4, 16), generator=gen) for _ in range(3)]
+    nelbo = nelbo_per_token(model, batches, draws=3, generator=gen)
+    exact = exact_per_token(model, batches, lambda b, n, g: left_to_right(b, n))
+    assert nelbo["tokens"] == exact["tokens"] == 3 * 4 * 16
+    # alpha_0 = 0: the NELBO is the exact left-to-right likelihood, with no Monte Carlo noise
+    assert nelbo["nats_per_token"] == pytest.approx(exact["nats_per_token"], rel=1e-5)
+    assert nelbo["stderr"] == pytest.approx(0.0, abs=1e-6)
+    noisy = nelbo_per_token(sharp_model("eso_b", alpha_0=0.5), batches, draws=3, generator=gen)
+    assert noisy["stderr"] > 0
+    with pytest.raises(ValueError, match="empty"):
+        nelbo_per_token(model, [], draws=2)

@@ -22,8 +22,8 @@ backends and the ``mask_mod`` of ``flex_attention``. The masks (method.md sectio
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -150,7 +150,7 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> Tensor:
     off = spec.q_offset
     rows = q.shape[0] if spec.per_row else None
 
-    def mask_mod(b, h, qi, kvi):  # noqa: ARG001 - flex signature
+    def mask_mod(b, h, qi, kvi):
         return fn(b, qi + off, kvi)
 
     key = (spec.kind, spec.block, spec.half, spec.inner, off, n_q, n_kv, str(q.device))

@@ -12,9 +12,8 @@ import math
 from dataclasses import replace
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from esolm.config import ModelConfig
 from esolm.model.attention import MaskSpec, attention

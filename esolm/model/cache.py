@@ -23,7 +23,7 @@ class KVCache:
 
     @classmethod
     def allocate(cls, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype) -> "KVCache":
+                 device: torch.device, dtype: torch.dtype) -> KVCache:
         shape = (n_layers, batch, n_heads, max_len, head_dim)
         return cls(torch.zeros(shape, device=device, dtype=dtype),
                    torch.zeros(shape, device=device, dtype=dtype))

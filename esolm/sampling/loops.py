@@ -12,8 +12,8 @@ the reference the cached path is tested against.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -87,7 +87,7 @@ def eso_a(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: b
     return len(sched.counts)
 
 
-def mdlm(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bool) -> int:  # noqa: ARG001
+def mdlm(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bool) -> int:
     """Full recompute each step (no cache exists for bidirectional attention). Empty steps
     were dropped from the schedule, so every forward follows a change; logits are computed
     only for the positions decoded this step (no B x L x V tensors)."""
@@ -106,7 +106,7 @@ def mdlm(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bo
 def bd3lm(model: Backbone, x: Tensor, blocks: list[Schedule], dec: Decoder, kv_cache: bool) -> int:
     """Blocks of L' left to right, MDLM inside the block (its own schedule), exact KV cache
     of earlier blocks; a finished block is committed by the next block's first forward."""
-    B, L = x.shape
+    B = x.shape[0]
     size = model.config.block_size
     spec = MaskSpec("block_causal", block=size)
     cache = model.new_cache(B) if kv_cache else None

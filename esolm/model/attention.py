@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,8 @@ class MaskSpec:
     n_clean: LongTensor[B] of clean-prefix lengths (prefix masks); half: L for two_stream;
     inner: the clean-half mask of two_stream; q_offset: absolute index of the first query
     (the number of cached keys before it when decoding with a KV cache); keep: optional
-    bool [B, n_kv], False for padding keys, which no other query may see.
+    bool [B, n_kv], False for padding keys, which no other query may see; dense: the
+    boolean mask already built for these shapes (``prebuild``), reused by every layer.
     """
 
     kind: str
@@ -56,6 +57,7 @@ class MaskSpec:
     inner: str = "causal"
     q_offset: int = 0
     keep: Tensor | None = None
+    dense: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in MASK_KINDS:
@@ -123,6 +125,20 @@ def dense_mask(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.de
     q = (torch.arange(n_q, device=device) + spec.q_offset).view(1, 1, n_q, 1)
     kv = torch.arange(n_kv, device=device).view(1, 1, 1, n_kv)
     return mask_function(spec)(b, q, kv).expand(rows, 1, n_q, n_kv)
+
+
+def prebuild(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.device,
+             backend: str) -> MaskSpec:
+    """Build the dense mask once per forward (not once per layer) where the backend needs one."""
+    if backend in CUDA_ONLY_BACKENDS or _is_plain(spec, n_q, n_kv):
+        return spec
+    return replace(spec, dense=dense_mask(spec, batch, n_q, n_kv, device))
+
+
+def _dense(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.device) -> Tensor:
+    if spec.dense is not None and spec.dense.shape[-2:] == (n_q, n_kv):
+        return spec.dense
+    return dense_mask(spec, batch, n_q, n_kv, device)
 
 
 def _math(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
@@ -195,10 +211,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, backend: str = "s
         if _is_plain(spec, n_q, n_kv):
             return F.scaled_dot_product_attention(q, k, v, is_causal=spec.kind == "causal")
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=dense_mask(spec, q.shape[0], n_q, n_kv, q.device)
+            q, k, v, attn_mask=_dense(spec, q.shape[0], n_q, n_kv, q.device)
         )
     if backend == "math":
-        allowed = None if _is_plain(spec, n_q, n_kv) and spec.kind == "full" else dense_mask(spec, q.shape[0], n_q, n_kv, q.device)
+        plain_full = _is_plain(spec, n_q, n_kv) and spec.kind == "full"
+        allowed = None if plain_full else _dense(spec, q.shape[0], n_q, n_kv, q.device)
         return _math(q, k, v, allowed)
     raise ValueError(f"attention backend {backend!r} is unknown; use one of {BACKENDS}")
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from esolm.config import ModelConfig
-from esolm.model.attention import MaskSpec, attention
+from esolm.model.attention import MaskSpec, attention, prebuild
 from esolm.model.cache import KVCache
 
 
@@ -135,6 +135,8 @@ class Backbone(nn.Module):
             start = cache.length
             cache.check_room(tokens.shape[1])
             spec = replace(spec, q_offset=start)
+        n = tokens.shape[1]
+        spec = prebuild(spec, tokens.shape[0], n, start + n, tokens.device, self.config.attn_backend)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], start, commit)
             h = block(h, c, rope, spec, layer_cache)

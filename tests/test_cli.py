@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -37,7 +38,7 @@ def test_repo_params_file_loads():
 
 
 def test_bench_verb_writes_rows_and_figure(tmp_path, capsys):
-    params = yaml.safe_load(open("params.yaml"))
+    params = yaml.safe_load(Path("params.yaml").read_text())
     params["bench"].update(lengths=[16], repeats=1, warmup=0, out=str(tmp_path / "bench.json"),
                            families=["eso_b", "mdlm", "ar", "bd3lm_l4"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -112,6 +112,7 @@ class Backbone(nn.Module):
         self.modulation_out = nn.Linear(cfg.cond_dim, 2 * cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.n_embed)
         self.drop = nn.Dropout(cfg.dropout)
+        self._cond_cache: tuple[tuple, Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -125,9 +126,7 @@ class Backbone(nn.Module):
     def forward(self, tokens: Tensor, positions: Tensor, spec: MaskSpec, t: Tensor | None = None,
                 cache: KVCache | None = None, commit: int = 0,
                 logits_for: slice | Tensor = slice(None)) -> Tensor:
-        if t is None:  # time invariant: one conditioning row, broadcast over the batch
-            t = torch.zeros(1, device=tokens.device)
-        c = F.silu(self.time(t))
+        c = self._constant_condition(tokens.device) if t is None else F.silu(self.time(t))
         h = self.drop(self.embed(tokens))
         rope = self.rotary(positions, h.dtype)
         start = 0
@@ -150,6 +149,19 @@ class Backbone(nn.Module):
         logits = self.head(self.norm_out(h) * (1 + scale) + shift).float()
         logits[..., self.config.mask_token_id] = float("-inf")
         return logits
+
+    def _constant_condition(self, device: torch.device) -> Tensor:
+        """The t = 0 conditioning [1, cond_dim] (time-invariant models), broadcast over the batch.
+
+        Without autograd (sampling, evaluation) it is computed once and reused until a weight of
+        the time embedding changes (in-place update or new storage), so decode steps skip the MLP.
+        """
+        if torch.is_grad_enabled():
+            return F.silu(self.time(torch.zeros(1, device=device)))
+        key = tuple((p.data_ptr(), p._version) for p in self.time.parameters()) + (device,)
+        if self._cond_cache is None or self._cond_cache[0] != key:
+            self._cond_cache = (key, F.silu(self.time(torch.zeros(1, device=device))))
+        return self._cond_cache[1]
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """A static KV cache for ``batch`` rows and ``max_len`` tokens (default: the model length)."""

@@ -84,3 +84,23 @@ def test_cache_overflow_is_a_clear_error(gen):
     cache = model.new_cache(1, max_len=4)
     with pytest.raises(ValueError, match="capacity 4"):
         model(torch.zeros(1, 5, dtype=torch.long), torch.arange(5)[None], MaskSpec("causal"), cache=cache)
+
+
+def test_cached_time_conditioning_follows_weight_updates(gen):
+    """Without autograd the t = 0 conditioning is reused, but never after a weight changes."""
+    model = sharp_model("eso_b")
+    x = torch.randint(0, 7, (2, 16), generator=gen)
+    pos = torch.arange(16).expand(2, 16)
+    with torch.no_grad():
+        before = model(x, pos, MaskSpec("causal"))
+        assert torch.equal(model(x, pos, MaskSpec("causal")), before)
+        model.time.mlp[0].weight.mul_(3.0)  # in-place update
+        after = model(x, pos, MaskSpec("causal"))
+    assert (after - before)[..., :7].abs().max() > 1e-4
+    fresh = model(x, pos, MaskSpec("causal"))  # with autograd: always recomputed
+    torch.testing.assert_close(fresh, after)
+    model.load_state_dict({k: v * 0.5 if k.startswith("time.") else v
+                           for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        reloaded = model(x, pos, MaskSpec("causal"))
+    torch.testing.assert_close(reloaded, model(x, pos, MaskSpec("causal")))

@@ -1,0 +1,364 @@
+"""Training with Lightning: one module for every family, EMA, exact resume, DDP/FSDP.
+
+Determinism that makes resume exact: the loss's random draws come from a generator seeded
+by (seed, micro-step), dropout from the global RNG reseeded by (seed, micro-step, rank),
+and the data position is a pure function of the micro-step (``Batches.batch_at``). A
+checkpoint therefore needs no RNG state: weights, EMA, optimizer, scheduler and the step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from esolm.config import ModelConfig
+from esolm.data.batches import Batches
+from esolm.model.backbone import Backbone
+from esolm.objectives import LossOutput, loss
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """batch_size is the global batch (rows per optimizer step); micro_batch_size the rows one
+    process handles per forward (0: batch_size / devices, no accumulation)."""
+
+    steps: int = 300
+    batch_size: int = 32
+    micro_batch_size: int = 0
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema: float = 0.0
+    precision: str = "auto"
+    compile: bool = False
+    val_every: int = 100
+    val_batches: int = 4
+    ckpt_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    accelerator: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "val_every", "val_batches", "ckpt_every", "log_every",
+                     "devices", "num_nodes"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)!r} is invalid: use an integer >= 1")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"train.lr_schedule={self.lr_schedule!r} is unknown: use one of {LR_SCHEDULES}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"train.ema={self.ema!r} is invalid: use a decay in [0, 1) (0 disables EMA)")
+        if self.strategy not in ("auto", "ddp", "fsdp", "ddp_spawn"):
+            raise ValueError(f"train.strategy={self.strategy!r} is unknown: use auto, ddp or fsdp")
+        world = self.devices * self.num_nodes
+        micro = self.micro_batch_size or self.batch_size // world
+        if micro < 1 or self.batch_size % (micro * world):
+            raise ValueError(f"train.batch_size={self.batch_size} must be a multiple of "
+                             f"micro_batch_size x devices x num_nodes = {micro} x {world}")
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+    @property
+    def micro(self) -> int:
+        return self.micro_batch_size or self.batch_size // self.world_size
+
+    @property
+    def accumulate(self) -> int:
+        return self.batch_size // (self.micro * self.world_size)
+
+
+def lr_factor(step: int, tc: TrainConfig) -> float:
+    """Linear warmup to 1, then constant or cosine down to ``min_lr_ratio``."""
+    if step < tc.warmup_steps:
+        return (step + 1) / tc.warmup_steps
+    if tc.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps))
+    return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def step_seed(seed: int, micro_step: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + micro_step * 7_919 + salt) % (2**63 - 1)
+
+
+class MicroBatches(IterableDataset):
+    """Endless micro-batches of this rank, starting at micro-step ``start`` (set on resume)."""
+
+    def __init__(self, batches: Batches) -> None:
+        self.batches = batches
+        self.start = 0
+
+    def __iter__(self) -> Iterator[Tensor]:
+        step = self.start
+        while True:
+            yield self.batches.batch_at(step)
+            step += 1
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary name and renamed; loaded with weights_only=True."""
+
+    def save_checkpoint(self, checkpoint: dict, path: str | os.PathLike, storage_options: Any = None) -> None:
+        atomic_save(checkpoint, Path(path))
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,
+                        weights_only: bool | None = None) -> dict:
+        return safe_load(Path(path), map_location)
+
+
+def atomic_save(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def safe_load(path: Path, map_location: Any = "cpu") -> dict:
+    """torch.load with weights_only=True and a clear error for missing, truncated or foreign files."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location or "cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is "
+                         "truncated, corrupt or not an esolm/Lightning checkpoint") from err
+    if not isinstance(obj, dict):
+        raise ValueError(  # noqa: TRY004 - a bad file, reported like the others
+            f"checkpoint {path} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+def global_per_token(out: LossOutput, world_size: int) -> tuple[Tensor, Tensor]:
+    """(loss to backpropagate, per-token NELBO of the global batch).
+
+    Each term's local NLL sum is divided by the term's *global* token count, so the sum over
+    processes is the global per-token NELBO; DDP averages gradients, hence the factor world.
+    """
+    counts = torch.stack([out.diffusion_tokens, out.sequential_tokens]).float()
+    if world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    d = out.diffusion_nll / counts[0] if counts[0] > 0 else out.diffusion_nll * 0
+    s = out.sequential_nll / counts[1] if counts[1] > 0 else out.sequential_nll * 0
+    piece = d + s
+    value = piece.detach().clone()
+    if world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(value)
+    return piece * world_size, value
+
+
+class LitModel(pl.LightningModule):
+    """The Backbone, its EMA copy and the training objective of its variant."""
+
+    def __init__(self, cfg: ModelConfig, tc: TrainConfig) -> None:
+        super().__init__()
+        self.cfg, self.tc = cfg, tc
+        torch.manual_seed(tc.seed)
+        self.model = Backbone(cfg)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if tc.ema > 0 else None
+        # the compiled wrapper is kept out of the module tree (no duplicate state_dict keys)
+        object.__setattr__(self, "net", torch.compile(self.model) if tc.compile else self.model)
+        self.train_data: MicroBatches | None = None
+        self.last: dict[str, float] = {}
+        self.losses: list[float] = []
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("esolm_config") != self.cfg.to_dict():
+            raise ValueError("the checkpoint to resume was trained with another model config; "
+                             "remove its run folder or train with --fresh")
+        if self.train_data is not None:
+            self.train_data.start = checkpoint["global_step"] * self.tc.accumulate
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["esolm_config"] = self.cfg.to_dict()
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        micro_step = self.global_step * self.tc.accumulate + batch_idx % self.tc.accumulate
+        torch.manual_seed(step_seed(self.tc.seed, micro_step, 1 + self.global_rank))
+        gen = torch.Generator().manual_seed(step_seed(self.tc.seed, micro_step))
+        out = loss(self.net, batch, generator=gen, rank=self.global_rank,
+                   world_size=self.trainer.world_size)
+        objective, value = global_per_token(out, self.trainer.world_size)
+        if not torch.isfinite(value):
+            raise RuntimeError(f"non-finite training loss {value.item()} at step {self.global_step}; "
+                               "the last good checkpoint is kept (lower train.lr or check the data)")
+        self.losses.append(float(value))
+        self.log("train_loss", value, prog_bar=True, batch_size=batch.shape[0])
+        return objective / self.tc.accumulate
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        self.last["grad_norm"] = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                    e.lerp_(p, 1.0 - self.tc.ema)
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        gen = torch.Generator().manual_seed(step_seed(self.tc.seed, batch_idx, 99))
+        out = loss(self.net, batch, generator=gen)
+        self.log("val_loss", out.per_token, prog_bar=True, batch_size=batch.shape[0], sync_dist=True)
+
+    def configure_optimizers(self) -> dict:
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.tc.lr, weight_decay=self.tc.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, self.tc))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def eval_model(self) -> Backbone:
+        """The weights evaluation and sampling use: EMA when enabled, else the live ones."""
+        return self.ema if self.ema is not None else self.model
+
+
+class JsonlLog(pl.Callback):
+    """runs/NAME/train.jsonl: one row per ``log_every`` optimizer steps (rank 0 only). On resume
+    the rows after the restored step are dropped, so the file is the curve of one run."""
+
+    def __init__(self, path: Path, tc: TrainConfig, length: int) -> None:
+        self.path, self.tc, self.length = path, tc, length
+        self.t_last, self.step_last = 0.0, 0
+
+    def on_train_start(self, trainer: pl.Trainer, module: LitModel) -> None:
+        import time
+
+        if trainer.is_global_zero:
+            rows = self.path.read_text().splitlines() if self.path.exists() else []
+            keep = [r for r in rows if json.loads(r)["step"] <= trainer.global_step]
+            write_text_atomic(self.path, "".join(r + "\n" for r in keep))
+        self.t_last, self.step_last = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: LitModel, *args: Any) -> None:
+        import time
+
+        step = trainer.global_step
+        if step == self.step_last or step % self.tc.log_every or not module.losses:
+            return
+        now = time.perf_counter()
+        tokens = (step - self.step_last) * self.tc.batch_size * self.length
+        row = {"step": step, "loss": sum(module.losses) / len(module.losses),
+               "lr": trainer.optimizers[0].param_groups[0]["lr"],
+               "grad_norm": module.last.get("grad_norm", float("nan")),
+               "tokens_per_s": tokens / max(now - self.t_last, 1e-9)}
+        module.losses.clear()
+        self.t_last, self.step_last = now, step
+        if trainer.is_global_zero:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _precision(tc: TrainConfig) -> str:
+    if tc.precision != "auto":
+        return tc.precision
+    return "bf16-mixed" if torch.cuda.is_available() and tc.accelerator != "cpu" else "32-true"
+
+
+def _val_loader(data_dir: Path, tc: TrainConfig, rank: int) -> DataLoader:
+    val = Batches(data_dir, "valid", tc.micro, seed=tc.seed, rank=rank, world_size=tc.world_size,
+                  shuffle=False)
+    rows = [val.batch_at(i) for i in range(min(tc.val_batches, len(val)))]
+    return DataLoader(rows, batch_size=None)
+
+
+def trainer_for(tc: TrainConfig, run_dir: Path, progress: bool, callbacks: list) -> pl.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", every_n_train_steps=tc.ckpt_every,
+                           save_top_k=1, enable_version_counter=False)
+    return pl.Trainer(
+        max_steps=tc.steps, accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
+        strategy=tc.strategy, precision=_precision(tc), gradient_clip_val=tc.grad_clip or None,
+        accumulate_grad_batches=tc.accumulate, val_check_interval=tc.val_every * tc.accumulate,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=False,
+        enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False,
+        plugins=[AtomicCheckpointIO()], callbacks=[ckpt, *callbacks], default_root_dir=run_dir)
+
+
+def train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fresh: bool = False,
+          progress: bool = True, callbacks: list[pl.Callback] | None = None) -> dict:
+    """Train (or resume) one variant; writes checkpoints, train.jsonl, model.ckpt, train.json."""
+    import time
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if fresh:
+        for stale in (last, run_dir / "train.jsonl"):
+            stale.unlink(missing_ok=True)
+    module = LitModel(cfg, tc)
+    logs = [JsonlLog(run_dir / "train.jsonl", tc, cfg.length), *(callbacks or [])]
+    trainer = trainer_for(tc, run_dir, progress, logs)
+    rank = trainer.global_rank
+    module.train_data = MicroBatches(Batches(data_dir, "train", tc.micro, seed=tc.seed, rank=rank,
+                                             world_size=tc.world_size))
+    loader = DataLoader(module.train_data, batch_size=None)
+    t0 = time.perf_counter()
+    trainer.fit(module, loader, _val_loader(data_dir, tc, rank), ckpt_path=last if last.exists() else None)
+    seconds = time.perf_counter() - t0
+    trainer.save_checkpoint(last, weights_only=False)
+    return _finish(module, trainer, tc, data_dir, run_dir, seconds)
+
+
+def _finish(module: LitModel, trainer: pl.Trainer, tc: TrainConfig, data_dir: Path, run_dir: Path,
+            seconds: float) -> dict:
+    rows = [json.loads(r) for r in (run_dir / "train.jsonl").read_text().splitlines()]
+    val = trainer.callback_metrics.get("val_loss")
+    summary = {"steps": trainer.global_step, "tokens": trainer.global_step * tc.batch_size * module.cfg.length,
+               "final_train_loss": rows[-1]["loss"] if rows else None,
+               "final_valid_loss": float(val) if val is not None else None,
+               "wall_s": seconds, "tokens_per_s": _mean_rate(rows), "variant": module.cfg.variant}
+    if trainer.is_global_zero:
+        atomic_save({"format": MODEL_FORMAT, "config": module.cfg.to_dict(), "step": trainer.global_step,
+                     "weights": module.model.state_dict(),
+                     "ema_weights": None if module.ema is None else module.ema.state_dict(),
+                     "tokenizer": str(data_dir / "tokenizer.json"), "data_dir": str(data_dir)},
+                    run_dir / "model.ckpt")
+        write_text_atomic(run_dir / "train.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _mean_rate(rows: list[dict]) -> float | None:
+    rates = [r["tokens_per_s"] for r in rows[1:]] or [r["tokens_per_s"] for r in rows]
+    return sum(rates) / len(rates) if rates else None
+
+
+MODEL_FORMAT = "esolm-model-v1"
+
+
+def load_model(path: str | os.PathLike, ema: bool = True, device: str | torch.device = "cpu") -> Backbone:
+    """The model of a ``model.ckpt`` (EMA weights when present and ``ema``), in eval mode."""
+    ckpt = safe_load(Path(path))
+    if ckpt.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path} is not an esolm model file (format {ckpt.get('format')!r}, "
+                         f"expected {MODEL_FORMAT!r}); train one with `esolm train`")
+    model = Backbone(ModelConfig(**ckpt["config"]))
+    weights = ckpt["ema_weights"] if ema and ckpt.get("ema_weights") is not None else ckpt["weights"]
+    model.load_state_dict(weights)
+    return model.to(device).eval()

@@ -1,0 +1,184 @@
+"""Training: every variant learns, exact resume after a kill, DDP invariance, bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from esolm.config import ModelConfig
+from esolm.data import DataConfig, prepare, read_meta
+from esolm.training import TrainConfig, load_model, safe_load, train
+from tests.data.conftest import write_txt_corpus
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("train")
+    corpus = write_txt_corpus(tmp / "docs", n_docs=60)
+    return prepare(DataConfig(dataset="tiny", source=f"files:{corpus}/*.txt", tokenizer="bpe:300",
+                              length=16, out_dir=str(tmp / "out"), cache_dir=str(tmp / "raw")),
+                   progress=False)
+
+
+def _cfg(shards: Path, variant: str) -> ModelConfig:
+    return ModelConfig(variant=variant, vocab_size=read_meta(shards)["vocab_size"], length=16, d_model=32,
+                       n_layers=2, n_heads=4, cond_dim=32, dropout=0.1,
+                       alpha_0=0.5 if variant.startswith("eso") else None)
+
+
+TC = TrainConfig(steps=40, batch_size=8, val_every=20, val_batches=2, ckpt_every=20, log_every=10,
+                 lr=3e-3, warmup_steps=5, ema=0.9)
+
+
+@pytest.mark.parametrize("variant", ["ar", "mdlm", "bd3lm", "eso_a", "eso_b"])
+def test_every_variant_trains_and_its_validation_loss_falls(shards, tmp_path, variant):
+    cfg = _cfg(shards, variant)
+    model = load_model_like(cfg)
+    before = _val_loss(model, shards)
+    summary = train(cfg, TC, shards, tmp_path / variant, progress=False)
+    after = _val_loss(load_model(tmp_path / variant / "model.ckpt", ema=False), shards)
+    print(f"{variant}: valid loss {before:.3f} -> {after:.3f}; train.json {summary}")
+    assert after < before - 0.5
+    rows = [json.loads(r) for r in (tmp_path / variant / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[0])
+    assert summary["steps"] == 40 and summary["tokens"] == 40 * 8 * 16
+
+
+def load_model_like(cfg: ModelConfig):
+    from esolm.model.backbone import Backbone
+
+    torch.manual_seed(TC.seed)
+    return Backbone(cfg).eval()
+
+
+def _val_loss(model, shards: Path) -> float:
+    from esolm import loss
+    from esolm.data import Batches
+
+    val = Batches(shards, "valid", 8, shuffle=False)
+    with torch.no_grad():
+        vals = [loss(model, val.batch_at(i), generator=torch.Generator().manual_seed(i)).per_token
+                for i in range(2)]
+    return float(sum(vals) / len(vals))
+
+
+class Kill(pl.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 27:
+            raise KeyError("simulated kill")
+
+
+def test_resume_after_a_kill_is_exact(shards, tmp_path):
+    cfg = _cfg(shards, "eso_b")
+    train(cfg, TC, shards, tmp_path / "straight", progress=False)
+    with pytest.raises(KeyError, match="simulated kill"):
+        train(cfg, TC, shards, tmp_path / "killed", progress=False, callbacks=[Kill()])
+    assert not (tmp_path / "killed" / "model.ckpt").exists()
+    assert safe_load(tmp_path / "killed" / "checkpoints" / "last.ckpt")["global_step"] == 20
+    train(cfg, TC, shards, tmp_path / "killed", progress=False)  # resumes from step 20
+    a = safe_load(tmp_path / "straight" / "model.ckpt")
+    b = safe_load(tmp_path / "killed" / "model.ckpt")
+    for key in ("weights", "ema_weights"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    assert (tmp_path / "straight" / "train.jsonl").read_text() != ""
+    losses = [[json.loads(r)["loss"] for r in (tmp_path / run / "train.jsonl").read_text().splitlines()]
+              for run in ("straight", "killed")]
+    assert losses[0] == losses[1]
+
+
+def test_resume_with_another_model_config_is_refused(shards, tmp_path):
+    train(_cfg(shards, "eso_b"), TC.__class__(**{**TC.__dict__, "steps": 20}), shards, tmp_path / "r",
+          progress=False)
+    other = _cfg(shards, "eso_b").replace(d_model=64)
+    with pytest.raises(ValueError, match="another model config"):
+        train(other, TC, shards, tmp_path / "r", progress=False)
+
+
+def test_bad_checkpoint_files_are_clear_errors(tmp_path):
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_model(bad)
+    torch.save({"format": "something-else"}, tmp_path / "foreign.ckpt")
+    with pytest.raises(ValueError, match="not an esolm model file"):
+        load_model(tmp_path / "foreign.ckpt")
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "missing.ckpt")
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(shards, tmp_path, monkeypatch):
+    cfg = _cfg(shards, "ar")
+    train(cfg, TC.__class__(**{**TC.__dict__, "steps": 20}), shards, tmp_path / "nan", progress=False)
+    good = (tmp_path / "nan" / "checkpoints" / "last.ckpt").read_bytes()
+    import esolm.training as training
+
+    real = training.loss
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        out.sequential_nll = out.sequential_nll * float("nan")
+        return out
+
+    monkeypatch.setattr(training, "loss", poisoned)
+    with pytest.raises(RuntimeError, match="non-finite training loss .* at step 20"):
+        train(cfg, TC, shards, tmp_path / "nan", progress=False)
+    assert (tmp_path / "nan" / "checkpoints" / "last.ckpt").read_bytes() == good
+
+
+@pytest.mark.parametrize("kw,match", [(dict(steps=0), "steps"), (dict(lr_schedule="linear"), "lr_schedule"),
+                                      (dict(batch_size=10, micro_batch_size=4), "multiple"),
+                                      (dict(ema=1.0), "ema"), (dict(strategy="deepspeed"), "strategy")])
+def test_bad_train_config_is_a_clear_error(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
+
+
+def _ddp_worker(rank: int, world: int, init: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from esolm import loss
+    from esolm.training import global_per_token
+    from tests.conftest import sharp_model
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model = sharp_model("eso_b", alpha_0=0.5)
+        x = torch.randint(0, 7, (8, 16), generator=torch.Generator().manual_seed(0))
+        B = 8 // world
+        out = loss(model, x[rank * B:(rank + 1) * B], generator=torch.Generator().manual_seed(5),
+                   rank=rank, world_size=world)
+        objective, value = global_per_token(out, world)
+        objective.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        dist.all_reduce(grads)
+        grads /= world  # what DDP does
+        if rank == 0:
+            torch.save({"value": value, "grads": grads}, f"{out_dir}/ddp.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_give_the_single_process_loss_and_gradient(tmp_path):
+    """Same global batch and seed: 2 CPU processes (gloo) reproduce the 1-process step-0
+    per-token loss and its gradient (t stratification and batch split are global)."""
+    import torch.multiprocessing as mp
+
+    from esolm import loss
+    from esolm.training import global_per_token
+    from tests.conftest import sharp_model
+
+    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    model = sharp_model("eso_b", alpha_0=0.5)
+    x = torch.randint(0, 7, (8, 16), generator=torch.Generator().manual_seed(0))
+    objective, value = global_per_token(loss(model, x, generator=torch.Generator().manual_seed(5)), 1)
+    objective.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(ddp["value"], value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ddp["grads"], grads, rtol=1e-4, atol=1e-6)

@@ -8,15 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from esolm.io import write_json
 from esolm.params import build, load_params, section
-
-
-def _write_json(path: Path, obj: object) -> None:
-    """Atomic write: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def cmd_prepare(args: argparse.Namespace, params: dict) -> None:
@@ -35,7 +28,7 @@ def cmd_bench(args: argparse.Namespace, params: dict) -> None:
     values.pop("device", None)
     bc = build(BenchConfig, values, "bench")
     rows = run_bench(bc, device, progress=not args.quiet)
-    _write_json(out, rows)
+    write_json(out, rows)
     plot_bench(rows, str(out.with_suffix(".png")))
     for r in rows:
         if r["family"] == "eso_b":
@@ -45,10 +38,41 @@ def cmd_bench(args: argparse.Namespace, params: dict) -> None:
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
+def cmd_train(args: argparse.Namespace, params: dict) -> None:
+    from esolm.stages import train_stage
+
+    summary = train_stage(params, args.variant, args.fresh, not args.quiet)
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_evaluate(args: argparse.Namespace, params: dict) -> None:
+    from esolm.stages import evaluate_stage
+
+    result = evaluate_stage(params, args.variant, not args.quiet)
+    for split in params["evaluate"]["splits"]:
+        r = result[split]
+        print(f"{args.variant} {split}: exact l2r ppl {r['exact_l2r_ppl']:.2f}, NELBO ppl "
+              f"{r['nelbo_ppl']:.2f} (+- {r['nelbo_stderr']:.3f} nats), {r['bits_per_byte']:.3f} bits/byte")
+
+
+def cmd_sample(args: argparse.Namespace, params: dict) -> None:
+    from esolm.stages import sample_stage
+
+    s = sample_stage(params, args.variant, not args.quiet)
+    print(f"{args.variant}: {s['num_samples']} samples, NFE {s['nfe']}, {s['seconds']:.2f}s, "
+          f"gen ppl {s['gen_ppl']:.2f}, entropy {s['entropy']:.2f}")
+
+
 VERBS: dict[str, tuple[Callable[[argparse.Namespace, dict], None], str]] = {
     "prepare": (cmd_prepare, "fetch, verify and tokenize the corpus into token shards (params: data)"),
+    "train": (cmd_train, ("train one variant, resuming from its last checkpoint (params: model, "
+                          "variants, train)")),
+    "evaluate": (cmd_evaluate, ("NELBO, exact and importance-weighted likelihood of one variant "
+                                "(params: evaluate)")),
+    "sample": (cmd_sample, "sample from one variant with KV caching and judge the samples (params: sample)"),
     "bench": (cmd_bench, "time sampling of every family side by side (params: bench)"),
 }
+NEEDS_VARIANT = ("train", "evaluate", "sample")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -62,6 +86,10 @@ def parser() -> argparse.ArgumentParser:
                        help="override a parameter, e.g. --set data.length=128 (repeatable; "
                             "same keys as params.yaml and `dvc exp run -S`)")
         s.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name in NEEDS_VARIANT:
+            s.add_argument("--variant", required=True, help="a name under `variants` in params.yaml")
+        if name == "train":
+            s.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
         if name in ("bench",):
             s.add_argument("--device", default=None, help="auto (default), cpu, or a CUDA device")
     return p

@@ -40,13 +40,35 @@ def apply_sets(params: dict, sets: list[str]) -> dict:
     return params
 
 
+def merge(base: dict, over: dict) -> dict:
+    """Deep merge: values of ``over`` replace those of ``base``; unknown keys are errors."""
+    for key, value in over.items():
+        if key not in base:
+            raise ValueError(f"preset key {key!r} is not a parameter" + _closest(key, list(base)))
+        if isinstance(value, dict) and isinstance(base[key], dict) and key != "variants":
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
 def load_params(path: str | Path = "params.yaml", sets: list[str] | None = None) -> dict:
+    """params.yaml, then the chosen preset merged over its sections, then the --set overrides
+    (a --set of ``preset`` itself is applied first)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"parameter file {path} does not exist; run from the project root "
                                 "or pass --params PATH")
     params = yaml.safe_load(path.read_text()) or {}
-    return apply_sets(params, sets or [])
+    sets = list(sets or [])
+    apply_sets(params, [s for s in sets if s.split("=", 1)[0].strip() == "preset"])
+    name = params.get("preset")
+    if name is not None:
+        presets = params.get("presets", {})
+        if name not in presets:
+            raise ValueError(f"preset {name!r} is not defined" + _closest(name, list(presets)))
+        merge(params, presets[name] or {})
+    return apply_sets(params, [s for s in sets if s.split("=", 1)[0].strip() != "preset"])
 
 
 def section(params: dict, name: str) -> dict:

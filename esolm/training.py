@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from esolm.config import ModelConfig
 from esolm.data.batches import Batches
+from esolm.io import atomic_save, safe_load, write_text_atomic
 from esolm.model.backbone import Backbone
 from esolm.objectives import LossOutput, loss
 
@@ -125,28 +126,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,
                         weights_only: bool | None = None) -> dict:
         return safe_load(Path(path), map_location)
-
-
-def atomic_save(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def safe_load(path: Path, map_location: Any = "cpu") -> dict:
-    """torch.load with weights_only=True and a clear error for missing, truncated or foreign files."""
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location=map_location or "cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is "
-                         "truncated, corrupt or not an esolm/Lightning checkpoint") from err
-    if not isinstance(obj, dict):
-        raise ValueError(  # noqa: TRY004 - a bad file, reported like the others
-            f"checkpoint {path} holds a {type(obj).__name__}, not a checkpoint dict")
-    return obj
 
 
 def global_per_token(out: LossOutput, world_size: int) -> tuple[Tensor, Tensor]:
@@ -266,13 +245,6 @@ class JsonlLog(pl.Callback):
         if trainer.is_global_zero:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _precision(tc: TrainConfig) -> str:

@@ -116,7 +116,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(shards, tm
     cfg = _cfg(shards, "ar")
     train(cfg, TC.__class__(**{**TC.__dict__, "steps": 20}), shards, tmp_path / "nan", progress=False)
     good = (tmp_path / "nan" / "checkpoints" / "last.ckpt").read_bytes()
-    import esolm.training as training
+    from esolm import training
 
     real = training.loss
 

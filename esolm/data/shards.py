@@ -7,13 +7,12 @@ uint32, native byte order); ``meta.json`` beside it gives rows, length and dtype
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from esolm.io import atomic_path, write_text_atomic  # noqa: F401 - re-exported
 
 PACK_DTYPE = np.int64  # working dtype while packing; shards are cast to the token dtype
 
@@ -34,24 +33,6 @@ def token_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
             "reserved mask id): use token_dtype 'auto' or 'uint32', or a smaller vocabulary"
         )
     return dtype
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def wrap_rows(docs: list[list[int]], sep_id: int, length: int,

@@ -1,0 +1,154 @@
+"""The pipeline stages behind ``esolm train | evaluate | sample``: params in, files out.
+
+Each function reads the stage's inputs from disk (token shards, checkpoints), calls the
+library, and writes its outputs (one writer per file, atomic). No tensors cross stages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from esolm.config import ModelConfig
+from esolm.io import write_json, write_text_atomic
+from esolm.params import build, section
+
+
+def data_dir(params: dict) -> Path:
+    data = section(params, "data")
+    return Path(data["out_dir"]) / data["dataset"]
+
+
+def run_dir(name: str) -> Path:
+    return Path("runs") / name
+
+
+def model_config(params: dict, name: str, meta: dict) -> ModelConfig:
+    """ModelConfig of variant ``name``: the shared model section, the variant's own settings,
+    and the vocabulary, length and pad id of the prepared data."""
+    variants = section(params, "variants")
+    if name not in variants:
+        raise ValueError(f"unknown variant {name!r}; params.yaml defines {sorted(variants)}")
+    values = {**section(params, "model"), **variants[name]}
+    values.update(vocab_size=meta["vocab_size"], length=meta["length"], pad_token_id=meta.get("pad_id"))
+    return build(ModelConfig, values, f"variants.{name}")
+
+
+def train_stage(params: dict, name: str, fresh: bool, progress: bool) -> dict:
+    from esolm.data import read_meta
+    from esolm.training import TrainConfig, train
+
+    ddir = data_dir(params)
+    cfg = model_config(params, name, read_meta(ddir))
+    tc = build(TrainConfig, dict(section(params, "train")), "train")
+    return train(cfg, tc, ddir, run_dir(name), fresh=fresh, progress=progress)
+
+
+def _batches(ddir: Path, split: str, batch_size: int, n: int, device: torch.device) -> list[torch.Tensor]:
+    from esolm.data import Batches
+
+    b = Batches(ddir, split, batch_size, shuffle=False)
+    return [b.batch_at(i).to(device) for i in range(min(n, len(b)))]
+
+
+def _ppl(nats: float) -> float:
+    return math.exp(nats) if nats < 700 else float("inf")
+
+
+def evaluate_split(model, batches: list, ev: dict, bytes_per_token: float, progress: bool) -> dict:
+    """Every likelihood metric of one split (method.md section 5)."""
+    from esolm.likelihood import (
+        bd3lm_random_order,
+        exact_per_token,
+        iw_log_prob,
+        left_to_right,
+        nelbo_per_token,
+        sampler_order,
+    )
+
+    cfg = model.config
+    gen = torch.Generator().manual_seed(ev["seed"])
+    nelbo = nelbo_per_token(model, batches, ev["nelbo_draws"], gen, progress)
+    exact = batches[: ev["exact_batches"]]
+    out = {"nelbo_nats": nelbo["nats_per_token"], "nelbo_ppl": _ppl(nelbo["nats_per_token"]),
+           "nelbo_stderr": nelbo["stderr"], "nelbo_tokens": nelbo["tokens"]}
+    l2r = exact_per_token(model, exact, lambda b, n, g: left_to_right(b, n), gen, progress)
+    out.update(exact_l2r_nats=l2r["nats_per_token"], exact_l2r_ppl=_ppl(l2r["nats_per_token"]),
+               tokens=l2r["tokens"])
+    if cfg.variant != "ar":
+        if cfg.variant == "bd3lm":
+            fn = lambda b, n, g: bd3lm_random_order(b, n, cfg.block_size, g)
+        else:
+            fn = lambda b, n, g: sampler_order(b, n, cfg.alpha_0, g)
+        smp = exact_per_token(model, exact, fn, gen, progress)
+        out.update(exact_sampler_nats=smp["nats_per_token"], exact_sampler_ppl=_ppl(smp["nats_per_token"]))
+    for k in ev["iw_orders"]:
+        nll = -sum(float(iw_log_prob(model, x, k, gen).sum()) for x in exact)
+        out[f"iw{k}_nats"] = nll / l2r["tokens"]
+        out[f"iw{k}_ppl"] = _ppl(nll / l2r["tokens"])
+    out["bits_per_byte"] = l2r["nats_per_token"] / math.log(2) / bytes_per_token
+    out["nats_per_token"] = l2r["nats_per_token"]
+    return out
+
+
+def evaluate_stage(params: dict, name: str, progress: bool) -> dict:
+    from esolm.data import read_meta
+    from esolm.device import pick_device
+    from esolm.training import load_model
+
+    ev = dict(section(params, "evaluate"))
+    device = pick_device(ev.get("device", "auto"))
+    ddir = data_dir(params)
+    meta = read_meta(ddir)
+    model = load_model(run_dir(name) / "model.ckpt", device=device)
+    if model.config.vocab_size != meta["vocab_size"]:
+        raise ValueError(f"runs/{name}/model.ckpt has vocabulary {model.config.vocab_size} but "
+                         f"{ddir} has {meta['vocab_size']}: retrain on these shards")
+    result = {"variant": name, "family": model.config.variant, "alpha_0": model.config.alpha_0}
+    for split in ev["splits"]:
+        t0 = time.perf_counter()
+        batches = _batches(ddir, split, ev["batch_size"], ev["nelbo_batches"], device)
+        if not batches:
+            raise ValueError(f"split {split!r} of {ddir} has no batch of {ev['batch_size']} rows")
+        bpt = meta["splits"][split]["bytes_per_token"]
+        result[split] = evaluate_split(model, batches, ev, bpt, progress)
+        result[split]["seconds"] = time.perf_counter() - t0
+    write_json(run_dir(name) / "likelihood.json", result)
+    return result
+
+
+def sample_stage(params: dict, name: str, progress: bool) -> dict:
+    from tokenizers import Tokenizer
+
+    from esolm.device import pick_device
+    from esolm.judge import Judge, unigram_entropy
+    from esolm.sampling import generate
+    from esolm.training import load_model, safe_load
+
+    sp = dict(section(params, "sample"))
+    device = pick_device(sp.get("device", "auto"))
+    path = run_dir(name) / "model.ckpt"
+    model = load_model(path, device=device)
+    tok = Tokenizer.from_file(safe_load(path)["tokenizer"])
+    keys = ("steps", "order", "kv_cache", "top_p", "seed", "schedule", "gamma", "subcontexts", "shuffle")
+    g = generate(model, num_samples=sp["num_samples"], progress=progress, **{k: sp[k] for k in keys})
+    texts = tok.decode_batch(g.tokens.tolist(), skip_special_tokens=False)
+    judge = Judge.from_checkpoint(run_dir(sp["judge"]) / "model.ckpt", device)
+    scores = judge.score(texts)
+    entropies = [unigram_entropy(ids) for ids in g.tokens.tolist()]
+    settings = {k: sp[k] for k in keys}
+    rows = [{"index": i, "text": t, "ids": ids, "entropy": e, "judge_nll": n, "settings": settings}
+            for i, (t, ids, e, n) in enumerate(zip(texts, g.tokens.tolist(), entropies,
+                                                   scores["per_sample_nll"]))]
+    write_text_atomic(run_dir(name) / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"variant": name, "family": model.config.variant, "nfe": g.nfe, "seconds": g.seconds,
+               "seconds_per_sample": g.seconds / sp["num_samples"],
+               "tokens_per_s": g.tokens.numel() / g.seconds, "kv_cache": g.kv_cache,
+               "gen_ppl": scores["gen_ppl"], "entropy": sum(entropies) / len(entropies),
+               "judge": judge.name, "schedule": settings, "num_samples": sp["num_samples"]}
+    write_json(run_dir(name) / "generation.json", summary)
+    return summary

@@ -1,0 +1,190 @@
+"""The results database: one DuckDB file, filled by one writer from the stages' files.
+
+Every pipeline run or experiment has a run id (git revision + hash of the effective
+params); re-ingesting a run replaces its rows, so nothing is duplicated. A process that
+finds the file locked by another writer retries with backoff instead of failing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+DEFAULT_DB = Path("reports/results.duckdb")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY, git_rev VARCHAR, params_hash VARCHAR, label VARCHAR,
+    ingested_at TIMESTAMP, params JSON);
+CREATE TABLE IF NOT EXISTS variants (
+    run_id VARCHAR, variant VARCHAR, family VARCHAR, alpha_0 DOUBLE, steps BIGINT, tokens BIGINT,
+    final_train_loss DOUBLE, final_valid_loss DOUBLE, wall_s DOUBLE, tokens_per_s DOUBLE,
+    PRIMARY KEY (run_id, variant));
+CREATE TABLE IF NOT EXISTS training (
+    run_id VARCHAR, variant VARCHAR, step BIGINT, loss DOUBLE, lr DOUBLE, grad_norm DOUBLE,
+    tokens_per_s DOUBLE, PRIMARY KEY (run_id, variant, step));
+CREATE TABLE IF NOT EXISTS likelihood (
+    run_id VARCHAR, variant VARCHAR, split VARCHAR, metric VARCHAR, value DOUBLE,
+    PRIMARY KEY (run_id, variant, split, metric));
+CREATE TABLE IF NOT EXISTS sampling (
+    run_id VARCHAR, variant VARCHAR, family VARCHAR, nfe BIGINT, seconds DOUBLE,
+    seconds_per_sample DOUBLE, tokens_per_s DOUBLE, gen_ppl DOUBLE, entropy DOUBLE, judge VARCHAR,
+    num_samples BIGINT, schedule JSON, PRIMARY KEY (run_id, variant));
+CREATE TABLE IF NOT EXISTS generations (
+    run_id VARCHAR, variant VARCHAR, sample_index BIGINT, text VARCHAR, entropy DOUBLE,
+    judge_nll DOUBLE, PRIMARY KEY (run_id, variant, sample_index));
+CREATE TABLE IF NOT EXISTS throughput (
+    run_id VARCHAR, family VARCHAR, length BIGINT, nfe_budget VARCHAR, nfe BIGINT,
+    batch_size BIGINT, median_s DOUBLE, tokens_per_s DOUBLE, device VARCHAR,
+    PRIMARY KEY (run_id, family, length, nfe_budget));
+CREATE TABLE IF NOT EXISTS search_trials (
+    run_id VARCHAR, variant VARCHAR, trial BIGINT, state VARCHAR, feasible BOOLEAN,
+    gen_ppl DOUBLE, seconds DOUBLE, nfe DOUBLE, entropy DOUBLE, params JSON,
+    PRIMARY KEY (run_id, variant, trial));
+"""
+
+TABLES = ("runs", "variants", "training", "likelihood", "sampling", "generations", "throughput",
+          "search_trials")
+
+
+def params_hash(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def git_revision(cwd: str | Path = ".") -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             check=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "nogit"
+
+
+def run_id(params: dict, cwd: str | Path = ".") -> str:
+    """<git revision, 10 chars>-<params hash, 10 chars>."""
+    return f"{git_revision(cwd)[:10]}-{params_hash(params)[:10]}"
+
+
+def connect(path: str | Path = DEFAULT_DB, read_only: bool = False, retries: int = 20,
+            wait: float = 0.25) -> duckdb.DuckDBPyConnection:
+    """Open the database, retrying while another process holds its write lock."""
+    path = Path(path)
+    if read_only and not path.exists():
+        raise FileNotFoundError(f"results database {path} does not exist yet; run the pipeline "
+                                "(dvc repro) or `esolm report` first")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(retries):
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+            if not read_only:
+                con.execute(SCHEMA)
+            return con
+        except duckdb.IOException as err:
+            if "lock" not in str(err).lower() or attempt == retries - 1:
+                raise
+            time.sleep(wait * (1.5 ** attempt))
+    raise RuntimeError("unreachable")
+
+
+def _rows_jsonl(path: Path) -> Iterator[dict]:
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                yield json.loads(line)
+
+
+def _replace(con: duckdb.DuckDBPyConnection, table: str, where: dict, rows: list[dict]) -> int:
+    """Delete the rows matching ``where`` then insert ``rows`` (parameterised SQL)."""
+    cond = " AND ".join(f"{k} = ?" for k in where)
+    con.execute(f"DELETE FROM {table} WHERE {cond}", list(where.values()))
+    if rows:
+        cols = list(rows[0])
+        sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
+        con.executemany(sql, [[r[c] for c in cols] for r in rows])
+    return len(rows)
+
+
+def _variant_rows(rid: str, name: str, run: Path) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    if (run / "train.json").exists():
+        s = json.loads((run / "train.json").read_text())
+        like = json.loads((run / "likelihood.json").read_text()) if (run / "likelihood.json").exists() else {}
+        out["variants"] = [{"run_id": rid, "variant": name, "family": s.get("variant"),
+                            "alpha_0": like.get("alpha_0"), "steps": s["steps"], "tokens": s["tokens"],
+                            "final_train_loss": s["final_train_loss"],
+                            "final_valid_loss": s["final_valid_loss"], "wall_s": s["wall_s"],
+                            "tokens_per_s": s["tokens_per_s"]}]
+    out["training"] = [{"run_id": rid, "variant": name, "step": r["step"], "loss": r["loss"], "lr": r["lr"],
+                        "grad_norm": r["grad_norm"], "tokens_per_s": r["tokens_per_s"]}
+                       for r in _rows_jsonl(run / "train.jsonl")]
+    if (run / "likelihood.json").exists():
+        like = json.loads((run / "likelihood.json").read_text())
+        out["likelihood"] = [{"run_id": rid, "variant": name, "split": split, "metric": k, "value": v}
+                             for split, vals in like.items() if isinstance(vals, dict)
+                             for k, v in vals.items() if isinstance(v, (int, float))]
+    if (run / "generation.json").exists():
+        g = json.loads((run / "generation.json").read_text())
+        out["sampling"] = [{"run_id": rid, "variant": name, "family": g["family"], "nfe": g["nfe"],
+                            "seconds": g["seconds"], "seconds_per_sample": g["seconds_per_sample"],
+                            "tokens_per_s": g["tokens_per_s"], "gen_ppl": g["gen_ppl"],
+                            "entropy": g["entropy"], "judge": g["judge"], "num_samples": g["num_samples"],
+                            "schedule": json.dumps(g["schedule"])}]
+    out["generations"] = [{"run_id": rid, "variant": name, "sample_index": r["index"], "text": r["text"],
+                           "entropy": r["entropy"], "judge_nll": r["judge_nll"]}
+                          for r in _rows_jsonl(run / "samples.jsonl")]
+    return out
+
+
+def ingest(params: dict, runs_dir: Path = Path("runs"), reports: Path = Path("reports"),
+           db: Path = DEFAULT_DB, label: str = "pipeline", rid: str | None = None) -> dict[str, int]:
+    """Load every stage output of this run into the database; returns rows written per table."""
+    rid = rid or run_id(params)
+    counts: dict[str, int] = {t: 0 for t in TABLES}
+    con = connect(db)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        _replace(con, "runs", {"run_id": rid}, [{
+            "run_id": rid, "git_rev": rid.split("-")[0], "params_hash": params_hash(params), "label": label,
+            "ingested_at": time.strftime("%Y-%m-%d %H:%M:%S"), "params": json.dumps(params, default=str)}])
+        counts["runs"] = 1
+        for name in params.get("variants", {}):
+            for table, rows in _variant_rows(rid, name, runs_dir / name).items():
+                counts[table] += _replace(con, table, {"run_id": rid, "variant": name}, rows)
+        counts.update(_ingest_reports(con, rid, reports))
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.close()
+    return counts
+
+
+def _ingest_reports(con: duckdb.DuckDBPyConnection, rid: str, reports: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    bench = reports / "bench.json"
+    if bench.exists():
+        rows = [{"run_id": rid, "family": r["family"], "length": r["length"], "nfe_budget": r["nfe_budget"],
+                 "nfe": r["nfe"], "batch_size": r["batch_size"], "median_s": r["median_s"],
+                 "tokens_per_s": r["tokens_per_s"], "device": r["device"]}
+                for r in json.loads(bench.read_text())]
+        out["throughput"] = _replace(con, "throughput", {"run_id": rid}, rows)
+    return out
+
+
+def query(sql: str, db: Path = DEFAULT_DB, params: list[Any] | None = None) -> tuple[list[str], list[tuple]]:
+    """Run SQL read-only; returns (column names, rows)."""
+    con = connect(db, read_only=True)
+    try:
+        cur = con.execute(sql, params or [])
+        cols = [d[0] for d in cur.description] if cur.description else []
+        return cols, cur.fetchall()
+    finally:
+        con.close()

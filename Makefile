@@ -18,8 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(OFFLINE) $(VENV)/bin/esolm prepare
-	$(OFFLINE) $(VENV)/bin/esolm bench
+	$(OFFLINE) PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
+	$(OFFLINE) $(VENV)/bin/dvc metrics show
 
 test: setup
 	$(OFFLINE) $(PY) -m pytest -q

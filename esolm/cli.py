@@ -63,6 +63,49 @@ def cmd_sample(args: argparse.Namespace, params: dict) -> None:
           f"gen ppl {s['gen_ppl']:.2f}, entropy {s['entropy']:.2f}")
 
 
+def cmd_report(args: argparse.Namespace, params: dict) -> None:
+    from esolm.report import write_report
+    from esolm.store import ingest, run_id
+
+    rid = args.run_id or run_id(params)
+    counts = ingest(params, db=Path(args.db), label=args.label, rid=rid)
+    print(f"ingested run {rid} into {args.db}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
+    out = write_report(Path(args.db), rid, Path("reports"))
+    print(f"wrote reports/report.md and reports/index.html ({len(out['figures'])} figures)")
+
+
+def cmd_query(args: argparse.Namespace, params: dict) -> None:
+    from esolm.store import query
+
+    cols, rows = query(args.sql, Path(args.db))
+    if args.format == "json":
+        print(json.dumps([dict(zip(cols, r)) for r in rows], indent=2, default=str))
+    elif args.format == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(cols)
+        w.writerows(rows)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*cols)
+        for r in rows:
+            table.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in r))
+        Console().print(table)
+
+
+def cmd_search(args: argparse.Namespace, params: dict) -> None:
+    from esolm.stages import search_stage
+
+    out = search_stage(params, not args.quiet)
+    best = out["best"]
+    print(f"{out['trials']} trials ({out['ran']} new), {len(out['front'])} on the Pareto front; chosen: "
+          + (f"{best['params']} gen ppl {best['gen_ppl']:.2f}, {best['seconds']:.4f}s/sample" if best
+             else "none feasible"))
+
+
 VERBS: dict[str, tuple[Callable[[argparse.Namespace, dict], None], str]] = {
     "prepare": (cmd_prepare, "fetch, verify and tokenize the corpus into token shards (params: data)"),
     "train": (cmd_train, ("train one variant, resuming from its last checkpoint (params: model, "
@@ -71,6 +114,9 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace, dict], None], str]] = {
                                 "(params: evaluate)")),
     "sample": (cmd_sample, "sample from one variant with KV caching and judge the samples (params: sample)"),
     "bench": (cmd_bench, "time sampling of every family side by side (params: bench)"),
+    "search": (cmd_search, "Optuna search of the sampling schedule for the speed-quality front (params: search)"),
+    "report": (cmd_report, "ingest every stage's files into the results database and write the report"),
+    "query": (cmd_query, "run SQL on the results database, e.g. esolm query \"SELECT * FROM sampling\""),
 }
 NEEDS_VARIANT = ("train", "evaluate", "sample")
 
@@ -90,9 +136,25 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--variant", required=True, help="a name under `variants` in params.yaml")
         if name == "train":
             s.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+        if name in ("report", "query"):
+            s.add_argument("--db", default="reports/results.duckdb", help="the results database")
+        if name == "report":
+            s.add_argument("--label", default="pipeline", help="a label stored with the run")
+            s.add_argument("--run-id", default=None, help="run id (default: git revision + params hash)")
+        if name == "query":
+            s.add_argument("sql", help="the SQL to run (read-only)")
+            s.add_argument("--format", choices=("table", "csv", "json"), default="table")
         if name in ("bench",):
             s.add_argument("--device", default=None, help="auto (default), cpu, or a CUDA device")
     return p
+
+
+def duckdb_error() -> type[Exception]:
+    try:
+        import duckdb
+    except ImportError:
+        return ValueError
+    return duckdb.Error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params, args.set)
         VERBS[args.verb][0](args, params)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, duckdb_error()) as err:
         print(f"esolm {args.verb}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -121,6 +121,18 @@ def evaluate_stage(params: dict, name: str, progress: bool) -> dict:
     return result
 
 
+def best_schedule(out_dir: Path) -> dict:
+    """The schedule chosen by the search (``sample.schedule=best``), with defaults filled in."""
+    path = out_dir / "best.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the schedule search first (esolm search)")
+    chosen = json.loads(path.read_text()).get("schedule")
+    if not chosen:
+        raise ValueError(f"{path} holds no feasible schedule; lower search.entropy_floor_frac or add trials")
+    return {"order": "random", "schedule": "loglinear", "gamma": 1.0, "subcontexts": 4, "shuffle": False,
+            **chosen}
+
+
 def sample_stage(params: dict, name: str, progress: bool) -> dict:
     from tokenizers import Tokenizer
 
@@ -130,12 +142,15 @@ def sample_stage(params: dict, name: str, progress: bool) -> dict:
     from esolm.training import load_model, safe_load
 
     sp = dict(section(params, "sample"))
+    if sp["schedule"] == "best":
+        sp.update(best_schedule(Path(section(params, "search")["out_dir"])))
     device = pick_device(sp.get("device", "auto"))
     path = run_dir(name) / "model.ckpt"
     model = load_model(path, device=device)
     tok = Tokenizer.from_file(safe_load(path)["tokenizer"])
     keys = ("steps", "order", "kv_cache", "top_p", "seed", "schedule", "gamma", "subcontexts", "shuffle")
-    g = generate(model, num_samples=sp["num_samples"], progress=progress, **{k: sp[k] for k in keys})
+    extra = {"alpha_0": sp["alpha_0"]} if "alpha_0" in sp and model.config.variant.startswith("eso") else {}
+    g = generate(model, num_samples=sp["num_samples"], progress=progress, **{k: sp[k] for k in keys}, **extra)
     texts = tok.decode_batch(g.tokens.tolist(), skip_special_tokens=False)
     judge = Judge.from_checkpoint(run_dir(sp["judge"]) / "model.ckpt", device)
     scores = judge.score(texts)
@@ -152,3 +167,68 @@ def sample_stage(params: dict, name: str, progress: bool) -> dict:
                "judge": judge.name, "schedule": settings, "num_samples": sp["num_samples"]}
     write_json(run_dir(name) / "generation.json", summary)
     return summary
+
+
+def _search_setup(params: dict, device: torch.device):
+    """(config, model, judge, tokenizer, entropy floor) for the schedule search."""
+    from tokenizers import Tokenizer
+
+    from esolm.data import load_split
+    from esolm.judge import Judge, unigram_entropy
+    from esolm.search import SearchConfig
+    from esolm.training import load_model, safe_load
+
+    values = {k: v for k, v in section(params, "search").items() if k != "device"}
+    sc = build(SearchConfig, values, "search")
+    path = run_dir(sc.variant) / "model.ckpt"
+    model = load_model(path, device=device)
+    tok = Tokenizer.from_file(safe_load(path)["tokenizer"])
+    judge = Judge.from_checkpoint(run_dir(section(params, "sample")["judge"]) / "model.ckpt", device)
+    floor = sc.entropy_floor
+    if floor <= 0:
+        rows = load_split(data_dir(params), "valid")[:64].tolist()
+        floor = sc.entropy_floor_frac * sum(unigram_entropy(r) for r in rows) / len(rows)
+    return sc, model, judge, tok, floor
+
+
+def search_trials(params: dict, n_trials: int | None = None, progress: bool = False) -> int:
+    """Run trials of the schedule search until the study holds ``n_trials`` (default: search.n_trials)."""
+    from esolm.device import pick_device
+    from esolm.search import make_evaluator, objective_for, open_study, run_study
+
+    device = pick_device(section(params, "search").get("device", "auto"))
+    sc, model, judge, tok, floor = _search_setup(params, device)
+    study = open_study(sc, f"schedule-{sc.variant}")
+    evaluate = make_evaluator(model, judge, tok, sc.num_samples, sc.seed, sc.repeats)
+    objective = objective_for(evaluate, sc.space, model.config.variant, floor)
+    return run_study(study, objective, n_trials or sc.n_trials, progress)
+
+
+def search_outputs(params: dict, compare: bool = True) -> dict:
+    """Write trials.parquet, pareto.json, best.json and the figure from the study."""
+    from esolm.device import pick_device
+    from esolm.search import (
+        compare_with_default,
+        make_evaluator,
+        open_study,
+        pareto,
+        trial_rows,
+        write_outputs,
+    )
+
+    device = pick_device(section(params, "search").get("device", "auto"))
+    sc, model, judge, tok, floor = _search_setup(params, device)
+    rows = trial_rows(open_study(sc, f"schedule-{sc.variant}"), sc.variant)
+    comparison: dict = {}
+    if compare:
+        evaluate = make_evaluator(model, judge, tok, sc.num_samples, sc.seed, sc.repeats)
+        comparison = compare_with_default(evaluate, pareto([r for r in rows if r["feasible"]]),
+                                          sc.default_steps, floor)
+    return write_outputs(sc, rows, comparison, floor)
+
+
+def search_stage(params: dict, progress: bool) -> dict:
+    ran = search_trials(params, progress=progress)
+    out = search_outputs(params)
+    out["ran"] = ran
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import subprocess
 import time
 from collections.abc import Iterator
@@ -176,7 +177,24 @@ def _ingest_reports(con: duckdb.DuckDBPyConnection, rid: str, reports: Path) -> 
                  "tokens_per_s": r["tokens_per_s"], "device": r["device"]}
                 for r in json.loads(bench.read_text())]
         out["throughput"] = _replace(con, "throughput", {"run_id": rid}, rows)
+    trials = reports / "search" / "trials.parquet"
+    if trials.exists():
+        import pandas as pd
+
+        keys = ("variant", "trial", "state", "feasible", "gen_ppl", "seconds", "nfe", "entropy", "params")
+        rows = [{"run_id": rid, **{k: _plain(r[k]) for k in keys}}
+                for r in pd.read_parquet(trials).to_dict("records")]
+        out["search_trials"] = _replace(con, "search_trials", {"run_id": rid}, rows)
     return out
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and NaN from pandas -> Python values / NULL."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
 
 
 def query(sql: str, db: Path = DEFAULT_DB, params: list[Any] | None = None) -> tuple[list[str], list[tuple]]:

@@ -1,0 +1,255 @@
+"""Optuna search over the sampling schedule for the speed-quality Pareto frontier.
+
+Objectives (both minimised): generative perplexity under the judge, and sampling seconds per
+sample (measured in the trial's process, median of ``repeats``). Constraint: mean sample
+entropy >= a floor, so degenerate low-entropy schedules cannot win. Every trial uses the same
+seed and number of samples. The study lives in SQLite next to the outputs; rerunning
+continues it up to ``n_trials``; a trial that raises is recorded as failed and the study
+goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+SAMPLERS = ("nsga2", "tpe")
+DEFAULT_SPACE: dict[str, Any] = {
+    "steps": [4, 64],
+    "alpha_0": [0.0, 1.0],
+    "order": ["random", "block"],
+    "subcontexts": [2, 16],
+    "shuffle": [False, True],
+    "schedule": ["loglinear", "power"],
+    "gamma": [0.5, 3.0],
+    "top_p": [0.8, 1.0],
+}
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    variant: str = "eso_b_a05"
+    n_trials: int = 12
+    sampler: str = "nsga2"
+    num_samples: int = 8
+    repeats: int = 1
+    seed: int = 0
+    entropy_floor: float = 0.0          # absolute floor (nats); 0: use entropy_floor_frac
+    entropy_floor_frac: float = 0.9     # fraction of the validation text's mean entropy
+    time_budget: float = 0.0            # seconds per sample for the chosen schedule (0: the knee)
+    default_steps: tuple[int, ...] = (4, 8, 16, 32, 64)
+    space: dict = field(default_factory=lambda: dict(DEFAULT_SPACE))
+    out_dir: str = "reports/search"
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"search.sampler={self.sampler!r} is unknown: use one of {SAMPLERS}")
+        if self.n_trials < 1 or self.num_samples < 1 or self.repeats < 1:
+            raise ValueError("search.n_trials, search.num_samples and search.repeats must be >= 1")
+        unknown = set(self.space) - set(DEFAULT_SPACE)
+        if unknown:
+            raise ValueError(f"search.space has unknown keys {sorted(unknown)}; use {sorted(DEFAULT_SPACE)}")
+
+
+def suggest(trial: optuna.Trial, space: dict, family: str) -> dict:
+    """Schedule parameters for one trial from the declared space (Eso-LMs also search alpha_0)."""
+    p: dict[str, Any] = {}
+    lo, hi = space["steps"]
+    p["steps"] = trial.suggest_int("steps", lo, hi, log=True)
+    if family.startswith("eso") and "alpha_0" in space:
+        p["alpha_0"] = trial.suggest_float("alpha_0", *space["alpha_0"])
+    p["order"] = trial.suggest_categorical("order", space.get("order", ["random"]))
+    if p["order"] == "block":
+        p["subcontexts"] = trial.suggest_int("subcontexts", *space.get("subcontexts", [4, 4]))
+        p["shuffle"] = trial.suggest_categorical("shuffle", space.get("shuffle", [False]))
+    p["schedule"] = trial.suggest_categorical("schedule", space.get("schedule", ["loglinear"]))
+    if p["schedule"] == "power":
+        p["gamma"] = trial.suggest_float("gamma", *space.get("gamma", [1.0, 1.0]))
+    p["top_p"] = trial.suggest_float("top_p", *space.get("top_p", [1.0, 1.0]))
+    return p
+
+
+Evaluate = Callable[[dict], dict]  # schedule params -> {"gen_ppl", "seconds", "nfe", "entropy"}
+
+
+def make_evaluator(model, judge, tokenizer, num_samples: int, seed: int, repeats: int) -> Evaluate:
+    """Sample with the given schedule (same seed each time), time it, and judge the samples."""
+    from esolm.judge import unigram_entropy
+    from esolm.sampling import generate
+
+    def evaluate(params: dict) -> dict:
+        times, g = [], None
+        for _ in range(repeats):
+            g = generate(model, num_samples=num_samples, seed=seed, **params)
+            times.append(g.seconds / num_samples)
+        texts = tokenizer.decode_batch(g.tokens.tolist(), skip_special_tokens=False)
+        ent = statistics.mean(unigram_entropy(ids) for ids in g.tokens.tolist())
+        return {"gen_ppl": judge.score(texts)["gen_ppl"], "seconds": statistics.median(times),
+                "nfe": g.nfe, "entropy": ent}
+
+    return evaluate
+
+
+def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
+    return trial.user_attrs.get("constraint", [1.0])
+
+
+def open_study(sc: SearchConfig, name: str) -> optuna.Study:
+    out = Path(sc.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if sc.sampler == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=sc.seed, constraints_func=_constraints,
+                                                population_size=max(4, min(20, sc.n_trials // 2)))
+    else:
+        sampler = optuna.samplers.TPESampler(seed=sc.seed, constraints_func=_constraints)
+    return optuna.create_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}", sampler=sampler,
+                               directions=["minimize", "minimize"], load_if_exists=True)
+
+
+def objective_for(evaluate: Evaluate, space: dict, family: str, floor: float) -> Callable:
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        params = suggest(trial, space, family)
+        r = evaluate(params)
+        trial.set_user_attr("constraint", [floor - r["entropy"]])
+        for k in ("nfe", "entropy"):
+            trial.set_user_attr(k, r[k])
+        trial.set_user_attr("schedule", params)
+        if not math.isfinite(r["gen_ppl"]):
+            raise ValueError(f"non-finite generative perplexity for {params}")
+        return r["gen_ppl"], r["seconds"]
+
+    return objective
+
+
+def run_study(study: optuna.Study, objective: Callable, n_trials: int, progress: bool = False) -> int:
+    """Run trials until the study holds ``n_trials`` finished (complete or failed) ones."""
+    done = sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL) for t in study.trials)
+    remaining = max(0, n_trials - done)
+    if remaining:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study.optimize(objective, n_trials=remaining, catch=(Exception,), show_progress_bar=progress)
+    return remaining
+
+
+def trial_rows(study: optuna.Study, variant: str) -> list[dict]:
+    rows = []
+    for t in study.trials:
+        c = t.user_attrs.get("constraint")
+        rows.append({"variant": variant, "trial": t.number, "state": t.state.name,
+                     "feasible": bool(c is not None and c[0] <= 0 and t.state.name == "COMPLETE"),
+                     "gen_ppl": t.values[0] if t.values else None, "seconds": t.values[1] if t.values else None,
+                     "nfe": t.user_attrs.get("nfe"), "entropy": t.user_attrs.get("entropy"),
+                     "params": t.user_attrs.get("schedule", dict(t.params))})
+    return rows
+
+
+def pareto(points: list[dict], keys: tuple[str, str] = ("gen_ppl", "seconds")) -> list[dict]:
+    """The non-dominated points (both keys minimised), sorted by the second key."""
+    a, b = keys
+    front = [p for p in points
+             if not any(q[a] <= p[a] and q[b] <= p[b] and (q[a] < p[a] or q[b] < p[b]) for q in points)]
+    return sorted(front, key=lambda p: (p[b], p[a]))
+
+
+def hypervolume(front: list[dict], ref: tuple[float, float], keys: tuple[str, str] = ("gen_ppl", "seconds")) -> float:
+    """Area dominated by ``front`` and bounded by ``ref`` (both objectives minimised)."""
+    a, b = keys
+    pts = sorted((p[b], p[a]) for p in pareto(front, keys) if p[a] < ref[0] and p[b] < ref[1])
+    area, prev_a = 0.0, ref[0]
+    for sec, val in pts:
+        if val < prev_a:
+            area += (ref[1] - sec) * (prev_a - val)
+            prev_a = val
+    return area
+
+
+def choose(front: list[dict], budget: float) -> dict | None:
+    """Best quality within the time budget, else the knee (closest to the utopia point, normalised)."""
+    if not front:
+        return None
+    if budget > 0:
+        within = [p for p in front if p["seconds"] <= budget]
+        if within:
+            return min(within, key=lambda p: p["gen_ppl"])
+    lo_p, hi_p = min(p["gen_ppl"] for p in front), max(p["gen_ppl"] for p in front)
+    lo_s, hi_s = min(p["seconds"] for p in front), max(p["seconds"] for p in front)
+
+    def dist(p: dict) -> float:
+        return math.hypot((p["gen_ppl"] - lo_p) / (hi_p - lo_p or 1), (p["seconds"] - lo_s) / (hi_s - lo_s or 1))
+
+    return min(front, key=dist)
+
+
+def compare_with_default(evaluate: Evaluate, searched: list[dict], steps: tuple[int, ...], floor: float) -> dict:
+    """The paper's default schedule (log-linear binomial counts, random order) over a grid of T,
+    against the searched front: hypervolumes and the gen-PPL gap at matched sampling time."""
+    default = []
+    for t in steps:
+        r = evaluate({"steps": t, "order": "random", "schedule": "loglinear"})
+        default.append({**r, "steps": t, "feasible": r["entropy"] >= floor})
+    feas_default = [p for p in default if p["feasible"]]
+    both = feas_default + searched
+    if not both:
+        return {"default": default}
+    ref = (max(p["gen_ppl"] for p in both) * 1.1, max(p["seconds"] for p in both) * 1.1)
+    matched = []
+    for d in feas_default:
+        faster = [p for p in searched if p["seconds"] <= d["seconds"]]
+        if faster:
+            best = min(faster, key=lambda p: p["gen_ppl"])
+            matched.append({"steps": d["steps"], "default_gen_ppl": d["gen_ppl"], "searched_gen_ppl": best["gen_ppl"],
+                            "seconds": d["seconds"], "difference": best["gen_ppl"] - d["gen_ppl"]})
+    return {"default": default, "reference_point": ref, "hypervolume_default": hypervolume(feas_default, ref),
+            "hypervolume_searched": hypervolume(searched, ref), "matched_time": matched}
+
+
+def plot_front(rows: list[dict], front: list[dict], default: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    done = [r for r in rows if r["gen_ppl"] is not None]
+    ax.scatter([r["seconds"] for r in done], [r["gen_ppl"] for r in done], s=14, alpha=0.5,
+               c=["tab:blue" if r["feasible"] else "tab:grey" for r in done], label="trials (grey: infeasible)")
+    ax.plot([p["seconds"] for p in front], [p["gen_ppl"] for p in front], "o-", color="tab:orange", label="Pareto front")
+    if default:
+        ax.plot([p["seconds"] for p in default], [p["gen_ppl"] for p in default], "s--", color="k",
+                label="default schedule (T grid)")
+    ax.set_xscale("log")
+    ax.set_xlabel("sampling time per sample (s)")
+    ax.set_ylabel("generative perplexity")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(sc: SearchConfig, rows: list[dict], comparison: dict, floor: float) -> dict:
+    """trials.parquet, pareto.json, best.json and pareto.png under ``out_dir``."""
+    import pandas as pd
+
+    from esolm.io import atomic_path, write_json
+
+    out = Path(sc.out_dir)
+    frame = pd.DataFrame([{**r, "params": json.dumps(r["params"])} for r in rows])
+    with atomic_path(out / "trials.parquet") as tmp:
+        frame.to_parquet(tmp, index=False)
+    front = pareto([r for r in rows if r["feasible"]])
+    best = choose(front, sc.time_budget)
+    write_json(out / "pareto.json", {"variant": sc.variant, "entropy_floor": floor, "front": front,
+                                     "comparison": comparison})
+    write_json(out / "best.json", {"variant": sc.variant, "schedule": best["params"] if best else None,
+                                   "gen_ppl": best["gen_ppl"] if best else None,
+                                   "seconds": best["seconds"] if best else None, "time_budget": sc.time_budget})
+    plot_front(rows, front, comparison.get("default", []), out / "pareto.png")
+    return {"trials": len(rows), "front": front, "best": best}

@@ -1,0 +1,1 @@
+"""Prefect flows: the pipeline, experiments and sweeps, the schedule search, deployments."""

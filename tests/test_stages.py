@@ -1,0 +1,126 @@
+"""Stage verbs end to end on tiny shards: train -> evaluate -> sample -> search -> report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.data.conftest import write_txt_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A working folder with tiny params and prepared shards; the verbs run inside it."""
+    from esolm.data import DataConfig, prepare
+
+    tmp = tmp_path_factory.mktemp("stages")
+    corpus = write_txt_corpus(tmp / "docs", n_docs=60)
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["data"].update(dataset="tiny", source=f"files:{corpus}/*.txt", tokenizer="bpe:300", length=16,
+                     out_dir=str(tmp / "data"), cache_dir=str(tmp / "raw"))
+    p["model"].update(d_model=32, n_heads=4, cond_dim=32)
+    p["variants"] = {"ar": {"variant": "ar"}, "mdlm": {"variant": "mdlm"},
+                     "eso_b_a05": {"variant": "eso_b", "alpha_0": 0.5, "batch_split": 0.5}}
+    p["train"].update(steps=10, batch_size=8, val_every=5, ckpt_every=5, log_every=5, warmup_steps=2)
+    p["evaluate"].update(batch_size=4, nelbo_batches=2, exact_batches=1, nelbo_draws=2, iw_orders=[1, 2])
+    p["sample"].update(num_samples=4, steps=4)
+    p["search"].update(n_trials=3, num_samples=2, default_steps=[2, 4], space={"steps": [2, 8]},
+                       out_dir=str(tmp / "search"))
+    (tmp / "params.yaml").write_text(yaml.safe_dump(p))
+    prepare(DataConfig.from_dict(p["data"]), progress=False)
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    yield tmp
+    os.chdir(cwd)
+
+
+def _params(project: Path) -> dict:
+    from esolm.params import load_params
+
+    return load_params(project / "params.yaml")
+
+
+def test_train_evaluate_sample_write_every_field(project):
+    from esolm.stages import evaluate_stage, sample_stage, train_stage
+
+    params = _params(project)
+    for name in ("ar", "mdlm", "eso_b_a05"):
+        summary = train_stage(params, name, fresh=False, progress=False)
+        assert summary["steps"] == 10
+    for name in ("ar", "mdlm", "eso_b_a05"):
+        result = evaluate_stage(params, name, progress=False)
+        for split in ("valid", "test"):
+            r = result[split]
+            expected = {"nelbo_ppl", "nelbo_stderr", "exact_l2r_ppl", "iw1_ppl", "iw2_ppl", "nats_per_token",
+                        "bits_per_byte", "tokens"} | ({"exact_sampler_ppl"} if name != "ar" else set())
+            assert expected <= set(r), f"{name} {split} misses {expected - set(r)}"
+            assert not any(math.isnan(v) for v in r.values())
+        saved = json.loads((project / "runs" / name / "likelihood.json").read_text())
+        assert saved["test"]["exact_l2r_ppl"] == pytest.approx(result["test"]["exact_l2r_ppl"])
+    ar = json.loads((project / "runs" / "ar" / "likelihood.json").read_text())["test"]
+    # AR: IW over left-to-right orders only is the exact likelihood itself
+    assert ar["iw2_ppl"] == pytest.approx(ar["exact_l2r_ppl"], rel=1e-5)
+    for name in ("ar", "mdlm", "eso_b_a05"):
+        s = sample_stage(params, name, progress=False)
+        assert s["nfe"] > 0 and s["gen_ppl"] > 1 and s["entropy"] > 0
+        rows = (project / "runs" / name / "samples.jsonl").read_text().splitlines()
+        assert len(rows) == 4 and {"text", "ids", "settings"} <= set(json.loads(rows[0]))
+
+
+def test_search_then_sample_with_the_best_schedule_then_report(project):
+    from esolm.params import apply_sets
+    from esolm.report import write_report
+    from esolm.stages import sample_stage, search_stage
+    from esolm.store import ingest, query, run_id
+
+    params = _params(project)
+    out = search_stage(params, progress=False)
+    assert out["trials"] == 3
+    best = json.loads((project / "search" / "best.json").read_text())
+    assert best["schedule"] is None or "steps" in best["schedule"]
+    if best["schedule"] is not None:
+        s = sample_stage(apply_sets(_params(project), ["sample.schedule=best"]), "eso_b_a05", progress=False)
+        assert s["schedule"]["steps"] == best["schedule"]["steps"]
+    rid = run_id(params)
+    counts = ingest(params, reports=project / "reports", db=project / "results.duckdb", rid=rid)
+    again = ingest(params, reports=project / "reports", db=project / "results.duckdb", rid=rid)
+    assert counts == again
+    _, rows = query("SELECT count(*) FROM likelihood", project / "results.duckdb")
+    _, distinct = query("SELECT count(DISTINCT (run_id, variant, split, metric)) FROM likelihood",
+                        project / "results.duckdb")
+    assert rows == distinct and rows[0][0] > 0  # re-ingesting added no duplicate rows
+    report = write_report(project / "results.duckdb", rid, project / "reports")
+    html = (project / "reports" / "index.html").read_text()
+    assert "eso_b_a05" in html and len(report["rows"]) == 3
+    assert "<script" not in html
+
+
+def test_report_escapes_generated_text(project, tmp_path):
+    from esolm.report import _html
+
+    page = _html("r1", ["variant"], [("<b>x</b>",)], [], [("v", 0, "<script>alert(1)</script>")])
+    assert "<script>" not in page and "&lt;script&gt;" in page
+
+
+def test_evaluate_refuses_a_checkpoint_with_another_vocabulary(project):
+    from esolm.params import apply_sets
+    from esolm.stages import evaluate_stage
+
+    params = apply_sets(_params(project), [])
+    meta_path = project / "data" / "tiny" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    original = meta_path.read_text()
+    meta["vocab_size"] += 1
+    meta_path.write_text(json.dumps(meta))
+    try:
+        with pytest.raises(ValueError, match="vocabulary"):
+            evaluate_stage(params, "ar", progress=False)
+    finally:
+        meta_path.write_text(original)

@@ -49,7 +49,7 @@ def cmd_evaluate(args: argparse.Namespace, params: dict) -> None:
     from esolm.stages import evaluate_stage
 
     result = evaluate_stage(params, args.variant, not args.quiet)
-    for split in params["evaluate"]["splits"]:
+    for split in [k for k, v in result.items() if isinstance(v, dict)]:
         r = result[split]
         print(f"{args.variant} {split}: exact l2r ppl {r['exact_l2r_ppl']:.2f}, NELBO ppl "
               f"{r['nelbo_ppl']:.2f} (+- {r['nelbo_stderr']:.3f} nats), {r['bits_per_byte']:.3f} bits/byte")

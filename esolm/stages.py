@@ -109,14 +109,20 @@ def evaluate_stage(params: dict, name: str, progress: bool) -> dict:
         raise ValueError(f"runs/{name}/model.ckpt has vocabulary {model.config.vocab_size} but "
                          f"{ddir} has {meta['vocab_size']}: retrain on these shards")
     result = {"variant": name, "family": model.config.variant, "alpha_0": model.config.alpha_0}
-    for split in ev["splits"]:
+    targets = [(split, ddir, split) for split in ev["splits"]]
+    targets += [(f"zero_shot:{Path(z).name}", Path(z), "test") for z in ev.get("zero_shot", [])]
+    for key, folder, split in targets:
+        zmeta = read_meta(folder)
+        if zmeta["vocab_size"] != meta["vocab_size"] or zmeta["length"] != meta["length"]:
+            raise ValueError(f"{folder} was prepared with vocabulary {zmeta['vocab_size']} and length "
+                             f"{zmeta['length']}, the model needs {meta['vocab_size']} and {meta['length']}: "
+                             f"prepare it with --set data.tokenizer=file:{ddir / 'tokenizer.json'}")
         t0 = time.perf_counter()
-        batches = _batches(ddir, split, ev["batch_size"], ev["nelbo_batches"], device)
+        batches = _batches(folder, split, ev["batch_size"], ev["nelbo_batches"], device)
         if not batches:
-            raise ValueError(f"split {split!r} of {ddir} has no batch of {ev['batch_size']} rows")
-        bpt = meta["splits"][split]["bytes_per_token"]
-        result[split] = evaluate_split(model, batches, ev, bpt, progress)
-        result[split]["seconds"] = time.perf_counter() - t0
+            raise ValueError(f"split {split!r} of {folder} has no batch of {ev['batch_size']} rows")
+        result[key] = evaluate_split(model, batches, ev, zmeta["splits"][split]["bytes_per_token"], progress)
+        result[key]["seconds"] = time.perf_counter() - t0
     write_json(run_dir(name) / "likelihood.json", result)
     return result
 

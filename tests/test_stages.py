@@ -124,3 +124,38 @@ def test_evaluate_refuses_a_checkpoint_with_another_vocabulary(project):
             evaluate_stage(params, "ar", progress=False)
     finally:
         meta_path.write_text(original)
+
+
+def test_zero_shot_sets_are_encoded_with_the_model_tokenizer_and_evaluated(project, tmp_path):
+    from esolm.data import DataConfig, prepare
+    from esolm.params import apply_sets
+    from esolm.stages import evaluate_stage, train_stage
+
+    params = _params(project)
+    if not (project / "runs" / "ar" / "model.ckpt").exists():
+        train_stage(params, "ar", fresh=False, progress=False)
+    other = write_txt_corpus(tmp_path / "other", n_docs=30, seed=7)
+    tok = project / "data" / "tiny" / "tokenizer.json"
+    zdir = prepare(DataConfig(dataset="other", source=f"files:{other}/*.txt", tokenizer=f"file:{tok}",
+                              length=16, out_dir=str(tmp_path / "z"), cache_dir=str(tmp_path / "raw")),
+                   progress=False)
+    result = evaluate_stage(apply_sets(params, [f"evaluate.zero_shot=['{zdir}']"]), "ar", progress=False)
+    assert result["zero_shot:other"]["exact_l2r_ppl"] > 1
+    bad = prepare(DataConfig(dataset="bad", source=f"files:{other}/*.txt", tokenizer="bpe:280", length=16,
+                             out_dir=str(tmp_path / "z"), cache_dir=str(tmp_path / "raw")), progress=False)
+    with pytest.raises(ValueError, match="file:"):
+        evaluate_stage(apply_sets(params, [f"evaluate.zero_shot=['{bad}']"]), "ar", progress=False)
+
+
+def test_bad_params_name_the_key_and_type(project):
+    from esolm.params import apply_sets
+    from esolm.stages import train_stage
+
+    with pytest.raises(ValueError, match="steps"):
+        train_stage(apply_sets(_params(project), ["train.steps=abc"]), "ar", fresh=False, progress=False)
+    params = _params(project)
+    params["train"]["stpes"] = 3
+    with pytest.raises(ValueError, match="did you mean 'steps'"):
+        train_stage(params, "ar", fresh=False, progress=False)
+    with pytest.raises(ValueError, match="unknown variant"):
+        train_stage(_params(project), "gpt5", fresh=False, progress=False)

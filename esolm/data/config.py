@@ -13,7 +13,8 @@ PACKINGS = ("wrap", "pad")
 TOKEN_DTYPES = ("auto", "uint16", "uint32")
 NAMED_TOKENIZERS = ("gpt2", "bert-base-uncased")
 SOURCE_FORMS = "'sotu', 'hf:<name>[:<config>]' or 'files:<glob>'"
-TOKENIZER_FORMS = "'bpe:<vocab_size>' (e.g. 'bpe:2048'), 'gpt2' or 'bert-base-uncased'"
+TOKENIZER_FORMS = ("'bpe:<vocab_size>' (e.g. 'bpe:2048'), 'gpt2', 'bert-base-uncased' or "
+                   "'file:<path to tokenizer.json>'")
 MIN_BPE_VOCAB = 258  # 256 byte symbols + the separator + at least one merge
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -45,6 +46,8 @@ def parse_tokenizer(spec: str) -> tuple[str, int | None]:
     if spec in NAMED_TOKENIZERS:
         return spec, None
     kind, sep, rest = spec.partition(":")
+    if kind == "file" and sep and rest:
+        return "file", None
     if kind == "bpe" and sep and rest.isdigit():
         if int(rest) < MIN_BPE_VOCAB:
             raise _bad("tokenizer", spec, f"a BPE vocabulary needs at least {MIN_BPE_VOCAB} ids")

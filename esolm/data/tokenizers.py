@@ -160,6 +160,11 @@ def load_tokenizer(spec: str, train_texts: Sequence[str] = (), cache_dir: str | 
         raise ValueError(f"unknown tokenizer {spec!r}: use {TOKENIZER_FORMS}") from None
     if kind == "bpe":
         return train_bpe(train_texts, int(vocab_size or 0), progress)
+    if kind == "file":  # an existing tokenizer.json, e.g. to encode a zero-shot corpus
+        path = Path(spec.partition(":")[2])
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist (tokenizer spec {spec!r})")
+        return Tokenizer.from_file(str(path))
     build = gpt2_tokenizer if kind == "gpt2" else bert_tokenizer
     try:
         return build(cache_dir, progress)

@@ -19,7 +19,8 @@ $(VENV)/.installed: pyproject.toml
 
 run: setup
 	$(OFFLINE) PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
-	$(OFFLINE) $(VENV)/bin/dvc metrics show
+	@sed -n '1,14p' reports/report.md
+	@echo "full report: reports/index.html; SQL: $(VENV)/bin/esolm query \"SELECT * FROM sampling\""
 
 test: setup
 	$(OFFLINE) $(PY) -m pytest -q

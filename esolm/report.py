@@ -152,12 +152,15 @@ def write_report(db: Path = DEFAULT_DB, rid: str = "", out: Path = Path("reports
     for title, name, fn in FIGURES:
         if fn(db, rid, out / "figures" / name):
             figs.append((title, out / "figures" / name))
+    search_fig = out / "search" / "pareto.png"
+    if search_fig.exists():
+        figs.append(("Schedule search: Pareto front vs the default schedule", search_fig))
     _, samples = query("SELECT variant, sample_index, text FROM generations WHERE run_id = ? AND sample_index < ? "
                        "ORDER BY variant, sample_index", db, [rid, n_samples])
     md = [(f"# esolm report\n\nRun `{rid}`. Test split; exact = exact likelihood for a fixed order "
           "(left to right; sampler order = Binomial(L, alpha_0) random prefix then left to right).\n"),
           markdown_table(cols, rows), ""]
-    md += [f"## {title}\n\n![{title}](figures/{p.name})\n" for title, p in figs]
+    md += [f"## {title}\n\n![{title}]({p.relative_to(out).as_posix()})\n" for title, p in figs]
     md += ["## Samples\n"] + [f"**{v}** #{i}\n\n> {t}\n" for v, i, t in samples]
     write_text_atomic(out / "report.md", "\n".join(md))
     write_text_atomic(out / "index.html", _html(rid, cols, rows, figs, samples))
@@ -171,10 +174,11 @@ def _html(rid: str, cols: list[str], rows: list[tuple], figs: list, samples: lis
     images = "".join(f"<h2>{esc(t)}</h2><img alt='{esc(t)}' src='data:image/png;base64,"
                      f"{base64.b64encode(p.read_bytes()).decode()}'>" for t, p in figs)
     texts = "".join(f"<h3>{esc(v)} #{i}</h3><blockquote>{esc(t)}</blockquote>" for v, i, t in samples)
-    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}.wide{overflow-x:auto}"
+             "table{border-collapse:collapse;font-size:.85em}"
              "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>esolm report</title>"
             f"<style>{style}</style></head><body><h1>esolm report</h1><p>Run <code>{esc(rid)}</code>, "
-            f"test split.</p><table><tr>{head}</tr>{body}</table>{images}<h2>Samples</h2>{texts}</body></html>")
+            f"test split.</p><div class='wide'><table><tr>{head}</tr>{body}</table></div>{images}<h2>Samples</h2>{texts}</body></html>")
 
 

@@ -57,3 +57,41 @@ def test_dvc_repro_runs_every_stage_and_the_results_are_queryable(tmp_path):
     assert {r["variant"] for r in rows} == {"ar", "mdlm", "eso_b_a05"}
     status = _run(["dvc", "status"], repo)
     assert "up to date" in status.lower() or status.strip() == ""
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+def test_report_renders_in_a_headless_browser(tmp_path):
+    """The self-contained report, opened by a real browser with the network off: the table and
+    every embedded figure are there (needs Debian's chromium: apt-get install chromium)."""
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from esolm.report import _html
+
+    png = tmp_path / "fig.png"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.plot([1, 2], [3, 4])
+    plt.savefig(png)
+    page = tmp_path / "index.html"
+    page.write_text(_html("r1", ["variant", "ppl"], [("eso_b", 12.5)], [("figure", png)],
+                          [("eso_b", 0, "<i>sample</i> & text")]))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert "<td>eso_b</td>" in dom and "&lt;i&gt;sample&lt;/i&gt; &amp; text" in dom
+    assert dom.count("data:image/png;base64") == 1
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1000,1400", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 5000

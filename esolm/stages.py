@@ -1,4 +1,4 @@
-"""The pipeline stages behind ``esolm train | evaluate | sample``: params in, files out.
+"""The pipeline stages behind ``esolm train | evaluate | sample | search``: params in, files out.
 
 Each function reads the stage's inputs from disk (token shards, checkpoints), calls the
 library, and writes its outputs (one writer per file, atomic). No tensors cross stages.

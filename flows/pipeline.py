@@ -7,7 +7,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.stages import headline_markdown, repro_stage
 
-STAGES = ("prepare", "train", "evaluate", "sample", "bench", "report")
+STAGES = ("prepare", "train", "evaluate", "sample", "bench", "search", "report")
 
 
 @flow(name="esolm-pipeline", log_prints=True)

@@ -71,10 +71,11 @@ class Block(nn.Module):
         self.modulation = nn.Linear(cfg.cond_dim, 6 * d)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, h: Tensor, c: Tensor, rope: tuple[Tensor, Tensor], spec: MaskSpec,
+    def forward(self, h: Tensor, mod: Tensor, rope: tuple[Tensor, Tensor], spec: MaskSpec,
                 cache: tuple[Tensor, Tensor, int, int] | None) -> Tensor:
-        """h: [B, N, d]; c: [B or 1, cond]; cache: (k_buf, v_buf, start, commit) or None."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)[:, None].chunk(6, dim=-1)
+        """h: [B, N, d]; mod: adaLN modulation [B or 1, 6d] (``self.modulation`` of the
+        conditioning, computed by the backbone); cache: (k_buf, v_buf, start, commit) or None."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod[:, None].chunk(6, dim=-1)
         x = self.norm1(h) * (1 + scale1) + shift1
         B, N, d = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
@@ -112,7 +113,7 @@ class Backbone(nn.Module):
         self.modulation_out = nn.Linear(cfg.cond_dim, 2 * cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.n_embed)
         self.drop = nn.Dropout(cfg.dropout)
-        self._cond_cache: tuple[tuple, Tensor] | None = None
+        self._cond_cache: tuple[tuple, list[Tensor]] | None = None
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -126,7 +127,7 @@ class Backbone(nn.Module):
     def forward(self, tokens: Tensor, positions: Tensor, spec: MaskSpec, t: Tensor | None = None,
                 cache: KVCache | None = None, commit: int = 0,
                 logits_for: slice | Tensor = slice(None)) -> Tensor:
-        c = self._constant_condition(tokens.device) if t is None else F.silu(self.time(t))
+        mods = self._constant_modulations(tokens.device) if t is None else self._modulations(t)
         h = self.drop(self.embed(tokens))
         rope = self.rotary(positions, h.dtype)
         start = 0
@@ -138,29 +139,38 @@ class Backbone(nn.Module):
         spec = prebuild(spec, tokens.shape[0], n, start + n, tokens.device, self.config.attn_backend)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], start, commit)
-            h = block(h, c, rope, spec, layer_cache)
+            h = block(h, mods[i], rope, spec, layer_cache)
         if cache is not None:
             cache.length = start + commit
         if isinstance(logits_for, Tensor):  # LongTensor[B, k] of token indices
             h = h.gather(1, logits_for.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         else:
             h = h[:, logits_for]
-        shift, scale = self.modulation_out(c)[:, None].chunk(2, dim=-1)
+        shift, scale = mods[-1][:, None].chunk(2, dim=-1)
         logits = self.head(self.norm_out(h) * (1 + scale) + shift).float()
         logits[..., self.config.mask_token_id] = float("-inf")
         return logits
 
-    def _constant_condition(self, device: torch.device) -> Tensor:
-        """The t = 0 conditioning [1, cond_dim] (time-invariant models), broadcast over the batch.
+    def _modulations(self, t: Tensor) -> list[Tensor]:
+        """adaLN modulations of every block, then of the output layer, for times t [B or 1]."""
+        c = F.silu(self.time(t))
+        return [block.modulation(c) for block in self.blocks] + [self.modulation_out(c)]
 
-        Without autograd (sampling, evaluation) it is computed once and reused until a weight of
-        the time embedding changes (in-place update or new storage), so decode steps skip the MLP.
+    def _constant_modulations(self, device: torch.device) -> list[Tensor]:
+        """The t = 0 modulations (time-invariant models), one row broadcast over the batch.
+
+        Without autograd (sampling, evaluation) they are computed once and reused until a
+        conditioning weight changes (in-place update or new storage), so decode steps skip the
+        time MLP and the per-block modulation layers.
         """
+        zero = torch.zeros(1, device=device)
         if torch.is_grad_enabled():
-            return F.silu(self.time(torch.zeros(1, device=device)))
-        key = tuple((p.data_ptr(), p._version) for p in self.time.parameters()) + (device,)
+            return self._modulations(zero)
+        params = [*self.time.parameters(), *self.modulation_out.parameters(),
+                  *(p for b in self.blocks for p in b.modulation.parameters())]
+        key = tuple((p.data_ptr(), p._version) for p in params) + (device,)
         if self._cond_cache is None or self._cond_cache[0] != key:
-            self._cond_cache = (key, F.silu(self.time(torch.zeros(1, device=device))))
+            self._cond_cache = (key, self._modulations(zero))
         return self._cond_cache[1]
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:

@@ -96,7 +96,11 @@ def test_cached_time_conditioning_follows_weight_updates(gen):
         assert torch.equal(model(x, pos, MaskSpec("causal")), before)
         model.time.mlp[0].weight.mul_(3.0)  # in-place update
         after = model(x, pos, MaskSpec("causal"))
+        model.blocks[1].modulation.bias.add_(0.5)  # a per-block modulation layer too
+        later = model(x, pos, MaskSpec("causal"))
     assert (after - before)[..., :7].abs().max() > 1e-4
+    assert (later - after)[..., :7].abs().max() > 1e-4
+    after = later
     fresh = model(x, pos, MaskSpec("causal"))  # with autograd: always recomputed
     torch.testing.assert_close(fresh, after)
     model.load_state_dict({k: v * 0.5 if k.startswith("time.") else v

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -106,28 +107,33 @@ def run_bench(bc: BenchConfig, device: torch.device, progress: bool = True) -> l
     return rows
 
 
-def plot_bench(rows: list[dict], path: str) -> None:
-    """Speedup of Eso-LM (B) over each family against sequence length (NFE = L rows)."""
+def plot_bench(rows: list[dict], path: str) -> bool:
+    """Speedup of Eso-LM (B) over each family against sequence length, from rows with
+    family, length, nfe_budget and median_s (NFE = L rows only). False when there is none."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    eso = sorted((r for r in rows if r["family"] == "eso_b" and r["nfe_budget"] == "L"),
-                 key=lambda r: r["length"])
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    others = sorted({k[len("speedup_vs_"):] for r in eso for k in r if k.startswith("speedup_vs_")})
-    for other in others:
-        ax.plot([r["length"] for r in eso], [r[f"speedup_vs_{other}"] for r in eso], marker="o",
-                label=other)
+    rows = [r for r in rows if r["nfe_budget"] == "L"]
+    eso = {r["length"]: r["median_s"] for r in rows if r["family"] == "eso_b"}
+    if not eso:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for fam in sorted({r["family"] for r in rows} - {"eso_b"}):
+        pts = sorted((r["length"], r["median_s"] / eso[r["length"]]) for r in rows
+                     if r["family"] == fam and r["length"] in eso)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"over {fam}")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length L (NFE = L)")
     ax.set_ylabel("Eso-LM (B) speedup (x)")
-    ax.legend(title="over", fontsize=8)
-    ax.set_title(f"sampling speedup, batch {eso[0]['batch_size'] if eso else '?'}, {eso[0]['device'] if eso else ''}",
-                 fontsize=9)
+    ax.legend(fontsize=7)
+    first = rows[0]
+    ax.set_title(f"batch {first.get('batch_size', '?')}, {first.get('device', '')}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

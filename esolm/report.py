@@ -97,22 +97,11 @@ def fig_speed_quality(db: Path, rid: str, path: Path) -> bool:
 
 
 def fig_speedup(db: Path, rid: str, path: Path) -> bool:
-    _, rows = query("SELECT family, length, median_s FROM throughput WHERE run_id = ? AND nfe_budget = 'L'",
-                    db, [rid])
-    eso = {length: s for fam, length, s in rows if fam == "eso_b"}
-    if not eso:
-        return False
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for fam in sorted({r[0] for r in rows} - {"eso_b"}):
-        pts = sorted((length, s / eso[length]) for f, length, s in rows if f == fam and length in eso)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"over {fam}")
-    ax.axhline(1, color="grey", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequence length L (NFE = L)")
-    ax.set_ylabel("Eso-LM (B) speedup (x)")
-    ax.legend(fontsize=7)
-    return _save(plt, fig, path)
+    from esolm.bench import plot_bench
+
+    cols, rows = query("SELECT family, length, nfe_budget, median_s, batch_size, device FROM throughput "
+                       "WHERE run_id = ?", db, [rid])
+    return plot_bench([dict(zip(cols, r)) for r in rows], str(path))
 
 
 def fig_training(db: Path, rid: str, path: Path) -> bool:

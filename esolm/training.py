@@ -158,6 +158,7 @@ class LitModel(pl.LightningModule):
         # the compiled wrapper is kept out of the module tree (no duplicate state_dict keys)
         object.__setattr__(self, "net", torch.compile(self.model) if tc.compile else self.model)
         self.train_data: MicroBatches | None = None
+        self.fingerprint = ""
         self.last: dict[str, float] = {}
         self.losses: list[float] = []
 
@@ -170,6 +171,7 @@ class LitModel(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["esolm_config"] = self.cfg.to_dict()
+        checkpoint["esolm_fingerprint"] = self.fingerprint
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         micro_step = self.global_step * self.tc.accumulate + batch_idx % self.tc.accumulate
@@ -247,6 +249,29 @@ class JsonlLog(pl.Callback):
                 f.write(json.dumps(row) + "\n")
 
 
+CODE = ("model", "objectives.py", "training.py", "noise.py", "ordering.py")
+# settings that do not change the training trajectory (raising ``steps`` continues a run)
+NOT_FINGERPRINTED = ("steps", "log_every", "val_every", "val_batches", "ckpt_every")
+
+
+def fingerprint(cfg: ModelConfig, tc: TrainConfig, data_dir: Path) -> str:
+    """What a resumable checkpoint must match: model and train config, the data's config
+    hash, and the source of the code that defines the model and its loss."""
+    import hashlib
+    from dataclasses import asdict
+
+    root = Path(__file__).parent
+    files = sorted(p for name in CODE for p in ([root / name] if name.endswith(".py")
+                                               else (root / name).rglob("*.py")))
+    meta = json.loads((data_dir / "meta.json").read_text()) if (data_dir / "meta.json").exists() else {}
+    train = {k: v for k, v in asdict(tc).items() if k not in NOT_FINGERPRINTED}
+    h = hashlib.sha256(json.dumps({"model": cfg.to_dict(), "train": train,
+                                   "data": meta.get("config_hash")}, sort_keys=True, default=str).encode())
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def _precision(tc: TrainConfig) -> str:
     if tc.precision != "auto":
         return tc.precision
@@ -281,10 +306,17 @@ def train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fres
 
     run_dir.mkdir(parents=True, exist_ok=True)
     last = run_dir / "checkpoints" / "last.ckpt"
+    fp = fingerprint(cfg, tc, data_dir)
+    if last.exists() and not fresh and safe_load(last).get("esolm_fingerprint") != fp:
+        aside = last.with_name(f"stale-{int(time.time())}.ckpt")
+        os.replace(last, aside)
+        print(f"{last} came from other settings, data or code; kept as {aside.name}, training from scratch")
+        fresh = True
     if fresh:
         for stale in (last, run_dir / "train.jsonl"):
             stale.unlink(missing_ok=True)
     module = LitModel(cfg, tc)
+    module.fingerprint = fp
     logs = [JsonlLog(run_dir / "train.jsonl", tc, cfg.length), *(callbacks or [])]
     trainer = trainer_for(tc, run_dir, progress, logs)
     rank = trainer.global_rank
@@ -300,7 +332,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fres
 
 def _finish(module: LitModel, trainer: pl.Trainer, tc: TrainConfig, data_dir: Path, run_dir: Path,
             seconds: float) -> dict:
-    rows = [json.loads(r) for r in (run_dir / "train.jsonl").read_text().splitlines()]
+    log = run_dir / "train.jsonl"
+    rows = [json.loads(r) for r in log.read_text().splitlines()] if log.exists() else []
     val = trainer.callback_metrics.get("val_loss")
     summary = {"steps": trainer.global_step, "tokens": trainer.global_step * tc.batch_size * module.cfg.length,
                "final_train_loss": rows[-1]["loss"] if rows else None,

@@ -92,12 +92,27 @@ def test_resume_after_a_kill_is_exact(shards, tmp_path):
     assert losses[0] == losses[1]
 
 
-def test_resume_with_another_model_config_is_refused(shards, tmp_path):
-    train(_cfg(shards, "eso_b"), TC.__class__(**{**TC.__dict__, "steps": 20}), shards, tmp_path / "r",
-          progress=False)
+def test_a_checkpoint_from_other_settings_is_kept_aside_and_training_starts_fresh(shards, tmp_path):
+    short = TC.__class__(**{**TC.__dict__, "steps": 20})
+    train(_cfg(shards, "eso_b"), short, shards, tmp_path / "r", progress=False)
     other = _cfg(shards, "eso_b").replace(d_model=64)
-    with pytest.raises(ValueError, match="another model config"):
-        train(other, TC, shards, tmp_path / "r", progress=False)
+    summary = train(other, short, shards, tmp_path / "r", progress=False)
+    assert summary["steps"] == 20
+    assert list((tmp_path / "r" / "checkpoints").glob("stale-*.ckpt"))
+    rows = [json.loads(r) for r in (tmp_path / "r" / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20]
+    assert load_model(tmp_path / "r" / "model.ckpt").config.d_model == 64
+
+
+def test_a_finished_run_resumes_to_the_same_model(shards, tmp_path):
+    short = TC.__class__(**{**TC.__dict__, "steps": 20})
+    cfg = _cfg(shards, "ar")
+    train(cfg, short, shards, tmp_path / "r", progress=False)
+    first = safe_load(tmp_path / "r" / "model.ckpt")["weights"]
+    (tmp_path / "r" / "train.jsonl").unlink()  # what DVC does to a non-persistent output
+    train(cfg, short, shards, tmp_path / "r", progress=False)
+    again = safe_load(tmp_path / "r" / "model.ckpt")["weights"]
+    assert all(torch.equal(first[k], again[k]) for k in first)
 
 
 def test_bad_checkpoint_files_are_clear_errors(tmp_path):

@@ -37,11 +37,9 @@ class Judge:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: torch.device) -> Judge:
-        from esolm.training import load_model, safe_load
+        from esolm.training import load_run
 
-        ckpt = safe_load(Path(path))
-        tok = Tokenizer.from_file(ckpt["tokenizer"])
-        return cls(load_model(path, device=device), tok, str(path))
+        return cls(*load_run(path, device=device), str(path))
 
     @torch.no_grad()
     def score(self, texts: list[str]) -> dict:

@@ -1,6 +1,6 @@
 """Training objectives (negative ELBO in nats) for every family, as plain functions.
 
-``loss(model, x)`` picks the function for ``model.config.variant`` from ``OBJECTIVES``.
+``loss(model, x)`` sums the NELBO terms of ``model.config.variant`` listed in ``TERMS``.
 All random draws (t, masks, permutations) are made for the *global* batch and sliced to
 this process's rows, so the per-token loss of a global batch does not depend on how it
 is split across processes (method.md section 5, property 7).

@@ -140,20 +140,18 @@ def best_schedule(out_dir: Path) -> dict:
 
 
 def sample_stage(params: dict, name: str, progress: bool) -> dict:
-    from tokenizers import Tokenizer
 
     from esolm.device import pick_device
     from esolm.judge import Judge, unigram_entropy
     from esolm.sampling import generate
-    from esolm.training import load_model, safe_load
+    from esolm.training import load_run
 
     sp = dict(section(params, "sample"))
     if sp["schedule"] == "best":
         sp.update(best_schedule(Path(section(params, "search")["out_dir"])))
     device = pick_device(sp.get("device", "auto"))
     path = run_dir(name) / "model.ckpt"
-    model = load_model(path, device=device)
-    tok = Tokenizer.from_file(safe_load(path)["tokenizer"])
+    model, tok = load_run(path, device=device)
     keys = ("steps", "order", "kv_cache", "top_p", "seed", "schedule", "gamma", "subcontexts", "shuffle")
     extra = {"alpha_0": sp["alpha_0"]} if "alpha_0" in sp and model.config.variant.startswith("eso") else {}
     g = generate(model, num_samples=sp["num_samples"], progress=progress, **{k: sp[k] for k in keys}, **extra)
@@ -177,18 +175,16 @@ def sample_stage(params: dict, name: str, progress: bool) -> dict:
 
 def _search_setup(params: dict, device: torch.device):
     """(config, model, judge, tokenizer, entropy floor) for the schedule search."""
-    from tokenizers import Tokenizer
 
     from esolm.data import load_split
     from esolm.judge import Judge, unigram_entropy
     from esolm.search import SearchConfig
-    from esolm.training import load_model, safe_load
+    from esolm.training import load_run
 
     values = {k: v for k, v in section(params, "search").items() if k != "device"}
     sc = build(SearchConfig, values, "search")
     path = run_dir(sc.variant) / "model.ckpt"
-    model = load_model(path, device=device)
-    tok = Tokenizer.from_file(safe_load(path)["tokenizer"])
+    model, tok = load_run(path, device=device)
     judge = Judge.from_checkpoint(run_dir(section(params, "sample")["judge"]) / "model.ckpt", device)
     floor = sc.entropy_floor
     if floor <= 0:

@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from tokenizers import Tokenizer
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -163,14 +164,11 @@ class LitModel(pl.LightningModule):
         self.losses: list[float] = []
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if checkpoint.get("esolm_config") != self.cfg.to_dict():
-            raise ValueError("the checkpoint to resume was trained with another model config; "
-                             "remove its run folder or train with --fresh")
+        # train() resumes only a checkpoint whose fingerprint (config, data, code) matches
         if self.train_data is not None:
             self.train_data.start = checkpoint["global_step"] * self.tc.accumulate
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["esolm_config"] = self.cfg.to_dict()
         checkpoint["esolm_fingerprint"] = self.fingerprint
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
@@ -359,6 +357,12 @@ MODEL_FORMAT = "esolm-model-v1"
 
 def load_model(path: str | os.PathLike, ema: bool = True, device: str | torch.device = "cpu") -> Backbone:
     """The model of a ``model.ckpt`` (EMA weights when present and ``ema``), in eval mode."""
+    return load_run(path, ema, device)[0]
+
+
+def load_run(path: str | os.PathLike, ema: bool = True,
+             device: str | torch.device = "cpu") -> tuple[Backbone, Tokenizer]:
+    """The model of a ``model.ckpt`` and the tokenizer it was trained with (one read of the file)."""
     ckpt = safe_load(Path(path))
     if ckpt.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not an esolm model file (format {ckpt.get('format')!r}, "
@@ -366,4 +370,4 @@ def load_model(path: str | os.PathLike, ema: bool = True, device: str | torch.de
     model = Backbone(ModelConfig(**ckpt["config"]))
     weights = ckpt["ema_weights"] if ema and ckpt.get("ema_weights") is not None else ckpt["weights"]
     model.load_state_dict(weights)
-    return model.to(device).eval()
+    return model.to(device).eval(), Tokenizer.from_file(ckpt["tokenizer"])

@@ -10,6 +10,7 @@ BD3-LM, batched ``chunk`` positions at a time.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 
@@ -64,10 +65,23 @@ def check_order(order: Tensor, x: Tensor) -> None:
         raise ValueError("every row of order must be a permutation of 0..L-1")
 
 
-@torch.no_grad()
+def _in_inference(fn: Callable) -> Callable:
+    """Run ``fn(model, ...)`` inside ``model.inference()``: eval mode (no dropout, so the same
+    call gives the same value), no autograd, the caller's mode restored afterwards."""
+
+    @functools.wraps(fn)
+    def wrapper(model: Backbone, *args, **kwargs):
+        with model.inference():
+            return fn(model, *args, **kwargs)
+
+    return wrapper
+
+
+@_in_inference
 def order_log_prob(model: Backbone, x: Tensor, order: Tensor, chunk: int = 16,
                    progress: bool = False) -> Tensor:
-    """Exact log p(x | order) in nats, [B]; padding excluded (pad positions are given first).
+    """Exact log p(x | order) in nats, [B]; padding excluded (pad positions are generated
+    last, after every real token, so no real token conditions on them; they never count).
 
     x, order: LongTensor[B, L]; order[b] lists positions in generation order.
     """
@@ -133,25 +147,39 @@ def bd3lm_random_order(batch: int, length: int, block: int,
     return torch.argsort(key, dim=1)
 
 
-@torch.no_grad()
-def iw_log_prob(model: Backbone, x: Tensor, num_orders: int = 1,
-                generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
-    """log (1/K) sum_k p(x | order_k) over K random orders, [B] nats (padding excluded).
+IW_LAWS = ("sampler", "uniform")
 
-    AR: the left-to-right order (its only one); BD3-LM: random inside blocks.
-    """
+
+def draw_orders(model: Backbone, batch: int, length: int, law: str = "sampler",
+                generator: torch.Generator | None = None) -> Tensor:
+    """Orders [B, L] from the law of the importance-weighted bound. sampler (the paper's): the
+    sampler's order at NFE = L, a Binomial(L, alpha_0) random diffusion prefix, then left to
+    right; uniform: a uniformly random order. AR: left to right (its only order); BD3-LM:
+    blocks left to right, random inside each block (both laws)."""
+    if law not in IW_LAWS:
+        raise ValueError(f"law={law!r} is unknown: use one of {IW_LAWS}")
+    cfg = model.config
+    if cfg.variant == "ar":
+        return left_to_right(batch, length)
+    if cfg.variant == "bd3lm":
+        return bd3lm_random_order(batch, length, cfg.block_size, generator)
+    if law == "sampler":
+        return sampler_order(batch, length, cfg.alpha_0, generator)
+    return random_order(batch, length, generator)
+
+
+@_in_inference
+def iw_log_prob(model: Backbone, x: Tensor, num_orders: int = 1,
+                generator: torch.Generator | None = None, progress: bool = False,
+                law: str = "sampler") -> Tensor:
+    """log (1/K) sum_k p(x | order_k) over K orders drawn from ``law`` (see ``draw_orders``;
+    ``sampler`` is the paper's definition), [B] nats (padding excluded)."""
     if num_orders < 1:
         raise ValueError(f"num_orders={num_orders!r} is invalid: use an integer >= 1")
-    cfg = model.config
     B, L = x.shape
     lps = []
     for _ in tqdm(range(num_orders), disable=not progress, desc="orders", leave=False):
-        if cfg.variant == "ar":
-            order = left_to_right(B, L)
-        elif cfg.variant == "bd3lm":
-            order = bd3lm_random_order(B, L, cfg.block_size, generator)
-        else:
-            order = random_order(B, L, generator)
+        order = draw_orders(model, B, L, law, generator)
         lps.append(order_log_prob(model, x, order.to(x.device)))
     return torch.logsumexp(torch.stack(lps), dim=0) - math.log(num_orders)
 
@@ -161,7 +189,7 @@ def iw_log_prob(model: Backbone, x: Tensor, num_orders: int = 1,
 OrderFn = Callable[[int, int, torch.Generator], Tensor]
 
 
-@torch.no_grad()
+@_in_inference
 def nelbo_per_token(model: Backbone, batches: Iterable[Tensor], draws: int = 4,
                     generator: torch.Generator | None = None, progress: bool = False) -> dict:
     """Monte Carlo NELBO over a split: ``draws`` passes (fresh antithetic t each), each giving
@@ -186,7 +214,7 @@ def nelbo_per_token(model: Backbone, batches: Iterable[Tensor], draws: int = 4,
             "tokens": tokens, "draws": draws}
 
 
-@torch.no_grad()
+@_in_inference
 def exact_per_token(model: Backbone, batches: Iterable[Tensor], order_fn: OrderFn,
                     generator: torch.Generator | None = None, progress: bool = False) -> dict:
     """Exact -log p(x | order) summed over a split, per counted (non-pad) token."""

@@ -21,10 +21,13 @@ def diffusion_weight(t: Tensor, alpha_0: float, eps: float = 1e-3) -> Tensor:
     return -alpha_prime(alpha_0, eps) / (1.0 - alpha(t, alpha_0, eps)).clamp_min(1e-8)
 
 
-def antithetic_times(n: int, generator: torch.Generator | None = None) -> Tensor:
-    """Stratified t in [0, 1) for n rows: (u + i / n) mod 1 with one shared u ~ U[0, 1)."""
-    u = torch.rand((), generator=generator, device=_gen_device(generator))
-    return torch.remainder(u + torch.arange(n, device=u.device) / max(n, 1), 1.0)
+def antithetic_times(n: int, generator: torch.Generator | None = None, eps: float = 1e-3) -> Tensor:
+    """Stratified t in [eps, 1] for n rows, as the reference: row i draws its own
+    u_i ~ U[0, 1) inside stratum i, t_i = eps + (1 - eps) * (i + u_i) / n. Never t near 0,
+    where the NELBO weight -alpha'_t / (1 - alpha_t) of alpha_0 = 1 grows like 1 / t."""
+    u = torch.rand(n, generator=generator, device=_gen_device(generator))
+    strata = (torch.arange(n, device=u.device) + u) / max(n, 1)
+    return eps + (1.0 - eps) * strata
 
 
 def _gen_device(generator: torch.Generator | None) -> torch.device:

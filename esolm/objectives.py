@@ -9,7 +9,7 @@ is split across processes (method.md section 5, property 7).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -52,14 +52,20 @@ def combine(diffusion_nll: Tensor, diffusion_tokens: Tensor, sequential_nll: Ten
     return d + s
 
 
+OBJECTIVES = ("nelbo", "low_var")
+
+
 @dataclass(frozen=True)
 class Draws:
-    """Random draws of this process's rows. t: [B]; u_mask, u_perm: [B, L]; diffusion: bool [B]."""
+    """Random draws of this process's rows. t: [B]; u_mask, u_perm: [B, L]; diffusion: bool [B];
+    objective: ``nelbo`` (weight -alpha'_t / (1 - alpha_t) per masked token) or ``low_var``
+    (weight 1: the reference's lower-variance training loss for alpha_0 = 1; not a bound)."""
 
     t: Tensor
     u_mask: Tensor
     u_perm: Tensor
     diffusion: Tensor
+    objective: str = "nelbo"
 
 
 def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
@@ -92,7 +98,7 @@ def draw(cfg: ModelConfig, batch: int, length: int, device: torch.device,
     g_batch = batch * world_size
     n_diff = diffusion_rows(cfg, g_batch)
     t = torch.zeros(g_batch)
-    t[:n_diff] = antithetic_times(n_diff, generator).cpu()
+    t[:n_diff] = antithetic_times(n_diff, generator, cfg.eps).cpu()
     u_mask = uniform((g_batch, length), generator, device)
     u_perm = uniform((g_batch, length), generator, device)
     rows = slice(rank * batch, (rank + 1) * batch)
@@ -106,6 +112,8 @@ def _noised(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> tuple[Tensor
     a0 = cfg.alpha_0 if cfg.variant.startswith("eso") else 1.0
     masked = (d.u_mask >= alpha(d.t, a0, cfg.eps)[:, None]) & valid
     z = torch.where(masked, cfg.mask_token_id, x)
+    if d.objective == "low_var":
+        return z, masked, torch.ones_like(d.t)[:, None]
     return z, masked, diffusion_weight(d.t, a0, cfg.eps)[:, None]
 
 
@@ -192,22 +200,33 @@ def _ar_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
 
 
 def loss(model: Backbone, x: Tensor, generator: torch.Generator | None = None, rank: int = 0,
-         world_size: int = 1) -> LossOutput:
-    """NELBO estimate (nats/token) of the batch ``x`` [B, L] under ``model``'s variant."""
+         world_size: int = 1, objective: str = "nelbo") -> LossOutput:
+    """NELBO estimate (nats/token) of the batch ``x`` [B, L] under ``model``'s variant; with
+    ``objective="low_var"`` (alpha_0 = 1 only) the diffusion term drops its time weight."""
     cfg = model.config
     check_tokens(cfg, x)
+    check_objective(cfg, objective)
     B, L = x.shape
-    d = draw(cfg, B, L, x.device, generator, rank, world_size)
+    d = replace(draw(cfg, B, L, x.device, generator, rank, world_size), objective=objective)
     valid = valid_tokens(cfg, x)
     zero = torch.zeros((), device=x.device)
     parts = {"diffusion": (zero, zero), "sequential": (zero, zero)}
     for name, fn in TERMS[cfg.variant].items():
         rows = d.diffusion if name == "diffusion" else ~d.diffusion
         if rows.any():
-            sub = Draws(d.t[rows], d.u_mask[rows], d.u_perm[rows], d.diffusion[rows])
+            sub = Draws(d.t[rows], d.u_mask[rows], d.u_perm[rows], d.diffusion[rows], objective)
             parts[name] = (fn(model, x[rows], valid[rows], sub), valid[rows].sum())
     (dn, dt), (sn, st) = parts["diffusion"], parts["sequential"]
     return LossOutput(combine(dn, dt, sn, st), valid.sum(), dn, dt, sn, st)
+
+
+def check_objective(cfg: ModelConfig, objective: str) -> None:
+    """``low_var`` exists for alpha_0 = 1 training (the authors' OpenWebText alpha_0 = 1 runs)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is unknown: use one of {OBJECTIVES}")
+    if objective == "low_var" and cfg.alpha_0 != 1.0:
+        raise ValueError(f"objective='low_var' applies to alpha_0 = 1 models (mdlm, bd3lm, eso_* with "
+                         f"alpha_0: 1.0); {cfg.variant} has alpha_0={cfg.alpha_0}: use 'nelbo'")
 
 
 def check_tokens(cfg: ModelConfig, x: Tensor) -> None:

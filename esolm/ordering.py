@@ -33,6 +33,7 @@ def left_to_right_key(batch: int, length: int, device: torch.device) -> Tensor:
 
 SCHEDULES = ("loglinear", "power")
 ORDERS = ("random", "block")
+SHUFFLES = ("none", "shared", "per_chunk")
 
 
 @dataclass(frozen=True)
@@ -76,25 +77,42 @@ def power_counts(n_diffusion: int, steps: int, gamma: float) -> list[int]:
     return [b - a for a, b in zip(done[:-1], done[1:])]
 
 
-def block_steps(free: Tensor, n_diffusion: int, subcontexts: int, shuffle: bool,
+def shuffle_mode(shuffle: bool | str | None) -> str:
+    """The block-order shuffle as one of ``SHUFFLES`` (``True`` is the reference's ``shared``)."""
+    if shuffle is True:
+        return "shared"
+    if shuffle is False or shuffle is None:
+        return "none"
+    if shuffle not in SHUFFLES:
+        raise ValueError(f"shuffle={shuffle!r} is unknown: use one of {SHUFFLES} (or true/false)")
+    return shuffle
+
+
+def block_steps(free: Tensor, n_diffusion: int, subcontexts: int, shuffle: bool | str,
                 generator: torch.Generator | None) -> tuple[Tensor, list[int]]:
     """Block-AR (subcontext) order over the free positions [B, F]: split them into
-    ``subcontexts`` contiguous chunks; step s decodes the s-th position of every chunk.
+    ``subcontexts`` contiguous chunks; each step decodes one within-chunk offset in every
+    chunk. shuffle: ``none`` (offsets 0, 1, ... and chunks left to right), ``shared`` (the
+    reference: a random offset order, and per step a random chunk order, one order for the
+    whole batch), ``per_chunk`` (every row and chunk its own random offset order).
     Returns the diffusion part of the order [B, D] and its per-step counts."""
+    mode = shuffle_mode(shuffle)
     B, F = free.shape
     size = -(-F // subcontexts)
     rank = torch.arange(F).expand(B, F)  # rank of each free position inside its chunk
     chunk = rank // size
-    within = rank % size
-    if shuffle:
+    step = rank % size  # the step that decodes each position
+    across = chunk.float() / subcontexts  # order of the chunks inside one step
+    if mode == "shared":
+        step = torch.argsort(torch.randperm(size, generator=generator))[step]
+        place = torch.argsort(torch.rand(size, subcontexts, generator=generator), dim=1)
+        across = place[step, chunk].float() / subcontexts  # a random chunk order per step
+    elif mode == "per_chunk":
         u = torch.rand(B, F, generator=generator)
-        within = torch.argsort(torch.argsort(chunk * 2.0 + u, dim=1), dim=1) - chunk * size
+        step = torch.argsort(torch.argsort(chunk * 2.0 + u, dim=1), dim=1) - chunk * size
         across = torch.rand(B, F, generator=generator)
-    else:
-        across = chunk.float() / subcontexts
-    key = within.float() + across
-    idx = torch.argsort(key, dim=1, stable=True)[:, :n_diffusion]
-    counts = torch.bincount(within.gather(1, idx)[0], minlength=size).tolist()
+    idx = torch.argsort(step.float() + across, dim=1, stable=True)[:, :n_diffusion]
+    counts = torch.bincount(step.gather(1, idx)[0], minlength=size).tolist()
     return free.gather(1, idx), [c for c in counts if c]
 
 
@@ -107,7 +125,7 @@ def _random_free_order(B: int, L: int, given: Tensor, generator: torch.Generator
 
 def make_schedule(batch: int, length: int, steps: int, alpha_0: float, *, order: str = "random",
                   schedule: str = "loglinear", gamma: float = 1.0, subcontexts: int = 4,
-                  shuffle: bool = False, given: Tensor | None = None, eps: float = 1e-3,
+                  shuffle: bool | str = False, given: Tensor | None = None, eps: float = 1e-3,
                   generator: torch.Generator | None = None) -> Schedule:
     """Draw the generation order and tokens per step (on the CPU generator ``generator``)."""
     validate_schedule(steps, alpha_0, order, schedule, gamma, subcontexts)

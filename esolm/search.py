@@ -59,19 +59,22 @@ class SearchConfig:
 
 
 def suggest(trial: optuna.Trial, space: dict, family: str) -> dict:
-    """Schedule parameters for one trial from the declared space (Eso-LMs also search alpha_0)."""
+    """Schedule parameters for one trial from the declared space (Eso-LMs also search alpha_0).
+    A block-order trial tunes its chunks and shuffle only: the chunks fix its steps, so
+    steps, schedule and gamma are not suggested for it."""
     p: dict[str, Any] = {}
-    lo, hi = space["steps"]
-    p["steps"] = trial.suggest_int("steps", lo, hi, log=True)
     if family.startswith("eso") and "alpha_0" in space:
         p["alpha_0"] = trial.suggest_float("alpha_0", *space["alpha_0"])
     p["order"] = trial.suggest_categorical("order", space.get("order", ["random"]))
     if p["order"] == "block":
         p["subcontexts"] = trial.suggest_int("subcontexts", *space.get("subcontexts", [4, 4]))
         p["shuffle"] = trial.suggest_categorical("shuffle", space.get("shuffle", [False]))
-    p["schedule"] = trial.suggest_categorical("schedule", space.get("schedule", ["loglinear"]))
-    if p["schedule"] == "power":
-        p["gamma"] = trial.suggest_float("gamma", *space.get("gamma", [1.0, 1.0]))
+    else:
+        lo, hi = space["steps"]
+        p["steps"] = trial.suggest_int("steps", lo, hi, log=True)
+        p["schedule"] = trial.suggest_categorical("schedule", space.get("schedule", ["loglinear"]))
+        if p["schedule"] == "power":
+            p["gamma"] = trial.suggest_float("gamma", *space.get("gamma", [1.0, 1.0]))
     p["top_p"] = trial.suggest_float("top_p", *space.get("top_p", [1.0, 1.0]))
     return p
 

@@ -28,7 +28,8 @@ from esolm.config import ModelConfig
 from esolm.data.batches import Batches
 from esolm.io import atomic_save, safe_load, write_text_atomic
 from esolm.model.backbone import Backbone
-from esolm.objectives import LossOutput, loss
+from esolm.objectives import OBJECTIVES, LossOutput, check_objective, loss
+from esolm.seeds import derive_seed, stream_generator
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -48,6 +49,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema: float = 0.0
+    objective: str = "nelbo"
     precision: str = "auto"
     compile: bool = False
     val_every: int = 100
@@ -67,6 +69,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name}={getattr(self, name)!r} is invalid: use an integer >= 1")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"train.lr_schedule={self.lr_schedule!r} is unknown: use one of {LR_SCHEDULES}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"train.objective={self.objective!r} is unknown: use one of {OBJECTIVES}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"train.ema={self.ema!r} is invalid: use a decay in [0, 1) (0 disables EMA)")
         if self.strategy not in ("auto", "ddp", "fsdp", "ddp_spawn"):
@@ -100,8 +104,10 @@ def lr_factor(step: int, tc: TrainConfig) -> float:
     return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def step_seed(seed: int, micro_step: int, salt: int = 0) -> int:
-    return (seed * 1_000_003 + micro_step * 7_919 + salt) % (2**63 - 1)
+def ema_decay(decay: float, updates: int) -> float:
+    """The reference's EMA warm-up: min(decay, (1 + n) / (10 + n)) at the n-th update (n >= 1),
+    so early averages forget the initialisation instead of holding it for ~1 / (1 - decay) steps."""
+    return min(decay, (1 + updates) / (10 + updates))
 
 
 class MicroBatches(IterableDataset):
@@ -152,10 +158,12 @@ class LitModel(pl.LightningModule):
 
     def __init__(self, cfg: ModelConfig, tc: TrainConfig) -> None:
         super().__init__()
+        check_objective(cfg, tc.objective)
         self.cfg, self.tc = cfg, tc
         torch.manual_seed(tc.seed)
         self.model = Backbone(cfg)
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if tc.ema > 0 else None
+        self.ema_updates = 0
         # the compiled wrapper is kept out of the module tree (no duplicate state_dict keys)
         object.__setattr__(self, "net", torch.compile(self.model) if tc.compile else self.model)
         self.train_data: MicroBatches | None = None
@@ -167,16 +175,18 @@ class LitModel(pl.LightningModule):
         # train() resumes only a checkpoint whose fingerprint (config, data, code) matches
         if self.train_data is not None:
             self.train_data.start = checkpoint["global_step"] * self.tc.accumulate
+        self.ema_updates = checkpoint.get("esolm_ema_updates", checkpoint["global_step"])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["esolm_fingerprint"] = self.fingerprint
+        checkpoint["esolm_ema_updates"] = self.ema_updates
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         micro_step = self.global_step * self.tc.accumulate + batch_idx % self.tc.accumulate
-        torch.manual_seed(step_seed(self.tc.seed, micro_step, 1 + self.global_rank))
-        gen = torch.Generator().manual_seed(step_seed(self.tc.seed, micro_step))
+        torch.manual_seed(derive_seed(self.tc.seed, "train", "dropout", micro_step, self.global_rank))
+        gen = stream_generator(self.tc.seed, "train", "draws", micro_step)
         out = loss(self.net, batch, generator=gen, rank=self.global_rank,
-                   world_size=self.trainer.world_size)
+                   world_size=self.trainer.world_size, objective=self.tc.objective)
         objective, value = global_per_token(out, self.trainer.world_size)
         if not torch.isfinite(value):
             raise RuntimeError(f"non-finite training loss {value.item()} at step {self.global_step}; "
@@ -192,13 +202,15 @@ class LitModel(pl.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
+            self.ema_updates += 1
+            decay = ema_decay(self.tc.ema, self.ema_updates)
             with torch.no_grad():
                 for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                    e.lerp_(p, 1.0 - self.tc.ema)
+                    e.lerp_(p, 1.0 - decay)
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        gen = torch.Generator().manual_seed(step_seed(self.tc.seed, batch_idx, 99))
-        out = loss(self.net, batch, generator=gen)
+        gen = stream_generator(self.tc.seed, "valid", batch_idx)
+        out = loss(self.net, batch, generator=gen)  # always the NELBO, whatever the objective
         self.log("val_loss", out.per_token, prog_bar=True, batch_size=batch.shape[0], sync_dist=True)
 
     def configure_optimizers(self) -> dict:
@@ -247,7 +259,7 @@ class JsonlLog(pl.Callback):
                 f.write(json.dumps(row) + "\n")
 
 
-CODE = ("model", "objectives.py", "training.py", "noise.py", "ordering.py")
+CODE = ("model", "objectives.py", "training.py", "noise.py", "ordering.py", "seeds.py")
 # settings that do not change the training trajectory (raising ``steps`` continues a run)
 NOT_FINGERPRINTED = ("steps", "log_every", "val_every", "val_batches", "ckpt_every")
 
@@ -302,6 +314,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fres
     """Train (or resume) one variant; writes checkpoints, train.jsonl, model.ckpt, train.json."""
     import time
 
+    check_objective(cfg, tc.objective)  # before any file is touched
+
     run_dir.mkdir(parents=True, exist_ok=True)
     last = run_dir / "checkpoints" / "last.ckpt"
     fp = fingerprint(cfg, tc, data_dir)
@@ -336,7 +350,9 @@ def _finish(module: LitModel, trainer: pl.Trainer, tc: TrainConfig, data_dir: Pa
     summary = {"steps": trainer.global_step, "tokens": trainer.global_step * tc.batch_size * module.cfg.length,
                "final_train_loss": rows[-1]["loss"] if rows else None,
                "final_valid_loss": float(val) if val is not None else None,
-               "wall_s": seconds, "tokens_per_s": _mean_rate(rows), "variant": module.cfg.variant}
+               "wall_s": seconds, "tokens_per_s": _mean_rate(rows), "variant": module.cfg.variant,
+               "objective": tc.objective, "init": "adaLN-Zero (modulations and output layer zero)",
+               "ema": {"decay": tc.ema, "warmup": "min(decay, (1 + n) / (10 + n))"} if tc.ema else None}
     if trainer.is_global_zero:
         atomic_save({"format": MODEL_FORMAT, "config": module.cfg.to_dict(), "step": trainer.global_step,
                      "weights": module.model.state_dict(),

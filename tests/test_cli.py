@@ -55,3 +55,13 @@ def test_bench_verb_writes_rows_and_figure(tmp_path, capsys):
 def test_bad_param_in_a_verb_exits_2_with_a_message(capsys):
     assert main(["bench", "--set", "bench.lengthz=[3]"]) == 2
     assert "did you mean 'lengths'" in capsys.readouterr().err
+
+
+def test_paper_presets_follow_the_reference_recipe():
+    """LM1B runs wrap (pack) sentences like the authors'; the training objective is named."""
+    from esolm.params import load_params
+
+    lm1b = load_params("params.yaml", ["preset=lm1b-small"])
+    assert lm1b["data"]["packing"] == "wrap" and lm1b["data"]["length"] == 128
+    for preset in ("tiny-cpu", "owt-small", "lm1b-small"):
+        assert load_params("params.yaml", [f"preset={preset}"])["train"]["objective"] == "nelbo"

@@ -9,7 +9,15 @@ import torch
 from scipy.stats import chisquare
 
 from esolm import generate, iw_log_prob, loss, order_log_prob
-from esolm.likelihood import bd3lm_random_order, left_to_right, random_order, sampler_order
+from esolm.likelihood import (
+    bd3lm_random_order,
+    draw_orders,
+    exact_per_token,
+    left_to_right,
+    nelbo_per_token,
+    random_order,
+    sampler_order,
+)
 from tests.conftest import sharp_model
 
 ALL = torch.tensor(list(itertools.product(range(3), repeat=4)))  # every sequence, V=3, L=4
@@ -61,12 +69,19 @@ def test_alpha0_zero_left_to_right_equals_minus_the_sequential_loss(variant, gen
     torch.testing.assert_close(lp.sum(), -out.sequential_nll, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["eso_b", "mdlm", "ar"])
-def test_iw_with_one_order_equals_the_order_log_prob(variant, gen):
-    model = sharp_model(variant)
+@pytest.mark.parametrize("variant,alpha_0", [("eso_b", 0.25), ("eso_b", 1.0), ("mdlm", None), ("ar", None)])
+@pytest.mark.parametrize("law", ["sampler", "uniform"])
+def test_iw_with_one_order_equals_the_order_log_prob(variant, alpha_0, law, gen):
+    model = sharp_model(variant, alpha_0=alpha_0)
     x = torch.randint(0, 7, (3, 16), generator=gen)
-    lb = iw_log_prob(model, x, num_orders=1, generator=torch.Generator().manual_seed(4))
-    order = left_to_right(3, 16) if variant == "ar" else random_order(3, 16, torch.Generator().manual_seed(4))
+    lb = iw_log_prob(model, x, num_orders=1, generator=torch.Generator().manual_seed(4), law=law)
+    g4 = torch.Generator().manual_seed(4)
+    if variant == "ar":
+        order = left_to_right(3, 16)
+    elif law == "sampler":  # the paper's law: Binomial(L, alpha_0) random prefix, then left to right
+        order = sampler_order(3, 16, model.config.alpha_0, g4)
+    else:
+        order = random_order(3, 16, g4)
     torch.testing.assert_close(lb, order_log_prob(model, x, order), rtol=1e-5, atol=1e-5)
     # more orders: a log-mean-exp, never below the smallest single-order value
     lb4 = iw_log_prob(model, x, num_orders=4, generator=torch.Generator().manual_seed(4))
@@ -152,3 +167,42 @@ def test_split_metrics_nelbo_and_exact(gen):
     assert noisy["stderr"] > 0
     with pytest.raises(ValueError, match="empty"):
         nelbo_per_token(model, [], draws=2)
+
+
+def test_iw_orders_follow_the_sampler_law():
+    """sampler law at alpha_0 = 0.25: a random prefix of about L / 4 positions, the rest left
+    to right; the uniform law is a different (uniformly random) order."""
+    model = sharp_model("eso_b", alpha_0=0.25, length=64)
+    orders = draw_orders(model, 400, 64, "sampler", torch.Generator().manual_seed(0))
+    prefix = []
+    for row in orders:
+        # the longest increasing suffix is the sequential (left-to-right) part
+        tail = next(n for n in range(64, 0, -1) if bool((row[64 - n:].diff() > 0).all()))
+        prefix.append(64 - tail)
+    assert abs(sum(prefix) / len(prefix) - 16) < 1.5
+    uniform = draw_orders(model, 400, 64, "uniform", torch.Generator().manual_seed(0))
+    increasing = (uniform[:, 32:].diff(dim=1) > 0).all(dim=1).float().mean()
+    assert increasing < 0.01
+    with pytest.raises(ValueError, match="law='best' is unknown"):
+        draw_orders(model, 2, 64, "best")
+
+
+@pytest.mark.parametrize("fn", ["order", "iw", "nelbo", "exact"])
+def test_likelihoods_are_deterministic_for_a_model_in_training_mode(fn):
+    """Dropout must not make evaluation random: evaluation runs in eval mode and gives the
+    caller back the mode it had."""
+    model = sharp_model("eso_b", alpha_0=0.5, dropout=0.3).train()
+    x = torch.randint(0, 7, (4, 16), generator=torch.Generator().manual_seed(0))
+    calls = {"order": lambda: order_log_prob(model, x, random_order(4, 16, torch.Generator().manual_seed(1))),
+             "iw": lambda: iw_log_prob(model, x, 2, torch.Generator().manual_seed(1)),
+             "nelbo": lambda: torch.tensor(nelbo_per_token(model, [x], 2, torch.Generator().manual_seed(1))[
+                 "nats_per_token"]),
+             "exact": lambda: torch.tensor(exact_per_token(
+                 model, [x], lambda b, n, g: random_order(b, n, g), torch.Generator().manual_seed(1))[
+                 "nats_per_token"])}
+    first, second = calls[fn](), calls[fn]()
+    assert model.training
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(first, calls[fn](), rtol=0, atol=0)

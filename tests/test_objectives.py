@@ -7,7 +7,7 @@ import torch
 
 from esolm import ModelConfig, build_model, loss
 from esolm.model.attention import MaskSpec
-from tests.conftest import VARIANTS, sharp_model
+from tests.conftest import VARIANTS, randomize, sharp_model
 
 
 def test_alpha0_one_has_no_sequential_term(gen):
@@ -113,8 +113,12 @@ def test_each_variant_is_finite_reaches_every_parameter_and_learns(variant):
 
     before = fixed_loss()
     assert torch.isfinite(before)
-    before.backward()
-    for name, p in model.named_parameters():
+    with torch.no_grad():  # the training init (adaLN-Zero) predicts uniformly
+        logits = model(x, torch.arange(16).expand(8, 16), MaskSpec("causal"))
+    assert torch.equal(logits[..., :12], torch.zeros(8, 16, 12))
+    probe = randomize(build_model(cfg), 0.02)  # with every weight non-zero, every one gets a gradient
+    loss(probe, x, generator=torch.Generator().manual_seed(99)).per_token.backward()
+    for name, p in probe.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
@@ -180,3 +184,39 @@ def test_no_cuda_literal_outside_device_selection():
     offenders = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py") if p.name != "device.py"
                  for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not offenders, f"'cuda' literals outside esolm/device.py: {offenders}"
+
+
+def test_time_draws_are_stratified_in_eps_to_one():
+    """t in [eps, 1] (never near 0, where the alpha_0 = 1 NELBO weight explodes), one draw in
+    each of n equal strata, each row its own offset (as the reference)."""
+    from esolm.noise import antithetic_times
+
+    t = antithetic_times(64, torch.Generator().manual_seed(0), eps=1e-3)
+    assert float(t.min()) >= 1e-3 and float(t.max()) <= 1.0
+    strata = ((t - 1e-3) / (1 - 1e-3) * 64).floor().long()
+    assert torch.equal(strata, torch.arange(64))
+    offsets = (t - 1e-3) / (1 - 1e-3) * 64 - torch.arange(64)
+    assert offsets.std() > 0.1  # not one shared offset
+    # the weight of the estimator's heaviest row stays bounded: at most 1 / eps
+    from esolm.noise import diffusion_weight
+
+    w = diffusion_weight(antithetic_times(4096, torch.Generator().manual_seed(1)), 1.0)
+    assert float(w.max()) <= 1.0 / 1e-3 + 1e-6
+
+
+def test_low_var_objective_drops_the_time_weight():
+    model = sharp_model("mdlm")
+    x = torch.randint(0, 7, (1, 16), generator=torch.Generator().manual_seed(0))
+    from esolm.noise import diffusion_weight
+    from esolm.objectives import draw
+
+    for seed in range(3):  # one row: the same draws, the NELBO is low_var times the row's weight
+        nelbo = loss(model, x, generator=torch.Generator().manual_seed(seed))
+        low = loss(model, x, generator=torch.Generator().manual_seed(seed), objective="low_var")
+        w = diffusion_weight(draw(model.config, 1, 16, x.device, torch.Generator().manual_seed(seed)).t, 1.0)
+        torch.testing.assert_close(low.diffusion_nll * w[0], nelbo.diffusion_nll)
+        assert low.diffusion_tokens == nelbo.diffusion_tokens == 16
+    with pytest.raises(ValueError, match="low_var' applies to alpha_0 = 1"):
+        loss(sharp_model("eso_b", alpha_0=0.5), x, objective="low_var")
+    with pytest.raises(ValueError, match="objective='elbo' is unknown"):
+        loss(model, x, objective="elbo")

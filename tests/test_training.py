@@ -47,6 +47,8 @@ def test_every_variant_trains_and_its_validation_loss_falls(shards, tmp_path, va
     assert [r["step"] for r in rows] == [10, 20, 30, 40]
     assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[0])
     assert summary["steps"] == 40 and summary["tokens"] == 40 * 8 * 16
+    assert summary["objective"] == "nelbo" and summary["init"].startswith("adaLN-Zero")
+    assert summary["ema"] == {"decay": 0.9, "warmup": "min(decay, (1 + n) / (10 + n))"}
 
 
 def load_model_like(cfg: ModelConfig):
@@ -197,3 +199,14 @@ def test_two_gloo_processes_give_the_single_process_loss_and_gradient(tmp_path):
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.testing.assert_close(ddp["value"], value, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ddp["grads"], grads, rtol=1e-4, atol=1e-6)
+
+
+def test_ema_warms_up_like_the_reference():
+    from esolm.training import ema_decay
+
+    assert ema_decay(0.9999, 1) == pytest.approx(2 / 11) and ema_decay(0.5, 100) == 0.5
+    kept, plain = 1.0, 0.9999 ** 10_000
+    for n in range(1, 10_001):
+        kept *= ema_decay(0.9999, n)
+    # without warm-up the average still holds 37% of the initial weights after 10k steps
+    assert plain > 0.36 and kept < 1e-3

@@ -9,6 +9,8 @@ positions and ``MaskSpec`` they feed it.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -112,23 +114,29 @@ class Backbone(nn.Module):
         self.norm_out = nn.LayerNorm(cfg.d_model, bias=False)
         self.modulation_out = nn.Linear(cfg.cond_dim, 2 * cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.n_embed)
-        self.drop = nn.Dropout(cfg.dropout)
-        self._cond_cache: tuple[tuple, list[Tensor]] | None = None
+        self._frozen_mods: list[Tensor] | None = None  # set only inside inference()
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
-        """Normal(0, std) weights everywhere, adaLN and output included (no zero init), zero biases."""
+        """The training initialisation of the reference (method.md section 7): Normal(0, std)
+        weights and zero biases, then adaLN-Zero: every adaLN modulation (of the blocks and of
+        the output layer) and the output layer itself start at zero, so every block starts as
+        the identity and every prediction is uniform at step 0. Tests that check equalities
+        must randomise all weights themselves: on this init they would hold trivially."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+        for module in (*(b.modulation for b in self.blocks), self.modulation_out, self.head):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
 
     def forward(self, tokens: Tensor, positions: Tensor, spec: MaskSpec, t: Tensor | None = None,
                 cache: KVCache | None = None, commit: int = 0,
                 logits_for: slice | Tensor = slice(None)) -> Tensor:
         mods = self._constant_modulations(tokens.device) if t is None else self._modulations(t)
-        h = self.drop(self.embed(tokens))
+        h = self.embed(tokens)  # no dropout on the token embedding (as the reference)
         rope = self.rotary(positions, h.dtype)
         start = 0
         if cache is not None:
@@ -157,21 +165,32 @@ class Backbone(nn.Module):
         return [block.modulation(c) for block in self.blocks] + [self.modulation_out(c)]
 
     def _constant_modulations(self, device: torch.device) -> list[Tensor]:
-        """The t = 0 modulations (time-invariant models), one row broadcast over the batch.
+        """The t = 0 modulations (time-invariant models), one row broadcast over the batch:
+        the ones frozen by ``inference()`` when inside it, else computed now."""
+        if self._frozen_mods is not None and not torch.is_grad_enabled():
+            return self._frozen_mods
+        return self._modulations(torch.zeros(1, device=device))
 
-        Without autograd (sampling, evaluation) they are computed once and reused until a
-        conditioning weight changes (in-place update or new storage), so decode steps skip the
-        time MLP and the per-block modulation layers.
-        """
-        zero = torch.zeros(1, device=device)
-        if torch.is_grad_enabled():
-            return self._modulations(zero)
-        params = [*self.time.parameters(), *self.modulation_out.parameters(),
-                  *(p for b in self.blocks for p in b.modulation.parameters())]
-        key = tuple((p.data_ptr(), p._version) for p in params) + (device,)
-        if self._cond_cache is None or self._cond_cache[0] != key:
-            self._cond_cache = (key, self._modulations(zero))
-        return self._cond_cache[1]
+    @contextmanager
+    def inference(self) -> Iterator[Backbone]:
+        """Eval mode and no autograd for one sampling or evaluation call; the t = 0 adaLN
+        modulations are computed once on entry and reused by every forward inside (decode
+        steps skip the time MLP and the modulation layers). On exit the caller's mode is
+        restored and the frozen modulations are dropped, so a later weight write (through
+        ``.data``, a fused optimizer, ``load_state_dict``) can never meet stale ones.
+        Re-entrant: a nested call reuses the outer one's modulations."""
+        if self._frozen_mods is not None:
+            yield self
+            return
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                self._frozen_mods = self._modulations(torch.zeros(1, device=self.head.weight.device))
+                yield self
+        finally:
+            self._frozen_mods = None
+            self.train(was_training)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """A static KV cache for ``batch`` rows and ``max_len`` tokens (default: the model length)."""

@@ -11,9 +11,10 @@ from tqdm.auto import tqdm
 
 from esolm.device import synchronize
 from esolm.model.backbone import Backbone
-from esolm.ordering import Schedule, make_schedule, validate_schedule
+from esolm.ordering import Schedule, make_schedule, shuffle_mode, validate_schedule
 from esolm.sampling import loops
 from esolm.sampling.decode import nucleus_filter, sample_tokens
+from esolm.seeds import stream_generator
 
 __all__ = ["Generation", "generate", "nucleus_filter", "sample_tokens"]
 
@@ -22,7 +23,8 @@ __all__ = ["Generation", "generate", "nucleus_filter", "sample_tokens"]
 class Generation:
     """tokens: LongTensor[N, L] in natural order; nfe: forward passes run (all batches);
     seconds: wall time of the sampling loops (synchronised on GPUs); kv_cache: whether a
-    cached path ran (MDLM never caches); schedules: the schedule of each batch."""
+    cached path ran (MDLM never caches); schedules: the schedule of each batch; settings: the
+    schedule settings actually used (``steps`` is what ran: the block order fixes its own)."""
 
     tokens: Tensor
     nfe: int
@@ -31,6 +33,7 @@ class Generation:
     family: str
     schedules: list[Schedule | list[Schedule] | None]
     step_logits: list[Tensor] | None = None
+    settings: dict | None = None
 
 
 def _prompt(prompt: dict[int, int] | None, length: int, vocab: int) -> tuple[Tensor, Tensor]:
@@ -63,23 +66,28 @@ def _schedule(model: Backbone, batch: int, steps: int, alpha_0: float, given: Te
                          generator=generator, **opts)
 
 
-@torch.no_grad()
 def generate(model: Backbone, num_samples: int = 8, steps: int = 64, alpha_0: float | None = None,
              order: str = "random", kv_cache: bool = True, top_p: float = 1.0,
              prompt: dict[int, int] | None = None, seed: int = 0, *, schedule: str = "loglinear",
-             gamma: float = 1.0, subcontexts: int = 4, shuffle: bool = False,
+             gamma: float = 1.0, subcontexts: int = 4, shuffle: bool | str = False,
              batch_size: int | None = None, record_logits: bool = False,
              progress: bool = False) -> Generation:
     """Sample ``num_samples`` sequences of the model's length.
 
     steps: diffusion steps T (per block for BD3-LM; AR ignores it). alpha_0: fraction
     decoded by diffusion (None: the model's training value; Eso-LMs only). order: random or
-    block (subcontexts chunks, optionally shuffled). schedule: loglinear (binomial counts)
-    or power (deterministic, shape ``gamma``). kv_cache: cache where the family can.
-    prompt: position -> id, kept and prefilled in the first forward. Empty steps cost none.
+    block (``subcontexts`` chunks; step s decodes the same offset of every chunk, so the
+    block order fixes its own steps and ignores ``steps``/``schedule``/``gamma``:
+    ``Generation.settings`` records what was used). shuffle (block order): none | shared
+    (the reference: one random offset order and one random chunk order per step, shared
+    by the batch; ``True``) | per_chunk. schedule: loglinear (binomial counts) or power
+    (deterministic, shape ``gamma``). kv_cache: cache where the family can. prompt:
+    position -> id, kept and prefilled in the first forward. Empty steps cost none. The
+    schedule and the token noise come from independent streams derived from ``seed``.
     """
     cfg = model.config
     alpha_0 = cfg.alpha_0 if alpha_0 is None else alpha_0
+    shuffle = shuffle_mode(shuffle)
     validate_schedule(steps, alpha_0, order, schedule, gamma, subcontexts)
     if cfg.variant in ("ar", "mdlm", "bd3lm") and alpha_0 != cfg.alpha_0:
         raise ValueError(f"alpha_0={alpha_0} applies to Eso-LMs only; {cfg.variant} implies {cfg.alpha_0}")
@@ -89,33 +97,60 @@ def generate(model: Backbone, num_samples: int = 8, steps: int = 64, alpha_0: fl
         raise ValueError(f"num_samples={num_samples!r} is invalid: use an integer >= 1")
     given, ids = _prompt(prompt, cfg.length, cfg.vocab_size)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    cpu_gen = torch.Generator().manual_seed(seed)
-    dec = loops.Decoder(torch.Generator(device=device).manual_seed(seed), top_p, record_logits)
+    # independent streams: the order/counts and the token noise must never share a seed
+    cpu_gen = stream_generator(seed, "sample", "schedule")
+    dec = loops.Decoder(stream_generator(seed, "sample", "tokens", device=device), top_p, record_logits)
     opts = dict(order=order, schedule=schedule, gamma=gamma, subcontexts=subcontexts, shuffle=shuffle)
     batch_size = batch_size or num_samples
     out, schedules, nfe, seconds = [], [], 0, 0.0
-    for first in range(0, num_samples, batch_size):
-        B = min(batch_size, num_samples - first)
-        sched = _schedule(model, B, steps, alpha_0, given, opts, cpu_gen)
-        x = torch.full((B, cfg.length), cfg.mask_token_id, dtype=torch.long, device=device)
-        x[:, given.to(device)] = ids.to(device)
-        bar = tqdm(total=_n_steps(sched, cfg.length - given.numel()), disable=not progress,
-                   desc=f"sampling {cfg.variant}", leave=False)
-        dec.on_step = bar.update
-        synchronize(device)
-        t0 = time.perf_counter()
-        nfe += _run(model, x, sched, dec, kv_cache, given.numel())
-        synchronize(device)
-        seconds += time.perf_counter() - t0
-        bar.close()
-        out.append(x)
-        schedules.append(sched)
-    model.train(was_training)
+    with model.inference():
+        for first in range(0, num_samples, batch_size):
+            B = min(batch_size, num_samples - first)
+            sched = _schedule(model, B, steps, alpha_0, given, opts, cpu_gen)
+            x = torch.full((B, cfg.length), cfg.mask_token_id, dtype=torch.long, device=device)
+            x[:, given.to(device)] = ids.to(device)
+            bar = tqdm(total=_n_steps(sched, cfg.length - given.numel()), disable=not progress,
+                       desc=f"sampling {cfg.variant}", leave=False)
+            dec.on_step = bar.update
+            synchronize(device)
+            t0 = time.perf_counter()
+            nfe += _run(model, x, sched, dec, kv_cache, given.numel())
+            synchronize(device)
+            seconds += time.perf_counter() - t0
+            bar.close()
+            out.append(x)
+            schedules.append(sched)
     used_cache = kv_cache and cfg.variant != "mdlm"
+    settings = _settings(cfg.variant, schedules[0], steps, alpha_0, top_p, used_cache, seed, opts)
     return Generation(torch.cat(out), nfe, seconds, used_cache, cfg.variant, schedules,
-                      dec.logits if record_logits else None)
+                      dec.logits if record_logits else None, settings)
+
+
+def _settings(family: str, sched, steps: int, alpha_0: float, top_p: float, kv_cache: bool,
+              seed: int, opts: dict) -> dict:
+    """The schedule settings that were actually used (recorded beside the samples)."""
+    out = {"alpha_0": alpha_0, "top_p": top_p, "kv_cache": kv_cache, "seed": seed, **opts}
+    if family == "ar":
+        return {**out, "order": "left_to_right", "steps": None, "schedule": None, "gamma": None,
+                "subcontexts": None, "shuffle": None}
+    if opts["order"] == "block":  # the chunks fix the steps: steps/schedule/gamma play no part
+        first = sched[0] if isinstance(sched, list) else sched
+        out.update(steps=_diffusion_steps(first), schedule=None, gamma=None)
+    else:
+        out.update(steps=steps, subcontexts=None, shuffle=None)
+        if opts["schedule"] != "power":
+            out["gamma"] = None
+    return out
+
+
+def _diffusion_steps(sched: Schedule) -> int:
+    """Non-empty steps of the diffusion phase (the sequential phase decodes one per step)."""
+    total, steps = 0, 0
+    for c in sched.counts:
+        if total >= sched.n_diffusion:
+            break
+        total, steps = total + c, steps + 1
+    return steps
 
 
 def _n_steps(sched: Schedule | list[Schedule] | None, free: int) -> int:

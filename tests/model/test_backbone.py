@@ -108,3 +108,40 @@ def test_cached_time_conditioning_follows_weight_updates(gen):
     with torch.no_grad():
         reloaded = model(x, pos, MaskSpec("causal"))
     torch.testing.assert_close(reloaded, model(x, pos, MaskSpec("causal")))
+
+
+def _fresh_logits(model, tokens, pos):
+    """Logits of a new model holding the same weights (no state carried over)."""
+    clone = type(model)(model.config)
+    clone.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        return clone.eval()(tokens, pos, MaskSpec("causal"))
+
+
+@pytest.mark.parametrize("write", ["data", "fused_adamw"])
+def test_t0_modulations_never_go_stale(write):
+    """Neither a write through ``.data`` nor a fused optimizer step bumps a tensor's version
+    counter; modulations cached on (pointer, version) missed both. Outside ``inference()``
+    nothing is cached, and each ``inference()`` call computes them afresh."""
+    model = sharp_model("eso_b")
+    tokens = torch.randint(0, 7, (2, 16), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).expand(2, 16)
+    with torch.no_grad():
+        before = model(tokens, pos, MaskSpec("causal"))
+    with model.inference():
+        torch.testing.assert_close(model(tokens, pos, MaskSpec("causal")), before, rtol=0, atol=0)
+    if write == "data":
+        for m in (model.blocks[0].modulation, model.modulation_out):
+            m.weight.data.mul_(3.0)
+    else:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+        model(tokens, pos, MaskSpec("causal")).logsumexp(-1).mean().backward()
+        opt.step()
+        model.eval()
+    expected = _fresh_logits(model, tokens, pos)
+    assert not torch.allclose(expected, before)  # the write changed the model
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, pos, MaskSpec("causal")), expected)
+    with model.inference():
+        torch.testing.assert_close(model(tokens, pos, MaskSpec("causal")), expected)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,14 +16,43 @@ import torch
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path`` (unique to this process and call); rename it to
+    ``path`` only if the block succeeds, else remove it: ``path`` is the old file or the new
+    one, never a mix. A full disk is reported as such, naming the file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"disk full while writing {path}; the previous version "
+                                        "(if any) is intact: free space and run again") from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def run_lock(folder: str | Path, what: str = "esolm") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (a ``.lock`` file inside it) for one writer: a second
+    process asking for it stops at once with a message instead of interleaving writes. The
+    lock goes with the process (no stale lock after a kill)."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{folder} is in use by another {what} process; wait for it to "
+                               "finish (or stop it) and run again") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -31,6 +62,27 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file ([] when it does not exist). A partial last line (a process
+    killed while appending) is dropped with a note; a bad line elsewhere names file and line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines):
+                print(f"{path}: dropped a partial last line {i} (an interrupted write)")
+                break
+            raise ValueError(f"{path} line {i} is not JSON ({err.msg}); fix or delete the line") from err
+    return rows
+
+
 def write_json(path: str | Path, obj: object) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,10 +90,9 @@ def write_json(path: str | Path, obj: object) -> None:
 
 
 def atomic_save(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through ``atomic_path``: the previous checkpoint survives any failure."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def safe_load(path: Path, map_location: Any = "cpu") -> dict:

@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, plus YAML 1.2 floats: ``1e-3`` and ``3E+4`` are numbers
+    (PyYAML reads a float without a dot as a string, so ``lr: 1e-3`` silently became text)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text with the loader above (the one parser of params and overrides)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _closest(key: str, options: list[str]) -> str:
@@ -19,7 +36,7 @@ def parse_set(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ValueError(f"--set {item!r} must look like dotted.key=value")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), yaml_load(raw) if raw.strip() else ""
 
 
 def apply_sets(params: dict, sets: list[str]) -> dict:
@@ -59,7 +76,14 @@ def load_params(path: str | Path = "params.yaml", sets: list[str] | None = None)
     if not path.exists():
         raise FileNotFoundError(f"parameter file {path} does not exist; run from the project root "
                                 "or pass --params PATH")
-    params = yaml.safe_load(path.read_text()) or {}
+    try:
+        params = yaml_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from err
+    if not isinstance(params, dict):
+        raise ValueError(  # noqa: TRY004 - a bad file, reported like the others
+            f"{path} must hold a mapping of sections (data:, model:, train:, ...), "
+            f"not a {type(params).__name__}")
     sets = list(sets or [])
     apply_sets(params, [s for s in sets if s.split("=", 1)[0].strip() == "preset"])
     name = params.get("preset")
@@ -85,5 +109,33 @@ def build(cls: type, values: dict, where: str) -> Any:
     for key in values:
         if key not in names:
             raise ValueError(f"unknown parameter {where}.{key}" + _closest(key, names))
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    types = {f.name: str(f.type) for f in fields(cls)}
+    values = {k: _typed(f"{where}.{k}", types[k], tuple(v) if isinstance(v, list) else v)
+              for k, v in values.items()}
     return cls(**values)
+
+
+def _typed(name: str, annotation: str, value: Any) -> Any:
+    """``value`` checked against a field's annotation (numbers given as text are parsed; an int
+    is a valid float); a mismatch is an error naming the key, before any file is touched."""
+    kinds = [a.strip() for a in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return value
+    if "bool" in kinds:
+        if isinstance(value, bool):
+            return value
+    elif "int" in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif "float" in kinds:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kinds[0] == "str" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. precision: 32
+    else:
+        return value
+    raise ValueError(f"{name}={value!r} is not a {annotation}: write a plain {kinds[0]} value")

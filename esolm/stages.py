@@ -42,9 +42,9 @@ def train_stage(params: dict, name: str, fresh: bool, progress: bool) -> dict:
     from esolm.data import read_meta
     from esolm.training import TrainConfig, train
 
+    tc = build(TrainConfig, dict(section(params, "train")), "train")  # every setting checked first
     ddir = data_dir(params)
     cfg = model_config(params, name, read_meta(ddir))
-    tc = build(TrainConfig, dict(section(params, "train")), "train")
     return train(cfg, tc, ddir, run_dir(name), fresh=fresh, progress=progress)
 
 

@@ -12,11 +12,12 @@ import json
 import math
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import duckdb
+
+from esolm.io import read_jsonl
 
 DEFAULT_DB = Path("reports/results.duckdb")
 
@@ -94,11 +95,8 @@ def connect(path: str | Path = DEFAULT_DB, read_only: bool = False, retries: int
     raise RuntimeError("unreachable")
 
 
-def _rows_jsonl(path: Path) -> Iterator[dict]:
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                yield json.loads(line)
+def _rows_jsonl(path: Path) -> list[dict]:
+    return read_jsonl(path)
 
 
 def _replace(con: duckdb.DuckDBPyConnection, table: str, where: dict, rows: list[dict]) -> int:

@@ -8,6 +8,7 @@ checkpoint therefore needs no RNG state: weights, EMA, optimizer, scheduler and 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from esolm.config import ModelConfig
 from esolm.data.batches import Batches
-from esolm.io import atomic_save, safe_load, write_text_atomic
+from esolm.io import atomic_save, read_jsonl, run_lock, safe_load, write_text_atomic
 from esolm.model.backbone import Backbone
 from esolm.objectives import OBJECTIVES, LossOutput, check_objective, loss
 from esolm.seeds import derive_seed, stream_generator
@@ -235,9 +236,8 @@ class JsonlLog(pl.Callback):
         import time
 
         if trainer.is_global_zero:
-            rows = self.path.read_text().splitlines() if self.path.exists() else []
-            keep = [r for r in rows if json.loads(r)["step"] <= trainer.global_step]
-            write_text_atomic(self.path, "".join(r + "\n" for r in keep))
+            keep = [r for r in read_jsonl(self.path) if r["step"] <= trainer.global_step]
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         self.t_last, self.step_last = time.perf_counter(), trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: LitModel, *args: Any) -> None:
@@ -312,21 +312,43 @@ def trainer_for(tc: TrainConfig, run_dir: Path, progress: bool, callbacks: list)
 def train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fresh: bool = False,
           progress: bool = True, callbacks: list[pl.Callback] | None = None) -> dict:
     """Train (or resume) one variant; writes checkpoints, train.jsonl, model.ckpt, train.json."""
-    import time
-
     check_objective(cfg, tc.objective)  # before any file is touched
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    primary = os.environ.get("LOCAL_RANK", "0") == "0"  # DDP children share rank 0's lock
+    with run_lock(run_dir, "esolm train") if primary else contextlib.nullcontext():
+        _prepare_run_dir(cfg, tc, data_dir, run_dir, fresh)
+        return _fit(cfg, tc, data_dir, run_dir, progress, callbacks)
+
+
+def _prepare_run_dir(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fresh: bool) -> None:
+    """Keep a resumable checkpoint, or set aside one from other settings, data or code; a
+    checkpoint beyond ``train.steps`` is an error (never silently a longer model)."""
+    import time
+
     last = run_dir / "checkpoints" / "last.ckpt"
-    fp = fingerprint(cfg, tc, data_dir)
-    if last.exists() and not fresh and safe_load(last).get("esolm_fingerprint") != fp:
-        aside = last.with_name(f"stale-{int(time.time())}.ckpt")
-        os.replace(last, aside)
-        print(f"{last} came from other settings, data or code; kept as {aside.name}, training from scratch")
-        fresh = True
+    if last.exists() and not fresh:
+        ckpt = safe_load(last)
+        if ckpt.get("esolm_fingerprint") != fingerprint(cfg, tc, data_dir):
+            aside = last.with_name(f"stale-{int(time.time())}.ckpt")
+            os.replace(last, aside)
+            print(f"{last} came from other settings, data or code; kept as {aside.name}, training from scratch")
+            fresh = True
+        elif ckpt.get("global_step", 0) > tc.steps:
+            raise ValueError(f"{last} is at step {ckpt['global_step']}, beyond train.steps={tc.steps}: "
+                             "raise train.steps to continue it, or pass --fresh to train "
+                             f"{tc.steps} steps from scratch")
     if fresh:
         for stale in (last, run_dir / "train.jsonl"):
             stale.unlink(missing_ok=True)
+
+
+def _fit(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, progress: bool,
+         callbacks: list[pl.Callback] | None) -> dict:
+    import time
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    fp = fingerprint(cfg, tc, data_dir)
     module = LitModel(cfg, tc)
     module.fingerprint = fp
     logs = [JsonlLog(run_dir / "train.jsonl", tc, cfg.length), *(callbacks or [])]
@@ -345,7 +367,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fres
 def _finish(module: LitModel, trainer: pl.Trainer, tc: TrainConfig, data_dir: Path, run_dir: Path,
             seconds: float) -> dict:
     log = run_dir / "train.jsonl"
-    rows = [json.loads(r) for r in log.read_text().splitlines()] if log.exists() else []
+    rows = read_jsonl(log)
     val = trainer.callback_metrics.get("val_loss")
     summary = {"steps": trainer.global_step, "tokens": trainer.global_step * tc.batch_size * module.cfg.length,
                "final_train_loss": rows[-1]["loss"] if rows else None,

@@ -65,3 +65,36 @@ def test_paper_presets_follow_the_reference_recipe():
     assert lm1b["data"]["packing"] == "wrap" and lm1b["data"]["length"] == 128
     for preset in ("tiny-cpu", "owt-small", "lm1b-small"):
         assert load_params("params.yaml", [f"preset={preset}"])["train"]["objective"] == "nelbo"
+
+
+def test_numbers_in_exponent_form_are_numbers(tmp_path):
+    """PyYAML reads ``1e-3`` as text; ``train.lr=1e-3`` used to reach the optimizer as a string."""
+    params = {"train": {"lr": 2.0e-3, "steps": 3}}
+    apply_sets(params, ["train.lr=1e-3", "train.steps=1_000"])
+    assert params["train"] == {"lr": 1e-3, "steps": 1000}
+    (tmp_path / "p.yaml").write_text("preset: null\ntrain:\n  lr: 3e-4\n  ema: 1E-2\n")
+    assert load_params(tmp_path / "p.yaml")["train"] == {"lr": 3e-4, "ema": 1e-2}
+
+
+@pytest.mark.parametrize("text,match", [("train: [1, 2\n", "is not valid YAML"),
+                                        ("- train\n- data\n", "must hold a mapping")])
+def test_broken_params_files_are_one_line_errors_naming_the_file(tmp_path, text, match):
+    (tmp_path / "p.yaml").write_text(text)
+    with pytest.raises(ValueError, match=match) as err:
+        load_params(tmp_path / "p.yaml")
+    assert str(tmp_path / "p.yaml") in str(err.value)
+
+
+def test_a_mistyped_setting_fails_before_any_file_is_touched(tmp_path, monkeypatch, capsys):
+    """``train.lr=fast`` used to reach Lightning after ``train`` had moved ``last.ckpt`` aside
+    and deleted ``train.jsonl``; now the typed config refuses it first."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(Path(__file__).parents[1].joinpath("params.yaml").read_text())
+    run = tmp_path / "runs" / "mdlm"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"precious")
+    (run / "train.jsonl").write_text('{"step": 10}\n')
+    assert main(["train", "--variant", "mdlm", "--set", "train.lr=fast", "--quiet"]) == 2
+    assert "train.lr='fast' is not a float" in capsys.readouterr().err
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == b"precious"
+    assert (run / "train.jsonl").read_text() == '{"step": 10}\n'

@@ -210,3 +210,53 @@ def test_ema_warms_up_like_the_reference():
         kept *= ema_decay(0.9999, n)
     # without warm-up the average still holds 37% of the initial weights after 10k steps
     assert plain > 0.36 and kept < 1e-3
+
+
+def test_fewer_steps_than_the_checkpoint_is_an_error_not_a_longer_model(shards, tmp_path, capsys):
+    cfg = _cfg(shards, "ar")
+    train(cfg, TC.__class__(**{**TC.__dict__, "steps": 20}), shards, tmp_path / "r", progress=False)
+    # a killed append leaves a partial last line: it is dropped, the run resumes
+    with (tmp_path / "r" / "train.jsonl").open("a") as f:
+        f.write('{"step": 3')
+    shorter = TC.__class__(**{**TC.__dict__, "steps": 10})
+    with pytest.raises(ValueError, match="at step 20, beyond train.steps=10: .* --fresh"):
+        train(cfg, shorter, shards, tmp_path / "r", progress=False)
+    summary = train(cfg, shorter, shards, tmp_path / "r", fresh=True, progress=False)
+    assert summary["steps"] == 10 and safe_load(tmp_path / "r" / "model.ckpt")["step"] == 10
+    longer = train(cfg, TC.__class__(**{**TC.__dict__, "steps": 20}), shards, tmp_path / "r", progress=False)
+    assert longer["steps"] == 20
+    rows = [json.loads(r) for r in (tmp_path / "r" / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20]
+
+
+def test_a_second_trainer_of_one_run_stops_with_a_message(shards, tmp_path):
+    from esolm.io import run_lock
+
+    with run_lock(tmp_path / "r"), pytest.raises(RuntimeError, match="in use by another esolm train"):
+        train(_cfg(shards, "ar"), TC, shards, tmp_path / "r", progress=False)
+    assert not (tmp_path / "r" / "train.jsonl").exists()
+
+
+def test_partial_jsonl_lines_and_full_disks_lose_nothing(tmp_path, monkeypatch):
+    from esolm import io
+
+    log = tmp_path / "train.jsonl"
+    log.write_text('{"step": 10}\n{"step": 20}\n{"step": 3')
+    assert io.read_jsonl(log) == [{"step": 10}, {"step": 20}]
+    log.write_text('{"step": 10}\n{"ste\n{"step": 30}\n')
+    with pytest.raises(ValueError, match="train.jsonl line 2 is not JSON"):
+        io.read_jsonl(log)
+    target = tmp_path / "model.ckpt"
+    io.atomic_save({"step": 1}, target)
+
+    def full(obj, f, *a, **k):
+        import errno
+
+        Path(f).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.torch, "save", full)
+    with pytest.raises(OSError, match="disk full while writing .*model.ckpt; the previous version"):
+        io.atomic_save({"step": 2}, target)
+    assert safe_load(target) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt", "train.jsonl"]

@@ -379,7 +379,7 @@ def _finish(module: LitModel, trainer: pl.Trainer, tc: TrainConfig, data_dir: Pa
         atomic_save({"format": MODEL_FORMAT, "config": module.cfg.to_dict(), "step": trainer.global_step,
                      "weights": module.model.state_dict(),
                      "ema_weights": None if module.ema is None else module.ema.state_dict(),
-                     "tokenizer": str(data_dir / "tokenizer.json"), "data_dir": str(data_dir)},
+                     **_tokenizer_record(data_dir), "data_dir": str(data_dir)},
                     run_dir / "model.ckpt")
         write_text_atomic(run_dir / "train.json", json.dumps(summary, indent=2) + "\n")
     return summary
@@ -408,4 +408,29 @@ def load_run(path: str | os.PathLike, ema: bool = True,
     model = Backbone(ModelConfig(**ckpt["config"]))
     weights = ckpt["ema_weights"] if ema and ckpt.get("ema_weights") is not None else ckpt["weights"]
     model.load_state_dict(weights)
-    return model.to(device).eval(), Tokenizer.from_file(ckpt["tokenizer"])
+    return model.to(device).eval(), _tokenizer_of(ckpt, Path(path))
+
+
+def _tokenizer_record(data_dir: Path) -> dict:
+    """The tokenizer embedded in the model file (text and sha256), so a model loads from any
+    directory and re-preparing the data can never swap its vocabulary under it."""
+    import hashlib
+
+    text = (data_dir / "tokenizer.json").read_text(encoding="utf-8")
+    return {"tokenizer": str(data_dir / "tokenizer.json"), "tokenizer_json": text,
+            "tokenizer_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def _tokenizer_of(ckpt: dict, path: Path) -> Tokenizer:
+    import hashlib
+
+    text = ckpt.get("tokenizer_json")
+    if text is None:  # files written before the tokenizer was embedded: a path from the run's cwd
+        where = Path(ckpt["tokenizer"])
+        if not where.is_file():
+            raise FileNotFoundError(f"{path} names its tokenizer as {where}, which does not exist "
+                                    f"from {Path.cwd()}; run from the project root or retrain")
+        return Tokenizer.from_file(str(where))
+    if hashlib.sha256(text.encode()).hexdigest() != ckpt.get("tokenizer_sha256"):
+        raise ValueError(f"{path}: the embedded tokenizer does not match its sha256; the file is corrupt")
+    return Tokenizer.from_str(text)

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from esolm.config import ModelConfig
 from esolm.data import DataConfig, prepare, read_meta
@@ -260,3 +261,25 @@ def test_partial_jsonl_lines_and_full_disks_lose_nothing(tmp_path, monkeypatch):
         io.atomic_save({"step": 2}, target)
     assert safe_load(target) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt", "train.jsonl"]
+
+
+def test_the_model_file_carries_its_tokenizer(shards, tmp_path, monkeypatch):
+    """Tokenizers used to be stored as a relative path: re-preparing the data (same vocabulary
+    size) silently swapped it, and loading from another directory failed naming no file."""
+    import shutil
+
+    from esolm.training import load_run
+
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    train(_cfg(data, "ar"), TC.__class__(**{**TC.__dict__, "steps": 10}), data, tmp_path / "r", progress=False)
+    original = (data / "tokenizer.json").read_text()
+    (data / "tokenizer.json").write_text('{"not": "the tokenizer"}')
+    monkeypatch.chdir(tmp_path.parent)
+    _model, tok = load_run(tmp_path / "r" / "model.ckpt")
+    assert tok.to_str(pretty=True) == Tokenizer.from_str(original).to_str(pretty=True)
+    ckpt = safe_load(tmp_path / "r" / "model.ckpt")
+    ckpt["tokenizer_json"] = ckpt["tokenizer_json"].replace('"', "'", 1)
+    torch.save(ckpt, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match="bad.ckpt: the embedded tokenizer does not match"):
+        load_run(tmp_path / "bad.ckpt")

@@ -1,9 +1,9 @@
 """``prepare``: corpus -> tokenizer -> token shards + tokenizer.json + meta.json on disk.
 
 Output folder ``<out_dir>/<dataset>/``: ``train.bin``, ``valid.bin``, ``test.bin`` (token ids
-[rows, length]), ``tokenizer.json`` and ``meta.json``. Every file is written under a temporary
-name and renamed once all of them succeeded; ``meta.json`` goes last, so a folder with a
-``meta.json`` is always complete. A rerun whose config hash and input checksums match the
+[rows, length]), ``tokenizer.json`` and ``meta.json``. A new dataset is written into a new
+folder beside the old one and swapped in only once complete, so a failed or killed run
+leaves the previous dataset (and its ``meta.json``) as it was. A rerun whose config hash and input checksums match the
 existing ``meta.json`` does nothing.
 """
 
@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -24,7 +27,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from esolm.data.config import DataConfig
-from esolm.data.shards import ShardWriter, SplitStats, atomic_path, token_dtype
+from esolm.data.shards import ShardWriter, SplitStats, token_dtype
 from esolm.data.sources import SPLITS, input_checksums, load_corpus
 from esolm.data.tokenizers import add_pad_token, load_tokenizer, separator_token, tokenizer_inputs
 
@@ -135,6 +138,24 @@ def _summary(meta: dict, seconds: float) -> None:
     _console().print(table)
 
 
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A new folder beside ``out`` to write into; on success it replaces ``out`` (two renames,
+    the old folder removed after), on failure it is removed and ``out`` is untouched."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old-{stage.name.rsplit('-', 1)[-1]}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(stage, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def prepare(cfg: DataConfig, progress: bool = True) -> Path:
     """Write ``<out_dir>/<dataset>/`` for ``cfg`` (or do nothing when it is up to date).
 
@@ -156,20 +177,13 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Path:
     ids = (int(tok.token_to_id(separator_token(cfg.tokenizer))),
            add_pad_token(tok, cfg.tokenizer) if cfg.packing == "pad" else None)
     dtype = token_dtype(tok.get_vocab_size(with_added_tokens=True), cfg.token_dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)
-    with contextlib.ExitStack() as stack:  # renames happen on exit, meta.json last
-        meta_tmp = stack.enter_context(atomic_path(out / "meta.json"))
-        stats = {}
-        for split in SPLITS:
-            tmp = stack.enter_context(atomic_path(out / f"{split}.bin"))
-            stats[split] = _write_split(tmp, split, corpus.splits[split], tok, cfg, dtype, ids,
-                                        progress)
-        tok_tmp = stack.enter_context(atomic_path(out / "tokenizer.json"))
-        tok_tmp.write_text(tok.to_str(pretty=True), encoding="utf-8")
+    with _staging(out) as stage:  # the old dataset stays usable until the new one is complete
+        stats = {split: _write_split(stage / f"{split}.bin", split, corpus.splits[split], tok, cfg,
+                                     dtype, ids, progress) for split in SPLITS}
+        (stage / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")
         inputs = {**corpus.inputs, **tokenizer_inputs(cfg.tokenizer)}
         meta = _build_meta(cfg, tok, ids, dtype, stats, inputs)
-        meta_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     if progress:
         _summary(meta, time.perf_counter() - start)
     return out

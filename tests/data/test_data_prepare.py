@@ -96,17 +96,18 @@ def test_empty_split_is_a_clear_error_and_writes_nothing(small_cfg: DataConfig):
     with pytest.raises(ValueError, match=r"split 'valid' is empty.*smaller length or more data"):
         prepare(cfg, progress=False)
     out = Path(cfg.out_dir) / cfg.dataset
-    assert list(out.iterdir()) == []
+    assert not out.exists() and list(out.parent.iterdir()) == []  # no staging folder left
 
 
-def test_failed_rerun_keeps_the_folder_consistent(small_cfg: DataConfig):
+def test_failed_rerun_keeps_the_previous_dataset_whole(small_cfg: DataConfig):
+    """A failed (or killed) prepare used to delete the good meta.json first."""
     out = prepare(small_cfg, progress=False)
-    before = (out / "train.bin").read_bytes()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(ValueError, match="is empty"):
         prepare(replace(small_cfg, length=2048), progress=False)
-    assert (out / "train.bin").read_bytes() == before  # nothing half-written
-    assert not (out / "meta.json").exists()  # and the old meta no longer claims it is current
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # meta.json included
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no staging folder left
+    assert prepare(small_cfg, progress=False) == out  # still complete and current: nothing to redo
 
 
 def test_hf_local_dataset_end_to_end(tmp_path: Path, small_cfg: DataConfig, txt_corpus: Path):

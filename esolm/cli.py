@@ -88,11 +88,14 @@ def cmd_query(args: argparse.Namespace, params: dict) -> None:
         w.writerows(rows)
     else:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(*cols)
-        for r in rows:
-            table.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in r))
+        table = Table(*(escape(c) for c in cols))
+        for r in rows:  # Text cells: sample text such as "[/Applause]" is data, not Rich markup
+            table.add_row(*(Text("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
+                            for v in r))
         Console().print(table)
 
 

@@ -92,7 +92,21 @@ def load_params(path: str | Path = "params.yaml", sets: list[str] | None = None)
         if name not in presets:
             raise ValueError(f"preset {name!r} is not defined" + _closest(name, list(presets)))
         merge(params, presets[name] or {})
-    return apply_sets(params, [s for s in sets if s.split("=", 1)[0].strip() != "preset"])
+    params = apply_sets(params, [s for s in sets if s.split("=", 1)[0].strip() != "preset"])
+    check_names(params.get("variants") or {})
+    return params
+
+
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def check_names(variants: dict) -> None:
+    """Variant names become folders and words of DVC stage commands: letters, digits, ``_``
+    and ``-`` only (a ``;`` would run a shell command through dvc.yaml)."""
+    for name in variants:
+        if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name):
+            raise ValueError(f"variant name {name!r} is invalid: use letters, digits, '_' and '-' "
+                             "(starting with a letter or digit)")
 
 
 def section(params: dict, name: str) -> dict:

@@ -195,10 +195,25 @@ def _plain(value: Any) -> Any:
     return value
 
 
+QUERY_KINDS = ("SELECT", "EXPLAIN")
+
+
 def query(sql: str, db: Path = DEFAULT_DB, params: list[Any] | None = None) -> tuple[list[str], list[tuple]]:
-    """Run SQL read-only; returns (column names, rows)."""
+    """Run one read-only statement (SELECT, WITH ... SELECT, SHOW, DESCRIBE, EXPLAIN); returns
+    (column names, rows). Statements that write anywhere are refused before they run (COPY ...
+    TO, EXPORT, ATTACH, INSTALL/LOAD, DDL, DML), and the connection has no file-system access."""
     con = connect(db, read_only=True)
     try:
+        con.execute("SET enable_external_access = false")
+        statements = con.extract_statements(sql)
+        if not statements:
+            raise ValueError('the query is empty: give one statement, e.g. "SELECT * FROM runs"')
+        for st in statements:
+            if st.type.name not in QUERY_KINDS:
+                raise ValueError(f"esolm query is read-only: a {st.type.name} statement is refused "
+                                 f"(allowed: {', '.join(QUERY_KINDS)}); write files with --format csv/json")
+        if len(statements) > 1:
+            raise ValueError(f"give one statement per query, not {len(statements)}")
         cur = con.execute(sql, params or [])
         cols = [d[0] for d in cur.description] if cur.description else []
         return cols, cur.fetchall()

@@ -98,3 +98,38 @@ def test_a_mistyped_setting_fails_before_any_file_is_touched(tmp_path, monkeypat
     assert "train.lr='fast' is not a float" in capsys.readouterr().err
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == b"precious"
     assert (run / "train.jsonl").read_text() == '{"step": 10}\n'
+
+
+def test_query_is_read_only_and_prints_text_verbatim(tmp_path, capsys):
+    """``COPY (...) TO 'reports/report.md'`` used to overwrite the report; sample text with
+    ``[/Applause]`` crashed the table (Rich markup)."""
+    import duckdb
+
+    db = tmp_path / "r.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE generations (text VARCHAR)")
+    con.execute("INSERT INTO generations VALUES (?)", ["thanks [/Applause] and [bold]more"])
+    con.close()
+    target = tmp_path / "report.md"
+    target.write_text("the report")
+    assert main(["query", "--db", str(db), "SELECT text AS \"[x]\" FROM generations"]) == 0
+    out = capsys.readouterr().out
+    assert "[/Applause]" in out and "[bold]more" in out and "[x]" in out
+    for sql in (f"COPY (SELECT 1) TO '{target}'", f"EXPORT DATABASE '{tmp_path / 'e'}'",
+                f"ATTACH '{tmp_path / 'x.db'}'", "INSTALL httpfs", "LOAD httpfs",
+                "CREATE TABLE t (a INT)", "DELETE FROM generations"):
+        assert main(["query", "--db", str(db), sql]) == 2, sql
+        assert "read-only" in capsys.readouterr().err
+    assert main(["query", "--db", str(db), f"SELECT * FROM read_csv('{target}')"]) == 2
+    assert main(["query", "--db", str(db), "  "]) == 2
+    assert "the query is empty" in capsys.readouterr().err
+    assert target.read_text() == "the report" and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("name", ["x;touch pwned", "a b", "../up", "-dash", "$(id)"])
+def test_variant_names_that_could_run_commands_are_refused(tmp_path, name):
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["variants"][name] = {"variant": "ar"}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ValueError, match="variant name .* is invalid: use letters, digits"):
+        load_params(tmp_path / "p.yaml")

@@ -56,9 +56,15 @@ def cmd_evaluate(args: argparse.Namespace, params: dict) -> None:
 
 
 def cmd_sample(args: argparse.Namespace, params: dict) -> None:
-    from esolm.stages import sample_stage
+    from esolm.stages import prompted_samples, sample_stage
 
+    if args.prompt is not None or args.infill is not None:  # text in, text out; no stage files
+        for i, text in enumerate(prompted_samples(params, args.variant, args.prompt, args.infill)):
+            print(f"--- sample {i}\n{text}")
+        return
     s = sample_stage(params, args.variant, not args.quiet)
+    for i, text in enumerate(s["texts"]):
+        print(f"--- sample {i}\n{text}")
     print(f"{args.variant}: {s['num_samples']} samples, NFE {s['nfe']}, {s['seconds']:.2f}s, "
           f"gen ppl {s['gen_ppl']:.2f}, entropy {s['entropy']:.2f}")
 
@@ -139,6 +145,11 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--variant", required=True, help="a name under `variants` in params.yaml")
         if name == "train":
             s.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+        if name == "sample":
+            s.add_argument("--prompt", default=None, help="continue this text (prints the samples; "
+                           "writes no stage files)")
+            s.add_argument("--infill", default=None, help="fill the [MASK] marks (one token each) "
+                           "of this text and everything after it (not for AR)")
         if name in ("report", "query"):
             s.add_argument("--db", default="reports/results.duckdb", help="the results database")
         if name == "report":

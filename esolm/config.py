@@ -108,3 +108,73 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The ``evaluate:`` section: which likelihoods ``esolm evaluate`` computes and on what."""
+
+    splits: tuple[str, ...] = ("valid", "test")
+    """Splits of the prepared data to evaluate."""
+    batch_size: int = 16
+    """Rows per batch."""
+    nelbo_batches: int = 16
+    """Batches per split for the Monte Carlo NELBO."""
+    nelbo_draws: int = 4
+    """Independent passes over those batches (fresh t, masks, orders): the standard error."""
+    exact_batches: int = 1
+    """Batches per split for the exact likelihoods (MDLM / BD3-LM cost L passes per batch)."""
+    iw_orders: tuple[int, ...] = (4,)
+    """K of each importance-weighted bound (orders from the sampler's law; uniform beside it)."""
+    zero_shot: tuple[str, ...] = ()
+    """Prepared data folders (same tokenizer) whose test split is evaluated too."""
+    seed: int = 0
+    """Seed of every random draw of the evaluation."""
+    device: str = "auto"
+    """auto (a GPU when present, else the CPU), cpu, or a CUDA device."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "nelbo_batches", "nelbo_draws", "exact_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"evaluate.{name}={getattr(self, name)!r} is invalid: use an integer >= 1")
+        if any(not isinstance(k, int) or k < 1 for k in self.iw_orders):
+            raise ValueError(f"evaluate.iw_orders={list(self.iw_orders)!r} is invalid: use integers >= 1")
+
+
+SCHEDULE_KEYS = ("steps", "order", "kv_cache", "top_p", "seed", "schedule", "gamma", "subcontexts", "shuffle")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """The ``sample:`` section: how ``esolm sample`` draws its samples and who judges them."""
+
+    num_samples: int = 16
+    """Samples drawn."""
+    steps: int = 32
+    """Diffusion steps T (per block for BD3-LM; AR and the block order ignore it)."""
+    order: str = "random"
+    """random (a random diffusion order, then left to right) or block (subcontext chunks)."""
+    schedule: str = "loglinear"
+    """loglinear (binomial counts), power (deterministic, shape gamma) or best (the searched one)."""
+    gamma: float = 1.0
+    """Shape of the power schedule."""
+    subcontexts: int = 4
+    """Chunks of the block order."""
+    shuffle: bool | str = False
+    """Block order: false/none, true/shared (the reference), or per_chunk."""
+    top_p: float = 0.9
+    """Nucleus mass kept at every decode (1 keeps all)."""
+    kv_cache: bool = True
+    """Cache keys/values where the family can (MDLM never caches)."""
+    seed: int = 0
+    """Seed of the schedule and token-noise streams (independent streams derived from it)."""
+    alpha_0: float | None = None
+    """Eso-LMs only: the diffusion fraction at sampling (None: the trained value)."""
+    judge: str = "ar"
+    """The variant whose model.ckpt scores the samples (an AR model)."""
+    device: str = "auto"
+    """auto (a GPU when present, else the CPU), cpu, or a CUDA device."""
+
+    def schedule_kwargs(self) -> dict:
+        """The keyword arguments of ``esolm.generate`` this section sets."""
+        return {k: getattr(self, k) for k in SCHEDULE_KEYS}

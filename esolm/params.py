@@ -129,27 +129,28 @@ def build(cls: type, values: dict, where: str) -> Any:
     return cls(**values)
 
 
+_SCALARS = ("bool", "int", "float", "str", "None")
+
+
 def _typed(name: str, annotation: str, value: Any) -> Any:
     """``value`` checked against a field's annotation (numbers given as text are parsed; an int
     is a valid float); a mismatch is an error naming the key, before any file is touched."""
     kinds = [a.strip() for a in annotation.split("|")]
-    if value is None and "None" in kinds:
-        return value
-    if "bool" in kinds:
-        if isinstance(value, bool):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    for kind in kinds:
+        if kind not in _SCALARS:
+            return value  # tuples and the like: the dataclass validates them
+        if (kind == "None" and value is None) or (kind == "bool" and isinstance(value, bool)) \
+                or (kind == "int" and number and isinstance(value, int)) \
+                or (kind == "str" and isinstance(value, str)):
             return value
-    elif "int" in kinds and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif "float" in kinds:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if kind == "float" and number:
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif kinds[0] == "str" and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if "float" in kinds and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if "str" in kinds and number:
         return str(value)  # e.g. precision: 32
-    else:
-        return value
     raise ValueError(f"{name}={value!r} is not a {annotation}: write a plain {kinds[0]} value")

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from esolm.config import ModelConfig
+from esolm.config import EvalConfig, ModelConfig, SampleConfig
 from esolm.io import write_json, write_text_atomic
 from esolm.params import build, section
 
@@ -103,8 +104,8 @@ def evaluate_stage(params: dict, name: str, progress: bool) -> dict:
     from esolm.device import pick_device
     from esolm.training import load_model
 
-    ev = dict(section(params, "evaluate"))
-    device = pick_device(ev.get("device", "auto"))
+    ev = asdict(build(EvalConfig, dict(section(params, "evaluate")), "evaluate"))
+    device = pick_device(ev["device"])
     ddir = data_dir(params)
     meta = read_meta(ddir)
     model = load_model(run_dir(name) / "model.ckpt", device=device)
@@ -113,7 +114,7 @@ def evaluate_stage(params: dict, name: str, progress: bool) -> dict:
                          f"{ddir} has {meta['vocab_size']}: retrain on these shards")
     result = {"variant": name, "family": model.config.variant, "alpha_0": model.config.alpha_0}
     targets = [(split, ddir, split) for split in ev["splits"]]
-    targets += [(f"zero_shot:{Path(z).name}", Path(z), "test") for z in ev.get("zero_shot", [])]
+    targets += [(f"zero_shot:{Path(z).name}", Path(z), "test") for z in ev["zero_shot"]]
     for key, folder, split in targets:
         zmeta = read_meta(folder)
         if zmeta["vocab_size"] != meta["vocab_size"] or zmeta["length"] != meta["length"]:
@@ -142,6 +143,15 @@ def best_schedule(out_dir: Path) -> dict:
             **chosen}
 
 
+def sample_config(params: dict) -> SampleConfig:
+    """The typed ``sample:`` section, with the searched schedule filled in for ``schedule: best``."""
+    sc = build(SampleConfig, dict(section(params, "sample")), "sample")
+    if sc.schedule == "best":
+        best = best_schedule(Path(section(params, "search")["out_dir"]))
+        sc = replace(sc, **{k: v for k, v in best.items() if k in asdict(sc)})
+    return sc
+
+
 def sample_stage(params: dict, name: str, progress: bool) -> dict:
 
     from esolm.device import pick_device
@@ -149,17 +159,14 @@ def sample_stage(params: dict, name: str, progress: bool) -> dict:
     from esolm.sampling import generate
     from esolm.training import load_run
 
-    sp = dict(section(params, "sample"))
-    if sp["schedule"] == "best":
-        sp.update(best_schedule(Path(section(params, "search")["out_dir"])))
-    device = pick_device(sp.get("device", "auto"))
+    sc = sample_config(params)
+    device = pick_device(sc.device)
     path = run_dir(name) / "model.ckpt"
     model, tok = load_run(path, device=device)
-    keys = ("steps", "order", "kv_cache", "top_p", "seed", "schedule", "gamma", "subcontexts", "shuffle")
-    extra = {"alpha_0": sp["alpha_0"]} if "alpha_0" in sp and model.config.variant.startswith("eso") else {}
-    g = generate(model, num_samples=sp["num_samples"], progress=progress, **{k: sp[k] for k in keys}, **extra)
+    extra = {"alpha_0": sc.alpha_0} if sc.alpha_0 is not None and model.config.variant.startswith("eso") else {}
+    g = generate(model, num_samples=sc.num_samples, progress=progress, **sc.schedule_kwargs(), **extra)
     texts = tok.decode_batch(g.tokens.tolist(), skip_special_tokens=False)
-    judge = Judge.from_checkpoint(run_dir(sp["judge"]) / "model.ckpt", device)
+    judge = Judge.from_checkpoint(run_dir(sc.judge) / "model.ckpt", device)
     scores = judge.score(texts)
     entropies = [unigram_entropy(ids) for ids in g.tokens.tolist()]
     settings = g.settings  # what ran (the block order fixes its own steps)
@@ -168,12 +175,24 @@ def sample_stage(params: dict, name: str, progress: bool) -> dict:
                                                    scores["per_sample_nll"]))]
     write_text_atomic(run_dir(name) / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     summary = {"variant": name, "family": model.config.variant, "nfe": g.nfe, "seconds": g.seconds,
-               "seconds_per_sample": g.seconds / sp["num_samples"],
+               "seconds_per_sample": g.seconds / sc.num_samples,
                "tokens_per_s": g.tokens.numel() / g.seconds, "kv_cache": g.kv_cache,
                "gen_ppl": scores["gen_ppl"], "entropy": sum(entropies) / len(entropies),
-               "judge": judge.name, "schedule": settings, "num_samples": sp["num_samples"]}
+               "judge": judge.name, "schedule": settings, "num_samples": sc.num_samples}
     write_json(run_dir(name) / "generation.json", summary)
-    return summary
+    return {**summary, "texts": texts}
+
+
+def prompted_samples(params: dict, name: str, prompt: str | None, infill: str | None) -> list[str]:
+    """``esolm sample --prompt/--infill``: the sample section's schedule, printed not stored."""
+    from esolm.device import pick_device
+    from esolm.text import generate_text, load
+
+    sc = sample_config(params)
+    model, tok = load(run_dir(name) / "model.ckpt", device=pick_device(sc.device))
+    extra = {"alpha_0": sc.alpha_0} if sc.alpha_0 is not None and model.config.variant.startswith("eso") else {}
+    return generate_text(model, tok, prompt=prompt, infill=infill, num_samples=sc.num_samples,
+                         **sc.schedule_kwargs(), **extra)
 
 
 def _search_setup(params: dict, device: torch.device):
@@ -188,7 +207,8 @@ def _search_setup(params: dict, device: torch.device):
     sc = build(SearchConfig, values, "search")
     path = run_dir(sc.variant) / "model.ckpt"
     model, tok = load_run(path, device=device)
-    judge = Judge.from_checkpoint(run_dir(section(params, "sample")["judge"]) / "model.ckpt", device)
+    judge_name = build(SampleConfig, dict(section(params, "sample")), "sample").judge
+    judge = Judge.from_checkpoint(run_dir(judge_name) / "model.ckpt", device)
     floor = sc.entropy_floor
     if floor <= 0:
         rows = load_split(data_dir(params), "valid")[:64].tolist()

@@ -159,3 +159,43 @@ def test_bad_params_name_the_key_and_type(project):
         train_stage(params, "ar", fresh=False, progress=False)
     with pytest.raises(ValueError, match="unknown variant"):
         train_stage(_params(project), "gpt5", fresh=False, progress=False)
+
+
+def test_unknown_sample_and_evaluate_keys_name_the_closest(project):
+    """``num_sample: 2`` used to be ignored (16 samples came out)."""
+    from esolm.stages import evaluate_stage, sample_stage
+
+    params = _params(project)
+    params["sample"]["num_sample"] = 2
+    with pytest.raises(ValueError, match="unknown parameter sample.num_sample; did you mean 'num_samples'"):
+        sample_stage(params, "eso_b_a05", progress=False)
+    params = _params(project)
+    params["evaluate"]["nelbo_draw"] = 2
+    with pytest.raises(ValueError, match="did you mean 'nelbo_draws'"):
+        evaluate_stage(params, "eso_b_a05", progress=False)
+
+
+def test_text_in_text_out(project, capsys):
+    """Two lines of Python from a model file to strings; the CLI prints samples and takes a
+    prompt or an infilling template."""
+    import esolm
+    from esolm.cli import main
+    from esolm.text import encode_given
+
+    model, tok = esolm.load(project / "runs" / "eso_b_a05" / "model.ckpt")
+    texts = esolm.generate_text(model, tok, prompt="the state of the", num_samples=3, steps=4, seed=1)
+    assert len(texts) == 3 and all(isinstance(t, str) and t for t in texts)
+    given = encode_given(tok, 16, prompt="the state of the")
+    g = esolm.generate(model, num_samples=3, steps=4, prompt=given)
+    assert all(int(g.tokens[r, p]) == t for r in range(3) for p, t in given.items())
+    fill = encode_given(tok, 16, infill="the [MASK][MASK] of the")
+    first = tok.encode("the ", add_special_tokens=False).ids
+    assert all(p not in fill for p in range(len(first), len(first) + 2))  # the two marks stay free
+    with pytest.raises(ValueError, match="model's length is 16"):
+        encode_given(tok, 16, prompt="the state " * 40)
+    assert main(["sample", "--variant", "eso_b_a05", "--prompt", "the state of", "--set", "sample.num_samples=2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- sample") == 2
+    assert main(["sample", "--variant", "mdlm", "--infill", "the [MASK] of", "--set", "sample.num_samples=1"]) == 0
+    assert main(["sample", "--variant", "ar", "--infill", "the [MASK] of"]) == 2
+    assert "prefix prompt only" in capsys.readouterr().err

@@ -105,6 +105,14 @@ def lr_factor(step: int, tc: TrainConfig) -> float:
     return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _step_of(path: Path) -> str:
+    """'step N' of a checkpoint file, or 'none yet'."""
+    try:
+        return f"step {safe_load(path).get('global_step')}"
+    except (FileNotFoundError, ValueError):
+        return "none yet"
+
+
 def ema_decay(decay: float, updates: int) -> float:
     """The reference's EMA warm-up: min(decay, (1 + n) / (10 + n)) at the n-th update (n >= 1),
     so early averages forget the initialisation instead of holding it for ~1 / (1 - decay) steps."""
@@ -129,6 +137,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written to a temporary name and renamed; loaded with weights_only=True."""
 
     def save_checkpoint(self, checkpoint: dict, path: str | os.PathLike, storage_options: Any = None) -> None:
+        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
+               if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # never replace the last finite state with a diverged one
+            raise RuntimeError(f"non-finite weights ({bad[0]}{' and others' if len(bad) > 1 else ''}) "
+                               f"at step {checkpoint.get('global_step')}; {path} keeps the last finite "
+                               f"state ({_step_of(Path(path))}): lower train.lr or check the data")
         atomic_save(checkpoint, Path(path))
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,
@@ -190,8 +204,10 @@ class LitModel(pl.LightningModule):
                    world_size=self.trainer.world_size, objective=self.tc.objective)
         objective, value = global_per_token(out, self.trainer.world_size)
         if not torch.isfinite(value):
+            last = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
             raise RuntimeError(f"non-finite training loss {value.item()} at step {self.global_step}; "
-                               "the last good checkpoint is kept (lower train.lr or check the data)")
+                               f"stopped; {last} keeps the last finite state ({_step_of(last)}): "
+                               "lower train.lr or check the data")
         self.losses.append(float(value))
         self.log("train_loss", value, prog_bar=True, batch_size=batch.shape[0])
         return objective / self.tc.accumulate

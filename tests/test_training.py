@@ -283,3 +283,14 @@ def test_the_model_file_carries_its_tokenizer(shards, tmp_path, monkeypatch):
     torch.save(ckpt, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match="bad.ckpt: the embedded tokenizer does not match"):
         load_run(tmp_path / "bad.ckpt")
+
+
+def test_a_diverged_state_never_replaces_the_last_finite_checkpoint(tmp_path):
+    from esolm.training import AtomicCheckpointIO
+
+    io_ = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io_.save_checkpoint({"global_step": 10, "state_dict": {"w": torch.ones(3)}}, path)
+    with pytest.raises(RuntimeError, match=r"non-finite weights \(w\) at step 20; .* keeps the last finite state \(step 10\)"):
+        io_.save_checkpoint({"global_step": 20, "state_dict": {"w": torch.tensor([1.0, float("nan"), 0.0])}}, path)
+    assert safe_load(path)["global_step"] == 10

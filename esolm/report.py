@@ -168,6 +168,7 @@ def _html(rid: str, cols: list[str], rows: list[tuple], figs: list, samples: lis
              "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>esolm report</title>"
             f"<style>{style}</style></head><body><h1>esolm report</h1><p>Run <code>{esc(rid)}</code>, "
-            f"test split.</p><div class='wide'><table><tr>{head}</tr>{body}</table></div>{images}<h2>Samples</h2>{texts}</body></html>")
+            f"test split.</p><div class='wide'><table><tr>{head}</tr>{body}</table></div>{images}"
+            f"<h2>Samples</h2>{texts}</body></html>")
 
 

@@ -223,7 +223,8 @@ def plot_front(rows: list[dict], front: list[dict], default: list[dict], path: P
     done = [r for r in rows if r["gen_ppl"] is not None]
     ax.scatter([r["seconds"] for r in done], [r["gen_ppl"] for r in done], s=14, alpha=0.5,
                c=["tab:blue" if r["feasible"] else "tab:grey" for r in done], label="trials (grey: infeasible)")
-    ax.plot([p["seconds"] for p in front], [p["gen_ppl"] for p in front], "o-", color="tab:orange", label="Pareto front")
+    ax.plot([p["seconds"] for p in front], [p["gen_ppl"] for p in front], "o-", color="tab:orange",
+            label="Pareto front")
     if default:
         ax.plot([p["seconds"] for p in default], [p["gen_ppl"] for p in default], "s--", color="k",
                 label="default schedule (T grid)")

@@ -85,13 +85,14 @@ def connect(path: str | Path = DEFAULT_DB, read_only: bool = False, retries: int
     for attempt in range(retries):
         try:
             con = duckdb.connect(str(path), read_only=read_only)
-            if not read_only:
-                con.execute(SCHEMA)
-            return con
         except duckdb.IOException as err:
             if "lock" not in str(err).lower() or attempt == retries - 1:
                 raise
             time.sleep(wait * (1.5 ** attempt))
+            continue
+        if not read_only:
+            con.execute(SCHEMA)
+        return con
     raise RuntimeError("unreachable")
 
 
@@ -145,7 +146,7 @@ def ingest(params: dict, runs_dir: Path = Path("runs"), reports: Path = Path("re
            db: Path = DEFAULT_DB, label: str = "pipeline", rid: str | None = None) -> dict[str, int]:
     """Load every stage output of this run into the database; returns rows written per table."""
     rid = rid or run_id(params)
-    counts: dict[str, int] = {t: 0 for t in TABLES}
+    counts: dict[str, int] = dict.fromkeys(TABLES, 0)
     con = connect(db)
     try:
         con.execute("BEGIN TRANSACTION")

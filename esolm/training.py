@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from esolm.config import ModelConfig
 from esolm.data.batches import Batches
+from esolm.data.tokenizers import read_tokenizer
 from esolm.io import atomic_save, read_jsonl, run_lock, safe_load, write_text_atomic
 from esolm.model.backbone import Backbone
 from esolm.objectives import OBJECTIVES, LossOutput, check_objective, loss
@@ -235,10 +236,6 @@ class LitModel(pl.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, self.tc))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def eval_model(self) -> Backbone:
-        """The weights evaluation and sampling use: EMA when enabled, else the live ones."""
-        return self.ema if self.ema is not None else self.model
-
 
 class JsonlLog(pl.Callback):
     """runs/NAME/train.jsonl: one row per ``log_every`` optimizer steps (rank 0 only). On resume
@@ -446,7 +443,7 @@ def _tokenizer_of(ckpt: dict, path: Path) -> Tokenizer:
         if not where.is_file():
             raise FileNotFoundError(f"{path} names its tokenizer as {where}, which does not exist "
                                     f"from {Path.cwd()}; run from the project root or retrain")
-        return Tokenizer.from_file(str(where))
+        return read_tokenizer(where)
     if hashlib.sha256(text.encode()).hexdigest() != ckpt.get("tokenizer_sha256"):
         raise ValueError(f"{path}: the embedded tokenizer does not match its sha256; the file is corrupt")
     return Tokenizer.from_str(text)

@@ -12,7 +12,7 @@ for _k, _v in {"DVC_NO_ANALYTICS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFL
                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
     os.environ.setdefault(_k, _v)
 
-from esolm import ModelConfig, build_model
+from esolm import ModelConfig, build_model  # noqa: E402 - after the offline switches
 
 VARIANTS = ("ar", "mdlm", "bd3lm", "eso_a", "eso_b")
 

@@ -52,7 +52,7 @@ def test_schedule_invariants_and_nfe(variant):
     mask = model.config.mask_token_id
     g = generate(model, num_samples=3, steps=7, seed=5, record_logits=True)
     # replay: every recorded step decoded as many tokens as its logits rows
-    decoded = sum(l.shape[1] for l in g.step_logits)
+    decoded = sum(step.shape[1] for step in g.step_logits)
     assert decoded == 16 and (g.tokens != mask).all()
     assert g.nfe == len(g.step_logits)
     sched = g.schedules[0]
@@ -140,7 +140,7 @@ def test_nucleus_never_picks_outside_the_top_p_set():
 def test_mdlm_computes_logits_only_for_decoded_positions():
     model = sharp_model("mdlm")
     g = generate(model, num_samples=2, steps=16, seed=0, record_logits=True)
-    assert all(l.shape[1] < 16 for l in g.step_logits)
+    assert all(step.shape[1] < 16 for step in g.step_logits)
     assert not g.kv_cache
 
 

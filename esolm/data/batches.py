@@ -16,7 +16,14 @@ def read_meta(data_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: prepare the data first (`esolm prepare`, "
                                 "or esolm.data.prepare(DataConfig(...)))")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err.msg}, line {err.lineno}); it is truncated: "
+                         "prepare the data again (esolm prepare)") from err
+    if not isinstance(meta, dict) or "splits" not in meta:
+        raise ValueError(f"{path} is not an esolm meta.json (no 'splits'): prepare the data again")
+    return meta
 
 
 def load_split(data_dir: str | Path, split: str) -> np.memmap:
@@ -42,7 +49,7 @@ class Batches:
     its slice ``[r*B:(r+1)*B]``, so ranks get disjoint rows and together the rows of a single
     process with batch size B*W. The last partial global batch of an epoch is dropped.
     Iterating never ends (epochs follow each other); ``batch_at(step)`` is a pure function of
-    the seed and the step, and ``state_dict`` / ``load_state_dict`` resume exactly.
+    the seed and the step, so training resumes exactly from the step alone.
     """
 
     def __init__(self, data: str | os.PathLike | np.ndarray, split: str = "train",
@@ -97,15 +104,3 @@ class Batches:
         batch = self.batch_at(self._step)
         self._step += 1
         return batch
-
-    def state_dict(self) -> dict:
-        """The position of the next batch: {'epoch': e, 'index': i} (step = e * len(self) + i)."""
-        epoch, index = divmod(self._step, self.steps_per_epoch)
-        return {"epoch": epoch, "index": index}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from a ``state_dict()``: the next batch is the one that would have followed."""
-        epoch, index = int(state["epoch"]), int(state["index"])
-        if epoch < 0 or not 0 <= index < self.steps_per_epoch:
-            raise ValueError(f"state {state} is out of range for {self.steps_per_epoch} steps per epoch")
-        self._step = epoch * self.steps_per_epoch + index

@@ -259,7 +259,14 @@ def _load_hub(path: str, config: str | None, allow_network: bool, shown: str) ->
     import datasets
 
     if allow_network:
-        return datasets.load_dataset(path, config)
+        try:
+            return datasets.load_dataset(path, config)
+        except ConnectionError as e:
+            raise RuntimeError(
+                f"source {shown!r} needs the Hugging Face hub, which this machine cannot reach ({e}; "
+                "HF_DATASETS_OFFLINE / HF_HUB_OFFLINE switch it off). Run where the hub is reachable "
+                "once (the copy is cached), or point data.source at a local copy (files:<glob>)"
+            ) from e
     try:
         with _hub_offline():
             return datasets.load_dataset(path, config)

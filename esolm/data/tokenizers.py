@@ -164,7 +164,7 @@ def load_tokenizer(spec: str, train_texts: Sequence[str] = (), cache_dir: str | 
         path = Path(spec.partition(":")[2])
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist (tokenizer spec {spec!r})")
-        return Tokenizer.from_file(str(path))
+        return read_tokenizer(path)
     build = gpt2_tokenizer if kind == "gpt2" else bert_tokenizer
     try:
         return build(cache_dir, progress)
@@ -174,3 +174,12 @@ def load_tokenizer(spec: str, train_texts: Sequence[str] = (), cache_dir: str | 
         if not allow_network:
             raise
         return _from_hub(kind, e)
+
+
+def read_tokenizer(path: str | Path) -> Tokenizer:
+    """A ``tokenizer.json``; a truncated or foreign file is an error naming it."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # the tokenizers library raises a bare Exception
+        raise ValueError(f"{path} is not a readable tokenizer.json ({err}); it is truncated or not a "
+                         "tokenizer: prepare the data again (esolm prepare)") from err

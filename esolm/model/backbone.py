@@ -101,7 +101,8 @@ class Backbone(nn.Module):
     With ``cache``, the N tokens are appended after ``cache.length`` cached keys and attend
     to all of them as the mask allows; the first ``commit`` tokens' K/V are then kept.
     ``logits_for`` selects the tokens whose logits are computed, as a slice or a
-    LongTensor[B, k] of indices (the output layer dominates small models). Logits are float32 with the mask id at -inf (zero-masking).
+    LongTensor[B, k] of indices (the output layer dominates small models). Logits are float32
+    with the mask id at -inf (zero-masking).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:

@@ -9,7 +9,8 @@ import pytest
 
 from esolm.data import DataConfig
 
-WORDS = ["the", "union", "of", "states", "congress", "people", "nation", "year", "law", "war", "peace", "trade", "money", "president", "government", "public", "country", "great", "duty", "power", "treaty", "army", "navy"]
+WORDS = ["the", "union", "of", "states", "congress", "people", "nation", "year", "law", "war", "peace", "trade",
+         "money", "president", "government", "public", "country", "great", "duty", "power", "treaty", "army", "navy"]
 
 
 def make_text(rng: random.Random, n_words: int) -> str:

@@ -34,7 +34,7 @@ def test_wrap_shards_and_meta(small_cfg: DataConfig):
     for split in ("train", "valid", "test"):
         rows, docs, info = load_split(out, split), _docs(small_cfg, split), meta["splits"][split]
         assert rows.dtype == np.uint16 and rows.shape == (info["rows"], 16) and info["rows"] > 0
-        ids = [tok.encode(d, add_special_tokens=False).ids + [0] for d in docs]
+        ids = [[*tok.encode(d, add_special_tokens=False).ids, 0] for d in docs]
         flat = [t for doc in ids for t in doc]
         assert info["tokens"] == len(flat) - len(docs) and info["documents"] == len(docs)
         assert info["rows"] == len(flat) // 16  # the remainder is dropped
@@ -134,3 +134,18 @@ def test_unknown_source_is_rejected_before_any_work(tmp_path: Path):
     with pytest.raises(ValueError, match=r"DataConfig.source='ftp://x'.*'sotu', 'hf:<name>"):
         prepare(DataConfig(source="ftp://x", out_dir=str(tmp_path)), progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_meta_and_tokenizer_files_are_errors_naming_them(small_cfg: DataConfig):
+    from esolm.data import read_meta
+    from esolm.data.tokenizers import read_tokenizer
+
+    out = prepare(small_cfg, progress=False)
+    text = (out / "meta.json").read_text()
+    (out / "meta.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"meta.json is not valid JSON .* truncated"):
+        read_meta(out)
+    tok = (out / "tokenizer.json").read_text()
+    (out / "tokenizer.json").write_text(tok[: len(tok) // 2])
+    with pytest.raises(ValueError, match=r"tokenizer.json is not a readable tokenizer.json"):
+        read_tokenizer(out / "tokenizer.json")

@@ -161,3 +161,13 @@ def test_hub_split_conventions(monkeypatch):
     views = sources._column_views({"test": test}, "text", "eval_only", cfg)
     assert all(list(views[s][0:2]) == ["t0", "t1"] for s in ("train", "valid", "test"))
     assert sources.HF_CONVENTIONS["ptb_text_only"].column == "sentence"
+
+
+def test_a_hub_source_offline_is_one_clear_error(monkeypatch):
+    """preset=owt-small on an offline machine used to end in a datasets traceback."""
+    from esolm.data.sources import _load_hub
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="needs the Hugging Face hub, which this machine cannot reach"):
+        _load_hub("esolm-test/no-such-dataset", None, True, "hf:no-such-dataset")

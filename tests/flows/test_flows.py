@@ -38,7 +38,8 @@ def make_repo(tmp: Path) -> Path:
     _git(repo, "config", "user.name", "t")
     subprocess.run([dvc, "init", "-q"], cwd=repo, check=True, env={"DVC_NO_ANALYTICS": "1", "PATH": ""})
     (repo / "params.yaml").write_text(yaml.safe_dump({"hello": {"times": 2}, "variants": {}}))
-    write = "import yaml; n = yaml.safe_load(open('params.yaml'))['hello']['times']; open('out.txt', 'w').write('hi' * n)"
+    write = ("import yaml; n = yaml.safe_load(open('params.yaml'))['hello']['times']; "
+             "open('out.txt', 'w').write('hi' * n)")
     stages = {"stages": {"hello": {"cmd": f'{sys.executable} -c "{write}"', "params": ["hello.times"],
                                    "outs": [{"out.txt": {"cache": False}}]},
                          "broken": {"cmd": f'{sys.executable} -c "raise SystemExit(3)"'}}}

@@ -55,6 +55,14 @@ def cmd_evaluate(args: argparse.Namespace, params: dict) -> None:
               f"{r['nelbo_ppl']:.2f} (+- {r['nelbo_stderr']:.3f} nats), {r['bits_per_byte']:.3f} bits/byte")
 
 
+def cmd_judge(args: argparse.Namespace, params: dict) -> None:
+    from esolm.stages import judge_stage
+
+    s = judge_stage(params, args.fresh, not args.quiet)
+    print(f"judge {s['name']}: {s['train']['steps']} steps, test perplexity {s['test_ppl']:.2f} "
+          f"(runs/{s['name']}/)")
+
+
 def cmd_sample(args: argparse.Namespace, params: dict) -> None:
     from esolm.stages import prompted_samples, sample_stage
 
@@ -119,6 +127,8 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace, dict], None], str]] = {
     "prepare": (cmd_prepare, "fetch, verify and tokenize the corpus into token shards (params: data)"),
     "train": (cmd_train, ("train one variant, resuming from its last checkpoint (params: model, "
                           "variants, train)")),
+    "judge": (cmd_judge, ("train the dedicated AR judge of generative perplexity (never a contestant) "
+                          "and measure its test perplexity (params: judge, model, train, evaluate)")),
     "evaluate": (cmd_evaluate, ("NELBO, exact and importance-weighted likelihood of one variant "
                                 "(params: evaluate)")),
     "sample": (cmd_sample, "sample from one variant with KV caching and judge the samples (params: sample)"),
@@ -143,7 +153,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--quiet", action="store_true", help="no progress bars")
         if name in NEEDS_VARIANT:
             s.add_argument("--variant", required=True, help="a name under `variants` in params.yaml")
-        if name == "train":
+        if name in ("train", "judge"):
             s.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
         if name == "sample":
             s.add_argument("--prompt", default=None, help="continue this text (prints the samples; "

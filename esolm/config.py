@@ -170,8 +170,8 @@ class SampleConfig:
     """Seed of the schedule and token-noise streams (independent streams derived from it)."""
     alpha_0: float | None = None
     """Eso-LMs only: the diffusion fraction at sampling (None: the trained value)."""
-    judge: str = "ar"
-    """The variant whose model.ckpt scores the samples (an AR model)."""
+    judge: str = "judge"
+    """Who scores the samples: judge (the dedicated AR judge stage) or hf:<name or folder>."""
     device: str = "auto"
     """auto (a GPU when present, else the CPU), cpu, or a CUDA device."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def fig_speed_quality(db: Path, rid: str, path: Path) -> bool:
         ax.annotate(f"{variant} (H={ent:.2f})", (sec, ppl), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("sampling time per sample (s)")
-    ax.set_ylabel("generative perplexity (judge: AR)")
+    ax.set_ylabel("generative perplexity (under the judge)")
     return _save(plt, fig, path)
 
 
@@ -146,17 +147,31 @@ def write_report(db: Path = DEFAULT_DB, rid: str = "", out: Path = Path("reports
         figs.append(("Schedule search: Pareto front vs the default schedule", search_fig))
     _, samples = query("SELECT variant, sample_index, text FROM generations WHERE run_id = ? AND sample_index < ? "
                        "ORDER BY variant, sample_index", db, [rid, n_samples])
+    judged = judge_line(db, rid)
     md = [(f"# esolm report\n\nRun `{rid}`. Test split; exact = exact likelihood for a fixed order "
-          "(left to right; sampler order = Binomial(L, alpha_0) random prefix then left to right).\n"),
+          "(left to right; sampler order = Binomial(L, alpha_0) random prefix then left to right). "
+          f"{judged}\n"),
           markdown_table(cols, rows), ""]
     md += [f"## {title}\n\n![{title}]({p.relative_to(out).as_posix()})\n" for title, p in figs]
     md += ["## Samples\n"] + [f"**{v}** #{i}\n\n> {t}\n" for v, i, t in samples]
     write_text_atomic(out / "report.md", "\n".join(md))
-    write_text_atomic(out / "index.html", _html(rid, cols, rows, figs, samples))
+    write_text_atomic(out / "index.html", _html(rid, cols, rows, figs, samples, judged))
     return {"columns": cols, "rows": rows, "figures": [str(p) for _, p in figs]}
 
 
-def _html(rid: str, cols: list[str], rows: list[tuple], figs: list, samples: list) -> str:
+def judge_line(db: Path, rid: str, runs: Path = Path("runs")) -> str:
+    """Who scored the generative perplexity, and (for an esolm judge) its own test perplexity."""
+    _, names = query("SELECT DISTINCT judge FROM sampling WHERE run_id = ? ORDER BY judge", db, [rid])
+    parts = []
+    for (name,) in names:
+        like = runs / str(name) / "likelihood.json"
+        ppl = json.loads(like.read_text()).get("test", {}).get("exact_l2r_ppl") if like.exists() else None
+        parts.append(f"{name} (an AR model of its own stage, never a contestant; its test perplexity "
+                     f"{ppl:.1f})" if ppl is not None else str(name))
+    return f"Generative perplexity is judged by {', '.join(parts)}." if parts else ""
+
+
+def _html(rid: str, cols: list[str], rows: list[tuple], figs: list, samples: list, judged: str = "") -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{esc(_fmt(v))}</td>" for v in r) + "</tr>" for r in rows)
@@ -168,7 +183,7 @@ def _html(rid: str, cols: list[str], rows: list[tuple], figs: list, samples: lis
              "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>esolm report</title>"
             f"<style>{style}</style></head><body><h1>esolm report</h1><p>Run <code>{esc(rid)}</code>, "
-            f"test split.</p><div class='wide'><table><tr>{head}</tr>{body}</table></div>{images}"
+            f"test split. {esc(judged)}</p><div class='wide'><table><tr>{head}</tr>{body}</table></div>{images}"
             f"<h2>Samples</h2>{texts}</body></html>")
 
 

@@ -39,6 +39,34 @@ def model_config(params: dict, name: str, meta: dict) -> ModelConfig:
     return build(ModelConfig, values, f"variants.{name}")
 
 
+JUDGE_KEYS = ("name", "model", "train")
+
+
+def judge_params(params: dict) -> tuple[dict, str]:
+    """(params in which the judge is the only variant, its name): an AR model on the shared
+    model and train sections with the ``judge:`` section's overrides (larger, longer)."""
+    jc = dict(section(params, "judge"))
+    unknown = sorted(set(jc) - set(JUDGE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown parameter judge.{unknown[0]}: use {list(JUDGE_KEYS)}")
+    name = jc.get("name", "judge")
+    if name in section(params, "variants"):
+        raise ValueError(f"judge.name={name!r} is also a variant: the judge must never be a contestant")
+    out = {**params, "variants": {name: {"variant": "ar"}},
+           "model": {**section(params, "model"), **(jc.get("model") or {})},
+           "train": {**section(params, "train"), **(jc.get("train") or {})}}
+    return out, name
+
+
+def judge_stage(params: dict, fresh: bool, progress: bool) -> dict:
+    """Train the dedicated AR judge and measure its own test perplexity (runs/<name>/)."""
+    jp, name = judge_params(params)
+    summary = train_stage(jp, name, fresh, progress)
+    likelihood = evaluate_stage(jp, name, progress)
+    return {"name": name, "train": summary, "test_ppl": likelihood["test"]["exact_l2r_ppl"]
+            if "test" in likelihood else None}
+
+
 def train_stage(params: dict, name: str, fresh: bool, progress: bool) -> dict:
     from esolm.data import read_meta
     from esolm.training import TrainConfig, train
@@ -155,7 +183,7 @@ def sample_config(params: dict) -> SampleConfig:
 def sample_stage(params: dict, name: str, progress: bool) -> dict:
 
     from esolm.device import pick_device
-    from esolm.judge import Judge, unigram_entropy
+    from esolm.judge import load_judge, unigram_entropy
     from esolm.sampling import generate
     from esolm.training import load_run
 
@@ -166,7 +194,7 @@ def sample_stage(params: dict, name: str, progress: bool) -> dict:
     extra = {"alpha_0": sc.alpha_0} if sc.alpha_0 is not None and model.config.variant.startswith("eso") else {}
     g = generate(model, num_samples=sc.num_samples, progress=progress, **sc.schedule_kwargs(), **extra)
     texts = tok.decode_batch(g.tokens.tolist(), skip_special_tokens=False)
-    judge = Judge.from_checkpoint(run_dir(sc.judge) / "model.ckpt", device)
+    judge = load_judge(sc.judge, Path("runs"), device, contestants=tuple(section(params, "variants")))
     scores = judge.score(texts)
     entropies = [unigram_entropy(ids) for ids in g.tokens.tolist()]
     settings = g.settings  # what ran (the block order fixes its own steps)
@@ -199,7 +227,7 @@ def _search_setup(params: dict, device: torch.device):
     """(config, model, judge, tokenizer, entropy floor) for the schedule search."""
 
     from esolm.data import load_split
-    from esolm.judge import Judge, unigram_entropy
+    from esolm.judge import load_judge, unigram_entropy
     from esolm.search import SearchConfig
     from esolm.training import load_run
 
@@ -207,8 +235,8 @@ def _search_setup(params: dict, device: torch.device):
     sc = build(SearchConfig, values, "search")
     path = run_dir(sc.variant) / "model.ckpt"
     model, tok = load_run(path, device=device)
-    judge_name = build(SampleConfig, dict(section(params, "sample")), "sample").judge
-    judge = Judge.from_checkpoint(run_dir(judge_name) / "model.ckpt", device)
+    judge_spec = build(SampleConfig, dict(section(params, "sample")), "sample").judge
+    judge = load_judge(judge_spec, Path("runs"), device, contestants=tuple(section(params, "variants")))
     floor = sc.entropy_floor
     if floor <= 0:
         rows = load_split(data_dir(params), "valid")[:64].tolist()

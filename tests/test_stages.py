@@ -31,6 +31,7 @@ def project(tmp_path_factory):
     p["train"].update(steps=10, batch_size=8, val_every=5, ckpt_every=5, log_every=5, warmup_steps=2)
     p["evaluate"].update(batch_size=4, nelbo_batches=2, exact_batches=1, nelbo_draws=2, iw_orders=[1, 2])
     p["sample"].update(num_samples=4, steps=4)
+    p["judge"]["train"] = {"steps": 12}
     p["search"].update(n_trials=3, num_samples=2, default_steps=[2, 4], space={"steps": [2, 8]},
                        out_dir=str(tmp / "search"))
     (tmp / "params.yaml").write_text(yaml.safe_dump(p))
@@ -48,7 +49,7 @@ def _params(project: Path) -> dict:
 
 
 def test_train_evaluate_sample_write_every_field(project):
-    from esolm.stages import evaluate_stage, sample_stage, train_stage
+    from esolm.stages import evaluate_stage, judge_stage, sample_stage, train_stage
 
     params = _params(project)
     for name in ("ar", "mdlm", "eso_b_a05"):
@@ -67,9 +68,12 @@ def test_train_evaluate_sample_write_every_field(project):
     ar = json.loads((project / "runs" / "ar" / "likelihood.json").read_text())["test"]
     # AR: IW over left-to-right orders only is the exact likelihood itself
     assert ar["iw2_ppl"] == pytest.approx(ar["exact_l2r_ppl"], rel=1e-5)
+    judge = judge_stage(params, fresh=False, progress=False)  # the dedicated judge: longer, never a contestant
+    assert judge["train"]["steps"] == 12 and judge["test_ppl"] > 1
+    assert json.loads((project / "runs" / "judge" / "likelihood.json").read_text())["family"] == "ar"
     for name in ("ar", "mdlm", "eso_b_a05"):
         s = sample_stage(params, name, progress=False)
-        assert s["nfe"] > 0 and s["gen_ppl"] > 1 and s["entropy"] > 0
+        assert s["nfe"] > 0 and s["gen_ppl"] > 1 and s["entropy"] > 0 and s["judge"] == "judge"
         rows = (project / "runs" / name / "samples.jsonl").read_text().splitlines()
         assert len(rows) == 4 and {"text", "ids", "settings"} <= set(json.loads(rows[0]))
 
@@ -100,6 +104,8 @@ def test_search_then_sample_with_the_best_schedule_then_report(project):
     html = (project / "reports" / "index.html").read_text()
     assert "eso_b_a05" in html and len(report["rows"]) == 3
     assert "<script" not in html
+    md = (project / "reports" / "report.md").read_text()
+    assert "judged by judge (an AR model of its own stage, never a contestant; its test perplexity" in md
 
 
 def test_report_escapes_generated_text(project, tmp_path):
@@ -199,3 +205,15 @@ def test_text_in_text_out(project, capsys):
     assert main(["sample", "--variant", "mdlm", "--infill", "the [MASK] of", "--set", "sample.num_samples=1"]) == 0
     assert main(["sample", "--variant", "ar", "--infill", "the [MASK] of"]) == 2
     assert "prefix prompt only" in capsys.readouterr().err
+
+
+def test_a_contestant_never_judges_and_the_judge_never_competes(project):
+    from esolm.params import apply_sets
+    from esolm.stages import judge_params, sample_stage
+
+    with pytest.raises(ValueError, match="sample.judge='ar' is a contestant"):
+        sample_stage(apply_sets(_params(project), ["sample.judge=ar"]), "mdlm", progress=False)
+    with pytest.raises(ValueError, match="judge.name='mdlm' is also a variant"):
+        judge_params(apply_sets(_params(project), ["judge.name=mdlm"]))
+    jp, name = judge_params(_params(project))
+    assert list(jp["variants"]) == [name] and jp["train"]["steps"] == 12

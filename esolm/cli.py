@@ -63,6 +63,15 @@ def cmd_judge(args: argparse.Namespace, params: dict) -> None:
           f"(runs/{s['name']}/)")
 
 
+def cmd_curve(args: argparse.Namespace, params: dict) -> None:
+    from esolm.stages import curve_stage
+
+    c = curve_stage(params, args.variant, not args.quiet)
+    for p in c["points"]:
+        print(f"{args.variant} T={p['steps']}: NFE {p['nfe']:.0f}, {p['seconds_per_sample']:.4f} s/sample, "
+              f"gen ppl {p['gen_ppl']:.1f}, entropy {p['entropy']:.2f}")
+
+
 def cmd_sample(args: argparse.Namespace, params: dict) -> None:
     from esolm.stages import prompted_samples, sample_stage
 
@@ -132,12 +141,14 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace, dict], None], str]] = {
     "evaluate": (cmd_evaluate, ("NELBO, exact and importance-weighted likelihood of one variant "
                                 "(params: evaluate)")),
     "sample": (cmd_sample, "sample from one variant with KV caching and judge the samples (params: sample)"),
+    "curve": (cmd_curve, ("sample one variant over a grid of T for the speed-quality figure "
+                          "(params: curve, sample)")),
     "bench": (cmd_bench, "time sampling of every family side by side (params: bench)"),
     "search": (cmd_search, "Optuna search of the sampling schedule for the speed-quality front (params: search)"),
     "report": (cmd_report, "ingest every stage's files into the results database and write the report"),
     "query": (cmd_query, "run SQL on the results database, e.g. esolm query \"SELECT * FROM sampling\""),
 }
-NEEDS_VARIANT = ("train", "evaluate", "sample")
+NEEDS_VARIANT = ("train", "evaluate", "sample", "curve")
 
 
 def parser() -> argparse.ArgumentParser:

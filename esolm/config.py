@@ -178,3 +178,19 @@ class SampleConfig:
     def schedule_kwargs(self) -> dict:
         """The keyword arguments of ``esolm.generate`` this section sets."""
         return {k: getattr(self, k) for k in SCHEDULE_KEYS}
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """The ``curve:`` section: each variant sampled over a grid of T for the speed-quality figure."""
+
+    steps: tuple[int, ...] = (4, 8, 16, 32, 64)
+    """Diffusion steps T of each point (per block for BD3-LM); AR has one point (NFE = L)."""
+    num_samples: int = 8
+    """Samples per point, judged like the sample stage's."""
+
+    def __post_init__(self) -> None:
+        if not self.steps or any(not isinstance(t, int) or t < 1 for t in self.steps):
+            raise ValueError(f"curve.steps={list(self.steps)!r} is invalid: use integers >= 1")
+        if self.num_samples < 1:
+            raise ValueError(f"curve.num_samples={self.num_samples!r} is invalid: use an integer >= 1")

@@ -97,6 +97,35 @@ def fig_speed_quality(db: Path, rid: str, path: Path) -> bool:
     return _save(plt, fig, path)
 
 
+def fig_pareto(db: Path, rid: str, path: Path, search: Path = Path("reports/search/pareto.json")) -> bool:
+    """The paper's speed-quality figure: generative perplexity against seconds per sample and
+    against NFE, one curve per variant over the grid of T (log axes), with the searched
+    schedule's Pareto front on the time axis."""
+    _, rows = query("SELECT variant, family, nfe, seconds_per_sample, gen_ppl FROM curves WHERE run_id = ? "
+                    "ORDER BY variant, nfe", db, [rid])
+    if not rows:
+        return False
+    plt = _plt()
+    fig, (ax_t, ax_n) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for variant in sorted({r[0] for r in rows}):
+        pts = [r for r in rows if r[0] == variant]
+        style = "s" if len(pts) == 1 else "o-"
+        ax_t.plot([p[3] for p in pts], [p[4] for p in pts], style, label=f"{variant} ({pts[0][1]})", ms=4)
+        ax_n.plot([p[2] for p in pts], [p[4] for p in pts], style, ms=4)
+    if search.exists():
+        front = json.loads(search.read_text()).get("front") or []
+        if front:
+            ax_t.plot([p["seconds"] for p in front], [p["gen_ppl"] for p in front], "k--", lw=1,
+                      label="searched schedule (front)")
+    for ax, label in ((ax_t, "seconds per sample"), (ax_n, "NFE (forward passes)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+    ax_t.set_ylabel("generative perplexity (under the judge)")
+    ax_t.legend(fontsize=6)
+    return _save(plt, fig, path)
+
+
 def fig_speedup(db: Path, rid: str, path: Path) -> bool:
     from esolm.bench import plot_bench
 
@@ -131,6 +160,8 @@ def _save(plt, fig, path: Path) -> bool:
 
 FIGURES = [("Perplexity vs alpha_0", "ppl_vs_alpha.png", fig_ppl_vs_alpha),
            ("Speed and quality of sampling", "speed_quality.png", fig_speed_quality),
+           ("Generative perplexity vs sampling time and NFE over a grid of T (the paper's Pareto figure)",
+            "pareto.png", fig_pareto),
            ("Sampling speedup vs sequence length", "speedup.png", fig_speedup),
            ("Training curves", "training.png", fig_training)]
 

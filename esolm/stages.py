@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from esolm.config import EvalConfig, ModelConfig, SampleConfig
+from esolm.config import CurveConfig, EvalConfig, ModelConfig, SampleConfig
 from esolm.io import write_json, write_text_atomic
 from esolm.params import build, section
 
@@ -209,6 +209,35 @@ def sample_stage(params: dict, name: str, progress: bool) -> dict:
                "judge": judge.name, "schedule": settings, "num_samples": sc.num_samples}
     write_json(run_dir(name) / "generation.json", summary)
     return {**summary, "texts": texts}
+
+
+def curve_stage(params: dict, name: str, progress: bool) -> dict:
+    """runs/<name>/curve.json: generative perplexity, entropy, NFE and seconds per sample of
+    ``name`` at each T of ``curve.steps`` (the sample section's other settings; the same judge)."""
+    from esolm.device import pick_device
+    from esolm.judge import load_judge, unigram_entropy
+    from esolm.sampling import generate
+    from esolm.training import load_run
+
+    cc = build(CurveConfig, dict(section(params, "curve")), "curve")
+    sc = build(SampleConfig, dict(section(params, "sample")), "sample")
+    device = pick_device(sc.device)
+    model, tok = load_run(run_dir(name) / "model.ckpt", device=device)
+    judge = load_judge(sc.judge, Path("runs"), device, contestants=tuple(section(params, "variants")))
+    grid = (model.config.length,) if model.config.variant == "ar" else cc.steps
+    points = []
+    for steps in grid:
+        kwargs = {**sc.schedule_kwargs(), "steps": steps, "order": "random", "schedule": "loglinear"}
+        g = generate(model, num_samples=cc.num_samples, progress=progress, **kwargs)
+        ids = g.tokens.tolist()
+        points.append({"steps": None if model.config.variant == "ar" else steps, "nfe": g.nfe,
+                       "seconds_per_sample": g.seconds / cc.num_samples,
+                       "gen_ppl": judge.score(tok.decode_batch(ids, skip_special_tokens=False))["gen_ppl"],
+                       "entropy": sum(unigram_entropy(r) for r in ids) / len(ids)})
+    out = {"variant": name, "family": model.config.variant, "alpha_0": model.config.alpha_0,
+           "judge": judge.name, "num_samples": cc.num_samples, "top_p": sc.top_p, "points": points}
+    write_json(run_dir(name) / "curve.json", out)
+    return out
 
 
 def prompted_samples(params: dict, name: str, prompt: str | None, infill: str | None) -> list[str]:

@@ -39,6 +39,10 @@ CREATE TABLE IF NOT EXISTS sampling (
     run_id VARCHAR, variant VARCHAR, family VARCHAR, nfe BIGINT, seconds DOUBLE,
     seconds_per_sample DOUBLE, tokens_per_s DOUBLE, gen_ppl DOUBLE, entropy DOUBLE, judge VARCHAR,
     num_samples BIGINT, schedule JSON, PRIMARY KEY (run_id, variant));
+CREATE TABLE IF NOT EXISTS curves (
+    run_id VARCHAR, variant VARCHAR, family VARCHAR, alpha_0 DOUBLE, steps BIGINT, nfe BIGINT,
+    seconds_per_sample DOUBLE, gen_ppl DOUBLE, entropy DOUBLE, judge VARCHAR,
+    PRIMARY KEY (run_id, variant, nfe, steps));
 CREATE TABLE IF NOT EXISTS generations (
     run_id VARCHAR, variant VARCHAR, sample_index BIGINT, text VARCHAR, entropy DOUBLE,
     judge_nll DOUBLE, PRIMARY KEY (run_id, variant, sample_index));
@@ -52,7 +56,7 @@ CREATE TABLE IF NOT EXISTS search_trials (
     PRIMARY KEY (run_id, variant, trial));
 """
 
-TABLES = ("runs", "variants", "training", "likelihood", "sampling", "generations", "throughput",
+TABLES = ("runs", "variants", "training", "likelihood", "sampling", "curves", "generations", "throughput",
           "search_trials")
 
 
@@ -136,6 +140,12 @@ def _variant_rows(rid: str, name: str, run: Path) -> dict[str, list[dict]]:
                             "tokens_per_s": g["tokens_per_s"], "gen_ppl": g["gen_ppl"],
                             "entropy": g["entropy"], "judge": g["judge"], "num_samples": g["num_samples"],
                             "schedule": json.dumps(g["schedule"])}]
+    if (run / "curve.json").exists():
+        c = json.loads((run / "curve.json").read_text())
+        out["curves"] = [{"run_id": rid, "variant": name, "family": c["family"], "alpha_0": c["alpha_0"],
+                          "steps": p["steps"] if p["steps"] is not None else -1, "nfe": p["nfe"],
+                          "seconds_per_sample": p["seconds_per_sample"], "gen_ppl": p["gen_ppl"],
+                          "entropy": p["entropy"], "judge": c["judge"]} for p in c["points"]]
     out["generations"] = [{"run_id": rid, "variant": name, "sample_index": r["index"], "text": r["text"],
                            "entropy": r["entropy"], "judge_nll": r["judge_nll"]}
                           for r in _rows_jsonl(run / "samples.jsonl")]

@@ -32,6 +32,7 @@ def project(tmp_path_factory):
     p["evaluate"].update(batch_size=4, nelbo_batches=2, exact_batches=1, nelbo_draws=2, iw_orders=[1, 2])
     p["sample"].update(num_samples=4, steps=4)
     p["judge"]["train"] = {"steps": 12}
+    p["curve"] = {"steps": [2, 4], "num_samples": 2}
     p["search"].update(n_trials=3, num_samples=2, default_steps=[2, 4], space={"steps": [2, 8]},
                        out_dir=str(tmp / "search"))
     (tmp / "params.yaml").write_text(yaml.safe_dump(p))
@@ -81,17 +82,23 @@ def test_train_evaluate_sample_write_every_field(project):
 def test_search_then_sample_with_the_best_schedule_then_report(project):
     from esolm.params import apply_sets
     from esolm.report import write_report
-    from esolm.stages import sample_stage, search_stage
+    from esolm.stages import curve_stage, sample_stage, search_stage
     from esolm.store import ingest, query, run_id
 
     params = _params(project)
     out = search_stage(params, progress=False)
     assert out["trials"] == 3
     best = json.loads((project / "search" / "best.json").read_text())
-    assert best["schedule"] is None or "steps" in best["schedule"]
     if best["schedule"] is not None:
         s = sample_stage(apply_sets(_params(project), ["sample.schedule=best"]), "eso_b_a05", progress=False)
-        assert s["schedule"]["steps"] == best["schedule"]["steps"]
+        assert s["schedule"]["order"] == best["schedule"]["order"]
+        if best["schedule"]["order"] == "random":  # a block order records the steps it ran
+            assert s["schedule"]["steps"] == best["schedule"]["steps"]
+    for name in ("eso_b_a05", "ar"):
+        c = curve_stage(params, name, progress=False)
+        nfes = [p["nfe"] for p in c["points"]]
+        assert len(nfes) == (1 if name == "ar" else 2) and nfes == sorted(nfes) and c["judge"] == "judge"
+    assert c["points"][0]["nfe"] == 16  # AR: one point, NFE = L
     rid = run_id(params)
     counts = ingest(params, reports=project / "reports", db=project / "results.duckdb", rid=rid)
     again = ingest(params, reports=project / "reports", db=project / "results.duckdb", rid=rid)
@@ -104,6 +111,10 @@ def test_search_then_sample_with_the_best_schedule_then_report(project):
     html = (project / "reports" / "index.html").read_text()
     assert "eso_b_a05" in html and len(report["rows"]) == 3
     assert "<script" not in html
+    assert any(f.endswith("pareto.png") for f in report["figures"])
+    _, curves = query("SELECT variant, count(*) FROM curves GROUP BY variant ORDER BY variant",
+                      project / "results.duckdb")
+    assert curves == [("ar", 1), ("eso_b_a05", 2)]
     md = (project / "reports" / "report.md").read_text()
     assert "judged by judge (an AR model of its own stage, never a contestant; its test perplexity" in md
 

@@ -72,6 +72,14 @@ def cmd_curve(args: argparse.Namespace, params: dict) -> None:
               f"gen ppl {p['gen_ppl']:.1f}, entropy {p['entropy']:.2f}")
 
 
+def cmd_export(args: argparse.Namespace, params: dict) -> None:
+    from esolm.checkpoint import export
+
+    out = export(Path("runs") / args.variant / "model.ckpt", Path(args.out or f"exports/{args.variant}"))
+    print(f"wrote {out}/ (config.json, model.safetensors, tokenizer.json, README.md); "
+          f"load it with esolm.load({str(out)!r})")
+
+
 def cmd_sample(args: argparse.Namespace, params: dict) -> None:
     from esolm.stages import prompted_samples, sample_stage
 
@@ -145,10 +153,12 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace, dict], None], str]] = {
                           "(params: curve, sample)")),
     "bench": (cmd_bench, "time sampling of every family side by side (params: bench)"),
     "search": (cmd_search, "Optuna search of the sampling schedule for the speed-quality front (params: search)"),
+    "export": (cmd_export, ("write a variant's model as a Hugging Face style folder (config.json, "
+                            "model.safetensors, tokenizer.json, model card)")),
     "report": (cmd_report, "ingest every stage's files into the results database and write the report"),
     "query": (cmd_query, "run SQL on the results database, e.g. esolm query \"SELECT * FROM sampling\""),
 }
-NEEDS_VARIANT = ("train", "evaluate", "sample", "curve")
+NEEDS_VARIANT = ("train", "evaluate", "sample", "curve", "export")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -166,6 +176,8 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--variant", required=True, help="a name under `variants` in params.yaml")
         if name in ("train", "judge"):
             s.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+        if name == "export":
+            s.add_argument("--out", default=None, help="output folder (default: exports/<variant>)")
         if name == "sample":
             s.add_argument("--prompt", default=None, help="continue this text (prints the samples; "
                            "writes no stage files)")

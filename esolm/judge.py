@@ -40,7 +40,7 @@ class Judge:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: torch.device) -> Judge:
-        from esolm.training import load_run
+        from esolm.checkpoint import load_run
 
         return cls(*load_run(path, device=device), Path(path).parent.name)
 

@@ -128,9 +128,9 @@ def evaluate_split(model, batches: list, ev: dict, bytes_per_token: float, progr
 
 
 def evaluate_stage(params: dict, name: str, progress: bool) -> dict:
+    from esolm.checkpoint import load_model
     from esolm.data import read_meta
     from esolm.device import pick_device
-    from esolm.training import load_model
 
     ev = asdict(build(EvalConfig, dict(section(params, "evaluate")), "evaluate"))
     device = pick_device(ev["device"])
@@ -182,10 +182,10 @@ def sample_config(params: dict) -> SampleConfig:
 
 def sample_stage(params: dict, name: str, progress: bool) -> dict:
 
+    from esolm.checkpoint import load_run
     from esolm.device import pick_device
     from esolm.judge import load_judge, unigram_entropy
     from esolm.sampling import generate
-    from esolm.training import load_run
 
     sc = sample_config(params)
     device = pick_device(sc.device)
@@ -214,10 +214,10 @@ def sample_stage(params: dict, name: str, progress: bool) -> dict:
 def curve_stage(params: dict, name: str, progress: bool) -> dict:
     """runs/<name>/curve.json: generative perplexity, entropy, NFE and seconds per sample of
     ``name`` at each T of ``curve.steps`` (the sample section's other settings; the same judge)."""
+    from esolm.checkpoint import load_run
     from esolm.device import pick_device
     from esolm.judge import load_judge, unigram_entropy
     from esolm.sampling import generate
-    from esolm.training import load_run
 
     cc = build(CurveConfig, dict(section(params, "curve")), "curve")
     sc = build(SampleConfig, dict(section(params, "sample")), "sample")
@@ -255,10 +255,10 @@ def prompted_samples(params: dict, name: str, prompt: str | None, infill: str | 
 def _search_setup(params: dict, device: torch.device):
     """(config, model, judge, tokenizer, entropy floor) for the schedule search."""
 
+    from esolm.checkpoint import load_run
     from esolm.data import load_split
     from esolm.judge import load_judge, unigram_entropy
     from esolm.search import SearchConfig
-    from esolm.training import load_run
 
     values = {k: v for k, v in section(params, "search").items() if k != "device"}
     sc = build(SearchConfig, values, "search")

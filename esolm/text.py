@@ -22,8 +22,9 @@ MASK_MARK = "[MASK]"
 
 
 def load(path: str | os.PathLike, device: str = "cpu", ema: bool = True) -> tuple[Backbone, Tokenizer]:
-    """The model (EMA weights when present) and its embedded tokenizer from a ``model.ckpt``."""
-    from esolm.training import load_run
+    """The model (EMA weights when present) and its embedded tokenizer from a ``model.ckpt`` or
+    from a folder written by ``esolm export``."""
+    from esolm.checkpoint import load_run
 
     return load_run(path, ema, device)
 

@@ -21,13 +21,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from tokenizers import Tokenizer
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from esolm.checkpoint import MODEL_FORMAT, tokenizer_record
 from esolm.config import ModelConfig
 from esolm.data.batches import Batches
-from esolm.data.tokenizers import read_tokenizer
 from esolm.io import atomic_save, read_jsonl, run_lock, safe_load, write_text_atomic
 from esolm.model.backbone import Backbone
 from esolm.objectives import OBJECTIVES, LossOutput, check_objective, loss
@@ -392,7 +391,7 @@ def _finish(module: LitModel, trainer: pl.Trainer, tc: TrainConfig, data_dir: Pa
         atomic_save({"format": MODEL_FORMAT, "config": module.cfg.to_dict(), "step": trainer.global_step,
                      "weights": module.model.state_dict(),
                      "ema_weights": None if module.ema is None else module.ema.state_dict(),
-                     **_tokenizer_record(data_dir), "data_dir": str(data_dir)},
+                     **tokenizer_record(data_dir), "data_dir": str(data_dir)},
                     run_dir / "model.ckpt")
         write_text_atomic(run_dir / "train.json", json.dumps(summary, indent=2) + "\n")
     return summary
@@ -401,49 +400,3 @@ def _finish(module: LitModel, trainer: pl.Trainer, tc: TrainConfig, data_dir: Pa
 def _mean_rate(rows: list[dict]) -> float | None:
     rates = [r["tokens_per_s"] for r in rows[1:]] or [r["tokens_per_s"] for r in rows]
     return sum(rates) / len(rates) if rates else None
-
-
-MODEL_FORMAT = "esolm-model-v1"
-
-
-def load_model(path: str | os.PathLike, ema: bool = True, device: str | torch.device = "cpu") -> Backbone:
-    """The model of a ``model.ckpt`` (EMA weights when present and ``ema``), in eval mode."""
-    return load_run(path, ema, device)[0]
-
-
-def load_run(path: str | os.PathLike, ema: bool = True,
-             device: str | torch.device = "cpu") -> tuple[Backbone, Tokenizer]:
-    """The model of a ``model.ckpt`` and the tokenizer it was trained with (one read of the file)."""
-    ckpt = safe_load(Path(path))
-    if ckpt.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path} is not an esolm model file (format {ckpt.get('format')!r}, "
-                         f"expected {MODEL_FORMAT!r}); train one with `esolm train`")
-    model = Backbone(ModelConfig(**ckpt["config"]))
-    weights = ckpt["ema_weights"] if ema and ckpt.get("ema_weights") is not None else ckpt["weights"]
-    model.load_state_dict(weights)
-    return model.to(device).eval(), _tokenizer_of(ckpt, Path(path))
-
-
-def _tokenizer_record(data_dir: Path) -> dict:
-    """The tokenizer embedded in the model file (text and sha256), so a model loads from any
-    directory and re-preparing the data can never swap its vocabulary under it."""
-    import hashlib
-
-    text = (data_dir / "tokenizer.json").read_text(encoding="utf-8")
-    return {"tokenizer": str(data_dir / "tokenizer.json"), "tokenizer_json": text,
-            "tokenizer_sha256": hashlib.sha256(text.encode()).hexdigest()}
-
-
-def _tokenizer_of(ckpt: dict, path: Path) -> Tokenizer:
-    import hashlib
-
-    text = ckpt.get("tokenizer_json")
-    if text is None:  # files written before the tokenizer was embedded: a path from the run's cwd
-        where = Path(ckpt["tokenizer"])
-        if not where.is_file():
-            raise FileNotFoundError(f"{path} names its tokenizer as {where}, which does not exist "
-                                    f"from {Path.cwd()}; run from the project root or retrain")
-        return read_tokenizer(where)
-    if hashlib.sha256(text.encode()).hexdigest() != ckpt.get("tokenizer_sha256"):
-        raise ValueError(f"{path}: the embedded tokenizer does not match its sha256; the file is corrupt")
-    return Tokenizer.from_str(text)

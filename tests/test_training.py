@@ -10,9 +10,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from esolm.checkpoint import load_model
 from esolm.config import ModelConfig
 from esolm.data import DataConfig, prepare, read_meta
-from esolm.training import TrainConfig, load_model, safe_load, train
+from esolm.io import safe_load
+from esolm.training import TrainConfig, train
 from tests.data.conftest import write_txt_corpus
 
 
@@ -268,7 +270,7 @@ def test_the_model_file_carries_its_tokenizer(shards, tmp_path, monkeypatch):
     size) silently swapped it, and loading from another directory failed naming no file."""
     import shutil
 
-    from esolm.training import load_run
+    from esolm.checkpoint import load_run
 
     data = tmp_path / "data"
     shutil.copytree(shards, data)
@@ -294,3 +296,28 @@ def test_a_diverged_state_never_replaces_the_last_finite_checkpoint(tmp_path):
     with pytest.raises(RuntimeError, match=r"non-finite weights \(w\) at step 20; .* last finite state \(step 10\)"):
         io_.save_checkpoint({"global_step": 20, "state_dict": {"w": torch.tensor([1.0, float("nan"), 0.0])}}, path)
     assert safe_load(path)["global_step"] == 10
+
+
+def test_export_round_trip_gives_the_same_logits(shards, tmp_path, monkeypatch):
+    """esolm export: a Hugging Face style folder that loads back to the same model and tokenizer."""
+    import esolm
+    from esolm.checkpoint import export
+    from esolm.model.attention import MaskSpec
+
+    cfg = _cfg(shards, "eso_b")
+    train(cfg, TC.__class__(**{**TC.__dict__, "steps": 10}), shards, tmp_path / "r", progress=False)
+    out = export(tmp_path / "r" / "model.ckpt", tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                     "tokenizer.json"]
+    assert "esolm.load" in (out / "README.md").read_text()
+    monkeypatch.chdir(tmp_path.parent)  # loads from anywhere
+    a, tok_a = esolm.load(tmp_path / "r" / "model.ckpt")
+    b, tok_b = esolm.load(out)
+    x = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).expand(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x, pos, MaskSpec("causal")), b(x, pos, MaskSpec("causal")), rtol=0, atol=0)
+    assert tok_a.to_str() == tok_b.to_str()
+    (out / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not an esolm export"):
+        esolm.load(out)

@@ -1,0 +1,129 @@
+"""Model files: the one home of reading, writing and exporting a trained model.
+
+A ``model.ckpt`` holds the format tag, the ModelConfig, the live and EMA weights and the
+tokenizer it was trained with (its text and sha256), so it loads from any directory and
+re-preparing the data can never swap its vocabulary. Reading a model needs torch and
+tokenizers only, never Lightning. ``export`` writes a Hugging Face style folder
+(``config.json``, ``model.safetensors``, ``tokenizer.json``, ``README.md`` model card) that
+``load`` reads back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from esolm.config import ModelConfig
+from esolm.data.tokenizers import read_tokenizer
+from esolm.io import atomic_path, safe_load, write_json, write_text_atomic
+from esolm.model.backbone import Backbone
+
+MODEL_FORMAT = "esolm-model-v1"
+EXPORT_FORMAT = "esolm-export-v1"
+
+
+def tokenizer_record(data_dir: Path) -> dict:
+    """The tokenizer fields of a model file: its path (for people), text and sha256."""
+    text = (data_dir / "tokenizer.json").read_text(encoding="utf-8")
+    return {"tokenizer": str(data_dir / "tokenizer.json"), "tokenizer_json": text,
+            "tokenizer_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def _tokenizer_of(ckpt: dict, path: Path) -> Tokenizer:
+    text = ckpt.get("tokenizer_json")
+    if text is None:  # files written before the tokenizer was embedded: a path from the run's cwd
+        where = Path(ckpt["tokenizer"])
+        if not where.is_file():
+            raise FileNotFoundError(f"{path} names its tokenizer as {where}, which does not exist "
+                                    f"from {Path.cwd()}; run from the project root or retrain")
+        return read_tokenizer(where)
+    if hashlib.sha256(text.encode()).hexdigest() != ckpt.get("tokenizer_sha256"):
+        raise ValueError(f"{path}: the embedded tokenizer does not match its sha256; the file is corrupt")
+    return Tokenizer.from_str(text)
+
+
+def load_run(path: str | os.PathLike, ema: bool = True,
+             device: str | torch.device = "cpu") -> tuple[Backbone, Tokenizer]:
+    """(model in eval mode, tokenizer) of a ``model.ckpt`` or of a folder written by ``export``;
+    EMA weights when present and ``ema``."""
+    path = Path(path)
+    if path.is_dir():
+        return load_exported(path, device)
+    ckpt = safe_load(path)
+    if ckpt.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path} is not an esolm model file (format {ckpt.get('format')!r}, "
+                         f"expected {MODEL_FORMAT!r}); train one with `esolm train`")
+    model = Backbone(ModelConfig(**ckpt["config"]))
+    weights = ckpt["ema_weights"] if ema and ckpt.get("ema_weights") is not None else ckpt["weights"]
+    model.load_state_dict(weights)
+    return model.to(device).eval(), _tokenizer_of(ckpt, path)
+
+
+def load_model(path: str | os.PathLike, ema: bool = True, device: str | torch.device = "cpu") -> Backbone:
+    """The model of a ``model.ckpt`` (EMA weights when present and ``ema``), in eval mode."""
+    return load_run(path, ema, device)[0]
+
+
+def export(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the model file ``path`` as a Hugging Face style folder ``out``: config.json,
+    model.safetensors (the EMA weights when present), tokenizer.json and a model card with the
+    run's metrics (likelihood.json / generation.json / train.json beside the model file)."""
+    from safetensors.torch import save_file
+
+    path, out = Path(path), Path(out)
+    ckpt = safe_load(path)
+    if ckpt.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path} is not an esolm model file; export takes a runs/<variant>/model.ckpt")
+    ema = ckpt.get("ema_weights") is not None
+    weights = {k: v.contiguous() for k, v in (ckpt["ema_weights"] if ema else ckpt["weights"]).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(weights, str(tmp), metadata={"format": EXPORT_FORMAT})
+    write_json(out / "config.json", {"model_type": "esolm", "format": EXPORT_FORMAT,
+                                     "weights": "ema" if ema else "live", "step": ckpt.get("step"),
+                                     **ckpt["config"]})
+    write_text_atomic(out / "tokenizer.json", _tokenizer_of(ckpt, path).to_str(pretty=True))
+    write_text_atomic(out / "README.md", model_card(ckpt, path.parent))
+    return out
+
+
+def load_exported(folder: Path, device: str | torch.device = "cpu") -> tuple[Backbone, Tokenizer]:
+    """(model, tokenizer) of a folder written by ``export``."""
+    from safetensors.torch import load_file
+
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} not found: {folder} is not an exported esolm model")
+    cfg = json.loads(config.read_text())
+    if cfg.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{config} is not an esolm export (format {cfg.get('format')!r})")
+    fields = set(ModelConfig.__dataclass_fields__)
+    model = Backbone(ModelConfig(**{k: v for k, v in cfg.items() if k in fields}))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model.to(device).eval(), read_tokenizer(folder / "tokenizer.json")
+
+
+def model_card(ckpt: dict, run: Path) -> str:
+    """A short README: what the model is, how to load it, and the run's headline metrics."""
+    cfg = ckpt["config"]
+    lines = [f"# esolm {cfg['variant']} (alpha_0 = {cfg['alpha_0']})", "",
+             f"An esolm backbone ({cfg['d_model']}d, {cfg['n_layers']} layers, {cfg['n_heads']} heads, "
+             f"length {cfg['length']}, vocabulary {cfg['vocab_size']}) trained {ckpt.get('step')} steps.", "",
+             "```python", "import esolm", "model, tok = esolm.load('<this folder>')",
+             "print(esolm.generate_text(model, tok, prompt='...', num_samples=2))", "```", ""]
+    like = run / "likelihood.json"
+    if like.exists():
+        test = json.loads(like.read_text()).get("test", {})
+        keys = [k for k in ("exact_l2r_ppl", "exact_sampler_ppl", "nelbo_ppl", "iw4_ppl", "bits_per_byte") if k in test]
+        lines += ["| test metric | value |", "|---|---|"] + [f"| {k} | {test[k]:.4g} |" for k in keys] + [""]
+    gen = run / "generation.json"
+    if gen.exists():
+        g = json.loads(gen.read_text())
+        lines += [f"Sampling: generative perplexity {g['gen_ppl']:.4g} under {g['judge']}, entropy "
+                  f"{g['entropy']:.3f}, {g['seconds_per_sample']:.4g} s per sample, NFE {g['nfe']}.", ""]
+    return "\n".join(lines)

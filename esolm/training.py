@@ -271,7 +271,7 @@ class JsonlLog(pl.Callback):
                 f.write(json.dumps(row) + "\n")
 
 
-CODE = ("model", "objectives.py", "training.py", "noise.py", "ordering.py", "seeds.py")
+CODE_ENTRY = "esolm.training:train"  # the fingerprint covers every file this can run (esolm.codedeps)
 # settings that do not change the training trajectory (raising ``steps`` continues a run)
 NOT_FINGERPRINTED = ("steps", "log_every", "val_every", "val_batches", "ckpt_every")
 
@@ -282,9 +282,9 @@ def fingerprint(cfg: ModelConfig, tc: TrainConfig, data_dir: Path) -> str:
     import hashlib
     from dataclasses import asdict
 
-    root = Path(__file__).parent
-    files = sorted(p for name in CODE for p in ([root / name] if name.endswith(".py")
-                                               else (root / name).rglob("*.py")))
+    from esolm.codedeps import code_files
+
+    files = code_files(CODE_ENTRY)
     meta = json.loads((data_dir / "meta.json").read_text()) if (data_dir / "meta.json").exists() else {}
     train = {k: v for k, v in asdict(tc).items() if k not in NOT_FINGERPRINTED}
     h = hashlib.sha256(json.dumps({"model": cfg.to_dict(), "train": train,

@@ -20,6 +20,8 @@ SELECT v.variant, v.family, v.alpha_0,
        max(CASE WHEN l.metric = 'exact_l2r_ppl' THEN l.value END) AS exact_l2r_ppl,
        max(CASE WHEN l.metric = 'exact_sampler_ppl' THEN l.value END) AS exact_sampler_ppl,
        max(CASE WHEN l.metric = 'nelbo_ppl' THEN l.value END) AS nelbo_ppl,
+       max(CASE WHEN l.metric = 'nelbo_stderr' THEN l.value END) AS nelbo_stderr,
+       max(CASE WHEN l.metric = 'iw4_ppl' THEN l.value END) AS iw4_ppl,
        max(CASE WHEN l.metric = 'bits_per_byte' THEN l.value END) AS bits_per_byte,
        any_value(s.gen_ppl) AS gen_ppl, any_value(s.entropy) AS entropy, any_value(s.nfe) AS nfe,
        any_value(s.seconds_per_sample) AS seconds_per_sample
@@ -37,15 +39,75 @@ def headline(db: Path, rid: str, split: str = "test") -> tuple[list[str], list[t
 
 
 def _fmt(value: object) -> str:
+    """Readable numbers: 3,570 not 3.57e+03; three significant digits below 100."""
     if value is None:
         return "-"
     if isinstance(value, float):
-        return "-" if math.isnan(value) else f"{value:.3g}" if abs(value) < 1e4 else f"{value:.3e}"
+        if math.isnan(value) or math.isinf(value):
+            return "-" if math.isnan(value) else "inf"
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.3g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.1e}"
     return str(value)
 
 
+# headline column -> header with its unit (perplexities are per token; s = seconds)
+HEADERS = {"alpha_0": "alpha_0", "exact_l2r_ppl": "exact PPL, left to right",
+           "exact_sampler_ppl": "exact PPL, sampler order", "nelbo_ppl": "NELBO PPL (± s.e.)",
+           "iw4_ppl": "IW bound PPL, K=4", "bits_per_byte": "bits/byte", "gen_ppl": "gen. PPL (judge)",
+           "entropy": "entropy (nats)", "nfe": "NFE", "seconds_per_sample": "s/sample"}
+
+
+def display(cols: list[str], rows: list[tuple]) -> tuple[list[str], list[tuple]]:
+    """Headline rows for people: units in the headers, readable numbers, the NELBO with its
+    standard error (in perplexity, by the delta method: PPL x s.e. in nats)."""
+    shown = [c for c in cols if c != "nelbo_stderr"]
+    out = []
+    for row in rows:
+        r = dict(zip(cols, row))
+        cells = []
+        for c in shown:
+            if c == "nelbo_ppl" and r.get("nelbo_ppl") is not None and r.get("nelbo_stderr") is not None \
+                    and not math.isnan(r["nelbo_stderr"]):
+                cells.append(f"{_fmt(r['nelbo_ppl'])} ± {_fmt(r['nelbo_ppl'] * r['nelbo_stderr'])}")
+            else:
+                cells.append(_fmt(r[c]))
+        out.append(tuple(cells))
+    return [HEADERS.get(c, c) for c in shown], out
+
+
+# The paper's Table 1 (test perplexity; 170M-parameter models; LM1B L=128 1M steps, OWT L=1024
+# 250k steps): method.md section 6. Labelled as the paper's, never as ours.
+PAPER_TABLE1 = (["model", "LM1B exact", "LM1B NELBO", "OWT exact", "OWT NELBO"], [
+    ("AR", "21.86", "-", "17.78", "-"), ("MDLM", "26.82", "31.78", "-", "25.19"),
+    ("BD3-LM L'=4", "-", "28.23", "-", "20.96"), ("Eso-LM alpha_0=1", "31.65", "36.12", "29.31", "30.06"),
+    ("Eso-LM alpha_0=0.5", "28.07", "32.53", "26.61", "27.94"),
+    ("Eso-LM alpha_0=0.25", "24.80", "29.23", "23.15", "24.71"),
+    ("Eso-LM alpha_0=0.125", "23.02", "26.29", "20.53", "21.92")])
+
+
+RUNS_SQL = """
+SELECT r.run_id, r.label, strftime(r.ingested_at, '%Y-%m-%d %H:%M') AS ingested, l.variant, l.value
+FROM runs r JOIN likelihood l ON l.run_id = r.run_id
+WHERE l.split = 'test' AND l.metric = 'exact_l2r_ppl'
+ORDER BY r.ingested_at, l.variant
+"""
+
+
+def runs_table(db: Path) -> tuple[list[str], list[tuple]]:
+    """Every run in the database as a row (its test exact perplexity per variant): the
+    comparison of experiments, straight from DuckDB."""
+    _, rows = query(RUNS_SQL, db)
+    variants = sorted({r[3] for r in rows})
+    by_run: dict[str, dict] = {}
+    for rid, label, when, variant, value in rows:
+        by_run.setdefault(rid, {"run": rid, "label": label, "ingested": when})[variant] = value
+    cols = ["run", "label", "ingested", *variants]
+    return cols, [tuple(_fmt(d.get(c)) if c in variants else d[c] for c in cols) for d in by_run.values()]
+
+
 def markdown_table(cols: list[str], rows: list[tuple]) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = ["| " + " | ".join(str(c) for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -71,10 +133,11 @@ def fig_ppl_vs_alpha(db: Path, rid: str, path: Path) -> bool:
             label="Eso-LM (B) exact (sampler order)")
     ax.plot([d["alpha_0"] for d in eso], [d["nelbo_ppl"] for d in eso], "s--", label="Eso-LM (B) NELBO")
     for d in data:
-        if d["family"] in ("ar", "mdlm", "bd3lm"):
-            value = d["exact_l2r_ppl"] if d["family"] == "ar" else d["nelbo_ppl"]
-            ax.axhline(value, ls=":", lw=1, color={"ar": "k", "mdlm": "tab:red", "bd3lm": "tab:green"}[d["family"]],
-                       label=f"{d['variant']} ({'exact' if d['family'] == 'ar' else 'NELBO'})")
+        if d["family"] in ("ar", "mdlm", "bd3lm", "unigram"):
+            exact = d["family"] in ("ar", "unigram")
+            value = d["exact_l2r_ppl"] if exact else d["nelbo_ppl"]
+            color = {"ar": "k", "mdlm": "tab:red", "bd3lm": "tab:green", "unigram": "tab:gray"}[d["family"]]
+            ax.axhline(value, ls=":", lw=1, color=color, label=f"{d['variant']} ({'exact' if exact else 'NELBO'})")
     ax.set_xlabel("alpha_0 (fraction generated by diffusion)")
     ax.set_ylabel("test perplexity")
     ax.legend(fontsize=7)
@@ -179,14 +242,19 @@ def write_report(db: Path = DEFAULT_DB, rid: str = "", out: Path = Path("reports
     _, samples = query("SELECT variant, sample_index, text FROM generations WHERE run_id = ? AND sample_index < ? "
                        "ORDER BY variant, sample_index", db, [rid, n_samples])
     judged = judge_line(db, rid)
-    md = [(f"# esolm report\n\nRun `{rid}`. Test split; exact = exact likelihood for a fixed order "
-          "(left to right; sampler order = Binomial(L, alpha_0) random prefix then left to right). "
-          f"{judged}\n"),
-          markdown_table(cols, rows), ""]
+    shown_cols, shown = display(cols, rows)
+    tables = [("The paper's Table 1 (test perplexity on LM1B and OpenWebText: the paper's numbers, "
+               "not ours)", *PAPER_TABLE1), ("Runs in the database (test exact PPL, left to right)",
+                                               *runs_table(db))]
+    md = [(f"# esolm report\n\nRun `{rid}`. Test split; PPL = perplexity per token; exact = exact "
+           "likelihood for a fixed order (left to right; sampler order = Binomial(L, alpha_0) random "
+           "prefix then left to right); the unigram row is the baseline every model must beat. "
+           f"{judged}\n"), markdown_table(shown_cols, shown), ""]
+    md += [f"## {title}\n\n{markdown_table(c, r)}\n" for title, c, r in tables]
     md += [f"## {title}\n\n![{title}]({p.relative_to(out).as_posix()})\n" for title, p in figs]
     md += ["## Samples\n"] + [f"**{v}** #{i}\n\n> {t}\n" for v, i, t in samples]
     write_text_atomic(out / "report.md", "\n".join(md))
-    write_text_atomic(out / "index.html", _html(rid, cols, rows, figs, samples, judged))
+    write_text_atomic(out / "index.html", _html(rid, shown_cols, shown, figs, samples, judged, tables))
     return {"columns": cols, "rows": rows, "figures": [str(p) for _, p in figs]}
 
 
@@ -202,10 +270,17 @@ def judge_line(db: Path, rid: str, runs: Path = Path("runs")) -> str:
     return f"Generative perplexity is judged by {', '.join(parts)}." if parts else ""
 
 
-def _html(rid: str, cols: list[str], rows: list[tuple], figs: list, samples: list, judged: str = "") -> str:
+def _table_html(cols: list, rows: list[tuple]) -> str:
     esc = html.escape
-    head = "".join(f"<th>{esc(c)}</th>" for c in cols)
+    head = "".join(f"<th>{esc(str(c))}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{esc(_fmt(v))}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
+
+
+def _html(rid: str, cols: list[str], rows: list[tuple], figs: list, samples: list, judged: str = "",
+          tables: list | None = None) -> str:
+    esc = html.escape
+    extra = "".join(f"<h2>{esc(t)}</h2>{_table_html(c, r)}" for t, c, r in tables or [])
     images = "".join(f"<h2>{esc(t)}</h2><img alt='{esc(t)}' src='data:image/png;base64,"
                      f"{base64.b64encode(p.read_bytes()).decode()}'>" for t, p in figs)
     texts = "".join(f"<h3>{esc(v)} #{i}</h3><blockquote>{esc(t)}</blockquote>" for v, i, t in samples)
@@ -214,7 +289,7 @@ def _html(rid: str, cols: list[str], rows: list[tuple], figs: list, samples: lis
              "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>esolm report</title>"
             f"<style>{style}</style></head><body><h1>esolm report</h1><p>Run <code>{esc(rid)}</code>, "
-            f"test split. {esc(judged)}</p><div class='wide'><table><tr>{head}</tr>{body}</table></div>{images}"
+            f"test split. {esc(judged)}</p>{_table_html(cols, rows)}{extra}{images}"
             f"<h2>Samples</h2>{texts}</body></html>")
 
 

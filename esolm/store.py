@@ -152,6 +152,23 @@ def _variant_rows(rid: str, name: str, run: Path) -> dict[str, list[dict]]:
     return out
 
 
+def _baseline_rows(rid: str, params: dict) -> dict[str, list[dict]]:
+    """The unigram baseline of the prepared data (meta.json's ``unigram_ppl``) as a row beside
+    the variants: the perplexity every model must beat."""
+    data = params.get("data", {})
+    meta_path = Path(data.get("out_dir", "data/processed")) / str(data.get("dataset", "")) / "meta.json"
+    if not meta_path.is_file():
+        return {}
+    uni = json.loads(meta_path.read_text()).get("unigram_ppl")
+    if not uni:
+        return {}
+    return {"variants": [{"run_id": rid, "variant": "unigram", "family": "unigram", "alpha_0": None,
+                          "steps": 0, "tokens": 0, "final_train_loss": None, "final_valid_loss": None,
+                          "wall_s": 0.0, "tokens_per_s": None}],
+            "likelihood": [{"run_id": rid, "variant": "unigram", "split": split, "metric": "exact_l2r_ppl",
+                            "value": value} for split, value in uni.items()]}
+
+
 def ingest(params: dict, runs_dir: Path = Path("runs"), reports: Path = Path("reports"),
            db: Path = DEFAULT_DB, label: str = "pipeline", rid: str | None = None) -> dict[str, int]:
     """Load every stage output of this run into the database; returns rows written per table."""
@@ -167,6 +184,8 @@ def ingest(params: dict, runs_dir: Path = Path("runs"), reports: Path = Path("re
         for name in params.get("variants", {}):
             for table, rows in _variant_rows(rid, name, runs_dir / name).items():
                 counts[table] += _replace(con, table, {"run_id": rid, "variant": name}, rows)
+        for table, rows in _baseline_rows(rid, params).items():
+            counts[table] += _replace(con, table, {"run_id": rid, "variant": "unigram"}, rows)
         counts.update(_ingest_reports(con, rid, reports))
         con.execute("COMMIT")
     except Exception:

@@ -109,7 +109,7 @@ def test_search_then_sample_with_the_best_schedule_then_report(project):
     assert rows == distinct and rows[0][0] > 0  # re-ingesting added no duplicate rows
     report = write_report(project / "results.duckdb", rid, project / "reports")
     html = (project / "reports" / "index.html").read_text()
-    assert "eso_b_a05" in html and len(report["rows"]) == 3
+    assert "eso_b_a05" in html and len(report["rows"]) == 4  # three variants and the unigram baseline
     assert "<script" not in html
     assert any(f.endswith("pareto.png") for f in report["figures"])
     _, curves = query("SELECT variant, count(*) FROM curves GROUP BY variant ORDER BY variant",
@@ -117,6 +117,9 @@ def test_search_then_sample_with_the_best_schedule_then_report(project):
     assert curves == [("ar", 1), ("eso_b_a05", 2)]
     md = (project / "reports" / "report.md").read_text()
     assert "judged by judge (an AR model of its own stage, never a contestant; its test perplexity" in md
+    assert "| unigram | unigram |" in md and "NELBO PPL (± s.e.)" in md and "the paper's numbers" in md
+    assert "e+0" not in md.split("## ")[0]  # readable numbers in the headline table
+    assert f"| {rid} | pipeline |" in md  # the runs in the database, one row each
 
 
 def test_report_escapes_generated_text(project, tmp_path):

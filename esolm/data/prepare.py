@@ -125,6 +125,29 @@ def _build_meta(cfg: DataConfig, tok: Tokenizer, ids: tuple[int, int | None], dt
     }
 
 
+def unigram_ppl(folder: Path, meta: dict, smoothing: float = 0.5) -> dict[str, float]:
+    """The baseline every model must beat: perplexity of the held-out splits under the unigram
+    distribution of the training tokens (add-``smoothing`` counts; padding never counts)."""
+    vocab, pad, dtype = meta["vocab_size"], meta.get("pad_id"), np.dtype(meta["dtype"])
+
+    def counts(split: str) -> np.ndarray:
+        ids = np.fromfile(folder / f"{split}.bin", dtype=dtype)
+        c = np.bincount(ids, minlength=vocab).astype(np.float64)[:vocab]
+        if pad is not None and pad < vocab:
+            c[pad] = 0.0
+        return c
+
+    train = counts("train") + smoothing
+    if pad is not None and pad < vocab:
+        train[pad] = 0.0
+    logp = np.log(np.where(train > 0, train, 1.0) / train.sum())
+    out = {}
+    for split in ("valid", "test"):
+        c = counts(split)
+        out[split] = float(np.exp(-(c * logp).sum() / c.sum())) if c.sum() else float("nan")
+    return out
+
+
 def _summary(meta: dict, seconds: float) -> None:
     """A rich table (to stderr): documents, rows, tokens and bytes per token per split."""
     table = Table(title=f"{meta['dataset']}: {meta['tokenizer']} (vocabulary {meta['vocab_size']}),"
@@ -183,6 +206,7 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Path:
         (stage / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")
         inputs = {**corpus.inputs, **tokenizer_inputs(cfg.tokenizer)}
         meta = _build_meta(cfg, tok, ids, dtype, stats, inputs)
+        meta["unigram_ppl"] = unigram_ppl(stage, meta)
         (stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     if progress:
         _summary(meta, time.perf_counter() - start)

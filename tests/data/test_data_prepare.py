@@ -149,3 +149,15 @@ def test_truncated_meta_and_tokenizer_files_are_errors_naming_them(small_cfg: Da
     (out / "tokenizer.json").write_text(tok[: len(tok) // 2])
     with pytest.raises(ValueError, match=r"tokenizer.json is not a readable tokenizer.json"):
         read_tokenizer(out / "tokenizer.json")
+
+
+def test_unigram_baseline_matches_a_direct_count(small_cfg: DataConfig):
+    from collections import Counter
+
+    out = prepare(small_cfg, progress=False)
+    meta = read_meta(out)
+    train, test = load_split(out, "train").reshape(-1), load_split(out, "test").reshape(-1)
+    counts, total = Counter(train.tolist()), train.size + 0.5 * meta["vocab_size"]
+    nll = -sum(np.log((counts[t] + 0.5) / total) for t in test.tolist()) / test.size
+    assert meta["unigram_ppl"]["test"] == pytest.approx(float(np.exp(nll)), rel=1e-9)
+    assert 1 < meta["unigram_ppl"]["valid"] < meta["vocab_size"]

@@ -217,12 +217,24 @@ def nelbo_per_token(model: Backbone, batches: Iterable[Tensor], draws: int = 4,
 @_in_inference
 def exact_per_token(model: Backbone, batches: Iterable[Tensor], order_fn: OrderFn,
                     generator: torch.Generator | None = None, progress: bool = False) -> dict:
-    """Exact -log p(x | order) summed over a split, per counted (non-pad) token."""
-    nll, tokens = 0.0, 0
+    """Exact -log p(x | order) summed over a split, per counted (non-pad) token, with the
+    standard error of that ratio over sequences (``ratio_stderr``)."""
+    per_row, counts = [], []
     for x in tqdm(list(batches), disable=not progress, desc="exact likelihood", leave=False):
         order = order_fn(x.shape[0], x.shape[1], generator).to(x.device)
-        nll -= float(order_log_prob(model, x, order).sum())
-        tokens += int(valid_tokens(model.config, x).sum())
-    if tokens == 0:
+        per_row += (-order_log_prob(model, x, order)).double().cpu().tolist()
+        counts += valid_tokens(model.config, x).sum(1).cpu().tolist()
+    return ratio_summary(per_row, counts)
+
+
+def ratio_summary(nll: list[float], tokens: list[int]) -> dict:
+    """Per-token NLL sum(nll) / sum(tokens) over sequences and its standard error (the delta
+    method for a ratio of means: sqrt(var(nll_i - m n_i) / N) / mean(n_i))."""
+    total, n_tok = sum(nll), sum(tokens)
+    if n_tok == 0:
         raise ValueError("the split is empty: no tokens to evaluate")
-    return {"nats_per_token": nll / tokens, "tokens": tokens}
+    m, n = total / n_tok, len(nll)
+    resid = [a - m * b for a, b in zip(nll, tokens)]
+    var = sum(r * r for r in resid) / (n - 1) if n > 1 else float("nan")
+    return {"nats_per_token": m, "tokens": n_tok, "stderr": math.sqrt(var / n) / (n_tok / n) if n > 1
+            else float("nan")}

@@ -94,6 +94,42 @@ ORDER BY r.ingested_at, l.variant
 """
 
 
+TABLE1_METRICS = ("exact_l2r", "exact_sampler", "nelbo")  # then every iwK (the paper's law)
+
+
+def table1_rows(db: Path, rid: str) -> list[dict]:
+    """Table 1 of this run, long format: variant, family, alpha_0, split, metric, value, stderr
+    (perplexities; the standard error by the delta method, PPL x s.e. in nats per token)."""
+    _, rows = query("SELECT l.variant, v.family, v.alpha_0, l.split, l.metric, l.value FROM likelihood l "
+                    "JOIN variants v ON v.run_id = l.run_id AND v.variant = l.variant WHERE l.run_id = ? "
+                    "ORDER BY v.family, v.alpha_0 DESC NULLS LAST, l.variant, l.split, l.metric", db, [rid])
+    values = {(r[0], r[3], r[4]): r[5] for r in rows}
+    out = []
+    for variant, family, alpha_0, split, metric, value in rows:
+        if not metric.endswith("_ppl"):
+            continue
+        base = metric[: -len("_ppl")]
+        if base not in TABLE1_METRICS and not (base.startswith("iw") and base[2:].isdigit()):
+            continue
+        se = values.get((variant, split, f"{base}_stderr"))
+        out.append({"variant": variant, "family": family, "alpha_0": alpha_0, "split": split, "metric": metric,
+                    "value": value, "stderr": value * se if se is not None and not math.isnan(se) else None})
+    return out
+
+
+def write_table1(db: Path, rid: str, path: Path) -> int:
+    import csv
+    import io
+
+    rows = table1_rows(db, rid)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, ["variant", "family", "alpha_0", "split", "metric", "value", "stderr"])
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+    return len(rows)
+
+
 def runs_table(db: Path) -> tuple[list[str], list[tuple]]:
     """Every run in the database as a row (its test exact perplexity per variant): the
     comparison of experiments, straight from DuckDB."""
@@ -254,6 +290,7 @@ def write_report(db: Path = DEFAULT_DB, rid: str = "", out: Path = Path("reports
     md += [f"## {title}\n\n![{title}]({p.relative_to(out).as_posix()})\n" for title, p in figs]
     md += ["## Samples\n"] + [f"**{v}** #{i}\n\n> {t}\n" for v, i, t in samples]
     write_text_atomic(out / "report.md", "\n".join(md))
+    write_table1(db, rid, out / "table1.csv")
     write_text_atomic(out / "index.html", _html(rid, shown_cols, shown, figs, samples, judged, tables))
     return {"columns": cols, "rows": rows, "figures": [str(p) for _, p in figs]}
 

@@ -96,8 +96,10 @@ def evaluate_split(model, batches: list, ev: dict, bytes_per_token: float, progr
         iw_log_prob,
         left_to_right,
         nelbo_per_token,
+        ratio_summary,
         sampler_order,
     )
+    from esolm.objectives import valid_tokens
 
     cfg = model.config
     gen = torch.Generator().manual_seed(ev["seed"])
@@ -107,21 +109,23 @@ def evaluate_split(model, batches: list, ev: dict, bytes_per_token: float, progr
            "nelbo_stderr": nelbo["stderr"], "nelbo_tokens": nelbo["tokens"]}
     l2r = exact_per_token(model, exact, lambda b, n, g: left_to_right(b, n), gen, progress)
     out.update(exact_l2r_nats=l2r["nats_per_token"], exact_l2r_ppl=_ppl(l2r["nats_per_token"]),
-               tokens=l2r["tokens"])
+               exact_l2r_stderr=l2r["stderr"], tokens=l2r["tokens"])
     if cfg.variant != "ar":
         if cfg.variant == "bd3lm":
             fn = lambda b, n, g: bd3lm_random_order(b, n, cfg.block_size, g)
         else:
             fn = lambda b, n, g: sampler_order(b, n, cfg.alpha_0, g)
         smp = exact_per_token(model, exact, fn, gen, progress)
-        out.update(exact_sampler_nats=smp["nats_per_token"], exact_sampler_ppl=_ppl(smp["nats_per_token"]))
+        out.update(exact_sampler_nats=smp["nats_per_token"], exact_sampler_ppl=_ppl(smp["nats_per_token"]),
+                   exact_sampler_stderr=smp["stderr"])
     for k in ev["iw_orders"]:  # the paper's bound (sampler-law orders), then uniform orders
         for law, name in (("sampler", f"iw{k}"), ("uniform", f"iw{k}_uniform")):
             if law == "uniform" and cfg.variant in ("ar", "bd3lm"):
                 continue  # one law only: AR has one order, BD3-LM random inside blocks
-            nll = -sum(float(iw_log_prob(model, x, k, gen, law=law).sum()) for x in exact)
-            out[f"{name}_nats"] = nll / l2r["tokens"]
-            out[f"{name}_ppl"] = _ppl(nll / l2r["tokens"])
+            rows = [v for x in exact for v in (-iw_log_prob(model, x, k, gen, law=law)).double().cpu().tolist()]
+            iw = ratio_summary(rows, [n for x in exact for n in valid_tokens(cfg, x).sum(1).cpu().tolist()])
+            out[f"{name}_nats"], out[f"{name}_stderr"] = iw["nats_per_token"], iw["stderr"]
+            out[f"{name}_ppl"] = _ppl(iw["nats_per_token"])
     out["bits_per_byte"] = l2r["nats_per_token"] / math.log(2) / bytes_per_token
     out["nats_per_token"] = l2r["nats_per_token"]
     return out

@@ -120,6 +120,12 @@ def test_search_then_sample_with_the_best_schedule_then_report(project):
     assert "| unigram | unigram |" in md and "NELBO PPL (± s.e.)" in md and "the paper's numbers" in md
     assert "e+0" not in md.split("## ")[0]  # readable numbers in the headline table
     assert f"| {rid} | pipeline |" in md  # the runs in the database, one row each
+    import csv
+
+    table1 = list(csv.DictReader((project / "reports" / "table1.csv").open()))
+    assert {r["metric"] for r in table1} >= {"exact_l2r_ppl", "exact_sampler_ppl", "nelbo_ppl", "iw1_ppl"}
+    eso = [r for r in table1 if r["variant"] == "eso_b_a05" and r["split"] == "test"]
+    assert all(r["stderr"] and float(r["stderr"]) > 0 for r in eso), eso
 
 
 def test_report_escapes_generated_text(project, tmp_path):

@@ -22,6 +22,7 @@ backends and the ``mask_mod`` of ``flex_attention``. The masks (method.md sectio
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -33,7 +34,7 @@ from esolm.device import is_accelerator
 
 MASK_KINDS = ("causal", "full", "prefix", "block_causal", "two_stream")
 BACKENDS = ("sdpa", "math", "flex", "flash")
-CUDA_ONLY_BACKENDS = ("flex", "flash")
+CUDA_ONLY_BACKENDS = ("flash",)  # flex runs on CPU too (eager or compiled)
 
 MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -130,9 +131,39 @@ def dense_mask(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.de
 def prebuild(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.device,
              backend: str) -> MaskSpec:
     """Build the dense mask once per forward (not once per layer) where the backend needs one."""
-    if backend in CUDA_ONLY_BACKENDS or _is_plain(spec, n_q, n_kv):
+    if backend == "flex" or _is_plain(spec, n_q, n_kv):
         return spec
+    if _is_causal_tail(spec, n_q, n_kv):
+        return replace(spec, dense=causal_tail(n_q, n_kv, device))
     return replace(spec, dense=dense_mask(spec, batch, n_q, n_kv, device))
+
+
+def _is_causal_tail(spec: MaskSpec, n_q: int, n_kv: int) -> bool:
+    """Causal queries that are the last n_q of the keys (a KV-cached decode step)."""
+    return spec.kind == "causal" and spec.keep is None and spec.q_offset + n_q == n_kv
+
+
+_BANDS: dict[torch.device, Tensor] = {}
+
+
+def causal_tail(n_q: int, n_kv: int, device: torch.device) -> Tensor:
+    """The causal mask [n_q, n_kv] of the last n_q of n_kv tokens, as a view of one cached
+    band (query i may see key j iff j <= n_kv - n_q + i); no allocation per decode step.
+
+    band[i, c] = c <= W + i for i < Q, c < W + Q; the view starts at column W - (n_kv - n_q).
+    The band grows (powers of two) when a step needs more queries or keys.
+    """
+    band = _BANDS.get(device)
+    start = n_kv - n_q
+    if band is None or band.shape[0] < n_q or band.shape[1] - band.shape[0] < start:
+        Q = max(8, 1 << (n_q - 1).bit_length(), 0 if band is None else band.shape[0])
+        W = max(1024, 1 << max(start - 1, 0).bit_length(),
+                0 if band is None else band.shape[1] - band.shape[0])
+        i = torch.arange(Q, device=device)[:, None]
+        band = torch.arange(W + Q, device=device)[None, :] <= W + i
+        _BANDS[device] = band
+    W = band.shape[1] - band.shape[0]
+    return band[:n_q].narrow(1, W - start, n_kv)
 
 
 def _dense(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.device) -> Tensor:
@@ -170,10 +201,13 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> Tensor:
         return fn(b, qi + off, kvi)
 
     key = (spec.kind, spec.block, spec.half, spec.inner, off, n_q, n_kv, str(q.device))
-    block_mask = None if spec.per_row else _FLEX_CACHE.get(key)
+    reuse = not spec.per_row and off == 0  # training shapes; decode steps change every call
+    block_mask = _FLEX_CACHE.get(key) if reuse else None
     if block_mask is None:
         block_mask = create_block_mask(mask_mod, rows, None, n_q, n_kv, device=q.device)
-        if not spec.per_row:
+        if reuse:
+            if len(_FLEX_CACHE) >= 64:
+                _FLEX_CACHE.clear()
             _FLEX_CACHE[key] = block_mask
     return flex_attention(q, k, v, block_mask=block_mask)
 
@@ -198,8 +232,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, backend: str = "s
     """
     n_q, n_kv = q.shape[-2], k.shape[-2]
     if backend in CUDA_ONLY_BACKENDS and not is_accelerator(q.device):
-        raise ValueError(f"attention backend {backend!r} needs CUDA tensors, got {q.device}; "
-                         "use attn_backend='sdpa' (or 'math') on CPU")
+        _warn_once(f"attention backend {backend!r} needs CUDA tensors (got {q.device}); using sdpa")
+        backend = "sdpa"
     if backend == "flex":
         return _flex(q, k, v, spec)
     if backend == "flash":
@@ -218,6 +252,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, backend: str = "s
         allowed = None if plain_full else _dense(spec, q.shape[0], n_q, n_kv, q.device)
         return _math(q, k, v, allowed)
     raise ValueError(f"attention backend {backend!r} is unknown; use one of {BACKENDS}")
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def flash_available() -> bool:

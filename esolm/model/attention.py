@@ -133,35 +133,47 @@ def prebuild(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.devi
     """Build the dense mask once per forward (not once per layer) where the backend needs one."""
     if backend == "flex" or _is_plain(spec, n_q, n_kv):
         return spec
-    if _is_causal_tail(spec, n_q, n_kv):
-        return replace(spec, dense=causal_tail(n_q, n_kv, device))
+    block = _tail_block(spec, n_q, n_kv)
+    if block:
+        return replace(spec, dense=tail_mask(block, n_q, n_kv, device))
     return replace(spec, dense=dense_mask(spec, batch, n_q, n_kv, device))
 
 
-def _is_causal_tail(spec: MaskSpec, n_q: int, n_kv: int) -> bool:
-    """Causal queries that are the last n_q of the keys (a KV-cached decode step)."""
-    return spec.kind == "causal" and spec.keep is None and spec.q_offset + n_q == n_kv
+def _tail_block(spec: MaskSpec, n_q: int, n_kv: int) -> int:
+    """Block size b when the queries are the last n_q of the keys (a KV-cached decode step)
+    under a causal (b = 1) or block-causal mask with block-aligned queries; else 0."""
+    if spec.keep is not None or spec.q_offset + n_q != n_kv:
+        return 0
+    if spec.kind == "causal":
+        return 1
+    if spec.kind == "block_causal" and spec.q_offset % spec.block == 0:
+        return spec.block
+    return 0
 
 
-_BANDS: dict[torch.device, Tensor] = {}
+_BANDS: dict[tuple[torch.device, int], Tensor] = {}
 
 
-def causal_tail(n_q: int, n_kv: int, device: torch.device) -> Tensor:
-    """The causal mask [n_q, n_kv] of the last n_q of n_kv tokens, as a view of one cached
-    band (query i may see key j iff j <= n_kv - n_q + i); no allocation per decode step.
+def tail_mask(block: int, n_q: int, n_kv: int, device: torch.device) -> Tensor:
+    """The block-causal mask [n_q, n_kv] (block 1: causal) of the last n_q of n_kv keys, as a
+    view of one cached band, so that a decode step allocates no mask.
 
-    band[i, c] = c <= W + i for i < Q, c < W + Q; the view starts at column W - (n_kv - n_q).
-    The band grows (powers of two) when a step needs more queries or keys.
+    band[i, c] = (c - W) // block <= i // block for i < Q, c < W + Q, with W a multiple of
+    block; the view starts at column W - (n_kv - n_q) (a multiple of block, as the queries
+    start on a block boundary). The band grows (powers of two) when a step needs more.
     """
-    band = _BANDS.get(device)
+    key = (device, block)
+    band = _BANDS.get(key)
     start = n_kv - n_q
     if band is None or band.shape[0] < n_q or band.shape[1] - band.shape[0] < start:
-        Q = max(8, 1 << (n_q - 1).bit_length(), 0 if band is None else band.shape[0])
-        W = max(1024, 1 << max(start - 1, 0).bit_length(),
-                0 if band is None else band.shape[1] - band.shape[0])
+        old_q, old_w = (0, 0) if band is None else (band.shape[0], band.shape[1] - band.shape[0])
+        Q = max(8, 1 << (n_q - 1).bit_length(), old_q)
+        W = max(1024, 1 << max(start - 1, 0).bit_length(), old_w)
+        W = -(-W // block) * block
         i = torch.arange(Q, device=device)[:, None]
-        band = torch.arange(W + Q, device=device)[None, :] <= W + i
-        _BANDS[device] = band
+        c = torch.arange(W + Q, device=device)[None, :]
+        band = torch.div(c - W, block, rounding_mode="floor") <= torch.div(i, block, rounding_mode="floor")
+        _BANDS[key] = band
     W = band.shape[1] - band.shape[0]
     return band[:n_q].narrow(1, W - start, n_kv)
 

@@ -126,6 +126,7 @@ def _n_steps(sched: Schedule | list[Schedule] | None, free: int) -> int:
     return sched.steps
 
 
+@torch.inference_mode()  # lighter than no_grad per operator; x is filled in place
 def _run(model: Backbone, x: Tensor, sched, dec: loops.Decoder, kv_cache: bool, n_given: int) -> int:
     variant = model.config.variant
     if variant == "ar":

@@ -4,20 +4,28 @@ Every family samples ``batch_size`` sequences of length L with the same backbone
 random weights (speed does not depend on the weights). ``nfe="L"`` decodes one token per
 forward pass (the paper's setting); an integer NFE budget spreads L tokens over that many
 steps (AR always takes L). Each cell is the median wall time over ``repeats`` runs after
-``warmup`` runs, and ratios are computed from medians measured in the same process.
+``warmup`` short runs (at most ``WARMUP_STEPS`` steps each: they only trigger lazy set-up),
+and ratios are computed from medians measured in the same process. Next to time, each row
+gives the KV-cache bytes and the peak memory of the runs, and every setting.
+
+MDLM runs the same full forward at every step, so with ``mdlm_max_steps`` > 0 it is timed
+over that many steps (each decoding L / mdlm_max_steps tokens) and scaled linearly to the
+requested NFE; such rows carry ``extrapolated_from_nfe``.
 """
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from esolm.config import ModelConfig
+from esolm.device import is_accelerator, synchronize
 from esolm.model.backbone import Backbone
+from esolm.profiling import random_weights
 from esolm.sampling import generate
 
 # name -> (variant, overrides)
@@ -29,21 +37,40 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "bd3lm_l16": ("bd3lm", {"block_size": 16}),
     "ar": ("ar", {}),
 }
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WARMUP_STEPS = 16
+
+# named settings: ``esolm bench --set bench.preset=paper-gpu`` (one command on a GPU)
+PRESETS: dict[str, dict] = {
+    "": {},
+    # the paper's Table 3: L in {2048, 8192}, NFE = L, 768d / 12 layers, GPT-2 vocabulary
+    "paper-gpu": dict(families=("eso_b", "mdlm", "bd3lm_l4", "bd3lm_l16", "ar"), lengths=(2048, 8192),
+                      d_model=768, n_layers=12, n_heads=12, vocab_size=50257, dtype="bfloat16",
+                      repeats=3, warmup=1, mdlm_max_steps=256),
+}
 
 
 @dataclass(frozen=True)
 class BenchConfig:
+    """Defaults: the d = 128 / 4-layer / V = 512 backbone (large enough that a decode step is
+    not pure dispatch, small enough for CPU). threads: CPU threads (0: torch's default).
+    dtype: weights and activations (logits and Gumbel noise stay float32 / float64)."""
+
     families: tuple[str, ...] = tuple(FAMILIES)
-    lengths: tuple[int, ...] = (256, 512, 1024, 2048)
+    lengths: tuple[int, ...] = (256, 1024)
     nfe: tuple[str | int, ...] = ("L",)
     batch_size: int = 1
     repeats: int = 3
     warmup: int = 1
-    d_model: int = 64
-    n_layers: int = 2
+    d_model: int = 128
+    n_layers: int = 4
     n_heads: int = 4
-    vocab_size: int = 256
+    vocab_size: int = 512
+    dtype: str = "float32"
+    threads: int = 0
+    mdlm_max_steps: int = 0
     seed: int = 0
+    preset: str = ""
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
@@ -51,6 +78,16 @@ class BenchConfig:
             raise ValueError(f"bench.families has unknown entries {unknown}; use any of {tuple(FAMILIES)}")
         if self.repeats < 1 or self.warmup < 0 or self.batch_size < 1:
             raise ValueError("bench.repeats and bench.batch_size must be >= 1, bench.warmup >= 0")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"bench.dtype={self.dtype!r} is unknown; use one of {tuple(DTYPES)}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"bench.preset={self.preset!r} is unknown; use one of {tuple(PRESETS)}")
+        if self.threads < 0 or self.mdlm_max_steps < 0:
+            raise ValueError("bench.threads and bench.mdlm_max_steps must be >= 0")
+
+    def resolved(self) -> BenchConfig:
+        """This config with its preset's settings applied (the preset wins)."""
+        return replace(self, **PRESETS[self.preset], preset="") if self.preset else self
 
 
 def _model(bc: BenchConfig, family: str, length: int, device: torch.device) -> Backbone:
@@ -58,7 +95,8 @@ def _model(bc: BenchConfig, family: str, length: int, device: torch.device) -> B
     cfg = ModelConfig(variant=variant, vocab_size=bc.vocab_size, length=length, n_layers=bc.n_layers,
                       d_model=bc.d_model, n_heads=bc.n_heads, dropout=0.0, **extra)
     torch.manual_seed(bc.seed)
-    return Backbone(cfg).to(device).eval()
+    model = random_weights(Backbone(cfg), seed=bc.seed)
+    return model.to(device=device, dtype=DTYPES[bc.dtype]).eval()
 
 
 def _steps(model: Backbone, length: int, nfe: str | int) -> int:
@@ -69,22 +107,86 @@ def _steps(model: Backbone, length: int, nfe: str | int) -> int:
     return max(1, budget)
 
 
+def kv_cache_bytes(model: Backbone, batch: int) -> int:
+    """Bytes of the static KV cache the family's sampler allocates (0 for MDLM: no cache)."""
+    if model.config.variant == "mdlm":
+        return 0
+    c = model.config
+    item = next(model.parameters()).element_size()
+    return 2 * c.n_layers * batch * c.length * c.d_model * item
+
+
+class PeakMemory:
+    """Peak memory over a region: CUDA max_memory_allocated, or on CPU the growth of the
+    process's peak RSS (VmHWM, reset through /proc/self/clear_refs; None where unsupported)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = ("cuda max_memory_allocated (weights included)" if is_accelerator(device)
+                     else "cpu peak RSS growth of the process (VmHWM)")
+
+    def __enter__(self) -> PeakMemory:
+        self.peak: int | None = None
+        if is_accelerator(self.device):
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.base = _rss("VmRSS") if _reset_hwm() else None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if is_accelerator(self.device):
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.base is not None:
+            hwm = _rss("VmHWM")
+            self.peak = None if hwm is None else max(0, hwm - self.base)
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _rss(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def time_family(bc: BenchConfig, family: str, length: int, nfe: str | int,
                 device: torch.device) -> dict:
-    """Median sampling time of one family at one length and NFE budget."""
+    """Median sampling time of one family at one length and NFE budget, with memory."""
     model = _model(bc, family, length, device)
     steps = _steps(model, length, nfe)
+    scale = 1.0
+    if family == "mdlm" and 0 < bc.mdlm_max_steps < steps:
+        scale, steps = steps / bc.mdlm_max_steps, bc.mdlm_max_steps
+    for i in range(bc.warmup):
+        generate(model, num_samples=bc.batch_size, steps=min(steps, WARMUP_STEPS), schedule="power",
+                 seed=bc.seed + 1000 + i)
     times, nfes = [], []
-    for i in range(bc.warmup + bc.repeats):
-        g = generate(model, num_samples=bc.batch_size, steps=steps, schedule="power", seed=bc.seed + i)
-        if i >= bc.warmup:
-            times.append(g.seconds)
-            nfes.append(g.nfe)
+    synchronize(device)
+    with PeakMemory(device) as mem:
+        for i in range(bc.repeats):
+            g = generate(model, num_samples=bc.batch_size, steps=steps, schedule="power", seed=bc.seed + i)
+            times.append(g.seconds * scale)
+            nfes.append(round(g.nfe * scale))
     median = statistics.median(times)
-    return {"family": family, "length": length, "nfe": int(statistics.median(nfes)),
-            "nfe_budget": str(nfe), "batch_size": bc.batch_size, "median_s": median,
-            "tokens_per_s": bc.batch_size * length / median, "repeats": bc.repeats,
-            "device": _device_name(device), "d_model": bc.d_model, "n_layers": bc.n_layers}
+    return {"family": family, "variant": model.config.variant, "length": length,
+            "nfe": int(statistics.median(nfes)), "nfe_budget": str(nfe), "batch_size": bc.batch_size,
+            "median_s": median, "tokens_per_s": bc.batch_size * length / median, "repeats": bc.repeats,
+            "warmup": bc.warmup, "device": _device_name(device), "d_model": bc.d_model,
+            "n_layers": bc.n_layers, "n_heads": bc.n_heads, "vocab_size": bc.vocab_size,
+            "dtype": bc.dtype, "params": sum(p.numel() for p in model.parameters()),
+            "kv_cache_bytes": kv_cache_bytes(model, bc.batch_size), "peak_mem_bytes": mem.peak,
+            "peak_mem_kind": mem.kind, "torch": torch.__version__,
+            "extrapolated_from_nfe": steps if scale != 1.0 else None}
 
 
 def _device_name(device: torch.device) -> str:
@@ -94,7 +196,10 @@ def _device_name(device: torch.device) -> str:
 
 
 def run_bench(bc: BenchConfig, device: torch.device, progress: bool = True) -> list[dict]:
-    """All cells, plus ``speedup_vs_<family>`` ratios of eso_b over every other family."""
+    """All cells, plus ``speedup_vs_<family>`` ratios of every family over every other one."""
+    bc = bc.resolved()
+    if bc.threads:
+        torch.set_num_threads(bc.threads)
     cells = [(f, L, n) for L in bc.lengths for n in bc.nfe for f in bc.families]
     rows = [time_family(bc, f, L, n, device)
             for f, L, n in tqdm(cells, desc="bench", disable=not progress)]
@@ -105,6 +210,29 @@ def run_bench(bc: BenchConfig, device: torch.device, progress: bool = True) -> l
             if ref is not None and other != r["family"]:
                 r[f"speedup_vs_{other}"] = ref["median_s"] / r["median_s"]
     return rows
+
+
+def settings_line(bc: BenchConfig, device: torch.device) -> str:
+    """Every setting of a bench run, in one line."""
+    bc = bc.resolved()
+    keep = {k: v for k, v in asdict(bc).items() if k not in ("families", "lengths", "preset")}
+    text = " ".join(f"{k}={v}" for k, v in keep.items())
+    return (f"bench on {_device_name(device)}, torch {torch.__version__}: {text}; random weights, "
+            f"power schedule (even counts), medians of {bc.repeats} runs after {bc.warmup} warm-up "
+            f"runs of <= {WARMUP_STEPS} steps")
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A plain-text table: time, NFE, tokens/s, KV-cache and peak memory per cell."""
+    head = f"{'family':<10} {'L':>6} {'NFE':>6} {'median_s':>10} {'tok/s':>9} {'kv_MiB':>8} {'peak_MiB':>9}"
+    out = [head]
+    for r in rows:
+        peak = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
+        note = f"  (timed at NFE={r['extrapolated_from_nfe']}, scaled linearly)" \
+            if r.get("extrapolated_from_nfe") else ""
+        out.append(f"{r['family']:<10} {r['length']:>6} {r['nfe']:>6} {r['median_s']:>10.3f} "
+                   f"{r['tokens_per_s']:>9.1f} {r['kv_cache_bytes'] / 2**20:>8.2f} {peak:>9}{note}")
+    return "\n".join(out)
 
 
 def plot_bench(rows: list[dict], path: str) -> bool:

@@ -247,7 +247,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, backend: str = "s
         _warn_once(f"attention backend {backend!r} needs CUDA tensors (got {q.device}); using sdpa")
         backend = "sdpa"
     if backend == "flex":
-        return _flex(q, k, v, spec)
+        if is_accelerator(q.device) or not torch.is_grad_enabled() or not (
+                q.requires_grad or k.requires_grad or v.requires_grad):
+            return _flex(q, k, v, spec)
+        # torch's flex attention has no backward on CPU: same mask function, dense, via sdpa
+        _warn_once("flex attention has no backward on CPU; training steps use sdpa with the same mask")
+        backend = "sdpa"
     if backend == "flash":
         out = _flash(q, k, v, spec)
         if out is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Self
 
 import torch
 from tqdm.auto import tqdm
@@ -125,7 +126,7 @@ class PeakMemory:
         self.kind = ("cuda max_memory_allocated (weights included)" if is_accelerator(device)
                      else "cpu peak RSS growth of the process (VmHWM)")
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> Self:
         self.peak: int | None = None
         if is_accelerator(self.device):
             torch.cuda.reset_peak_memory_stats(self.device)

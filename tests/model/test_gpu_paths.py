@@ -228,3 +228,27 @@ def test_bf16_weights_sample_with_float64_gumbel_noise_on_float32_logits():
     u = torch.rand(logits.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     gumbel = -torch.log(-torch.log(u))
     assert torch.equal(got, torch.argmax(logits.float().double() + gumbel, dim=-1))
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+@pytest.mark.slow
+def test_train_compile_true_matches_eager_loss_and_gradients(gen):
+    """``train.compile=true`` on CPU: the compiled network the Lightning module trains gives
+    the eager loss and gradients (inductor may reorder float32 sums: 1e-4)."""
+    from esolm.config import ModelConfig
+    from esolm.training import LitModel, TrainConfig
+
+    cfg = ModelConfig(variant="eso_b", vocab_size=7, length=16, n_layers=2, d_model=32, n_heads=4,
+                      cond_dim=32, dropout=0.0, alpha_0=0.5)
+    module = LitModel(cfg, TrainConfig(steps=1, batch_size=4, compile=True))
+    module.model.reset_parameters(std=0.18)
+    assert module.net is not module.model
+    x = torch.randint(0, 7, (4, 16), generator=gen)
+
+    def run(net) -> list[torch.Tensor]:
+        out = loss(net, x, generator=torch.Generator().manual_seed(0))
+        return [out.per_token.detach(), *torch.autograd.grad(out.per_token, list(module.model.parameters()))]
+
+    for got, ref in zip(run(module.net), run(module.model)):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

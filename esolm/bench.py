@@ -5,7 +5,8 @@ random weights (speed does not depend on the weights). ``nfe="L"`` decodes one t
 forward pass (the paper's setting); an integer NFE budget spreads L tokens over that many
 steps (AR always takes L). Each cell is the median wall time over ``repeats`` runs after
 ``warmup`` short runs (at most ``WARMUP_STEPS`` steps each: they only trigger lazy set-up),
-and ratios are computed from medians measured in the same process. Next to time, each row
+with the repeats of all families interleaved, and ratios are computed from medians measured
+in the same process. Next to time, each row
 gives the KV-cache bytes and the peak memory of the runs, and every setting.
 
 MDLM runs the same full forward at every step, so with ``mdlm_max_steps`` > 0 it is timed
@@ -16,6 +17,7 @@ requested NFE; such rows carry ``extrapolated_from_nfe``.
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Self
@@ -160,9 +162,9 @@ def _rss(field: str) -> int | None:
     return None
 
 
-def time_family(bc: BenchConfig, family: str, length: int, nfe: str | int,
-                device: torch.device) -> dict:
-    """Median sampling time of one family at one length and NFE budget, with memory."""
+def _setup(bc: BenchConfig, family: str, length: int, nfe: str | int,
+           device: torch.device) -> tuple[Backbone, int, float]:
+    """(model, steps to run, scale to the requested NFE), warmed up."""
     model = _model(bc, family, length, device)
     steps = _steps(model, length, nfe)
     scale = 1.0
@@ -171,22 +173,53 @@ def time_family(bc: BenchConfig, family: str, length: int, nfe: str | int,
     for i in range(bc.warmup):
         generate(model, num_samples=bc.batch_size, steps=min(steps, WARMUP_STEPS), schedule="power",
                  seed=bc.seed + 1000 + i)
-    times, nfes = [], []
-    synchronize(device)
-    with PeakMemory(device) as mem:
-        for i in range(bc.repeats):
-            g = generate(model, num_samples=bc.batch_size, steps=steps, schedule="power", seed=bc.seed + i)
-            times.append(g.seconds * scale)
-            nfes.append(round(g.nfe * scale))
-    median = statistics.median(times)
+    return model, steps, scale
+
+
+def time_cell(bc: BenchConfig, families: tuple[str, ...], length: int, nfe: str | int,
+              device: torch.device) -> list[dict]:
+    """Median sampling time of each family at one length and NFE budget, with memory.
+
+    The repeats are interleaved (repeat r of every family, then r + 1), so that a change in
+    the machine's load during the run hits every family alike. Besides wall time, each row
+    has the median process CPU time (less sensitive to other processes on a shared CPU)."""
+    setups = {f: _setup(bc, f, length, nfe, device) for f in families}
+    wall: dict[str, list[float]] = {f: [] for f in families}
+    cpu: dict[str, list[float]] = {f: [] for f in families}
+    nfes: dict[str, list[int]] = {f: [] for f in families}
+    peaks: dict[str, int | None] = {}
+    for i in range(bc.repeats):
+        for f in families:
+            model, steps, scale = setups[f]
+            synchronize(device)
+            c0 = time.process_time()
+            with PeakMemory(device) as mem:
+                g = generate(model, num_samples=bc.batch_size, steps=steps, schedule="power",
+                             seed=bc.seed + i)
+            cpu[f].append((time.process_time() - c0) * scale)
+            wall[f].append(g.seconds * scale)
+            nfes[f].append(round(g.nfe * scale))
+            if mem.peak is not None:
+                peaks[f] = max(peaks.get(f) or 0, mem.peak)
+            kind = mem.kind
+    return [_row(bc, f, length, nfe, device, setups[f], wall[f], cpu[f], nfes[f], peaks.get(f), kind)
+            for f in families]
+
+
+def _row(bc: BenchConfig, family: str, length: int, nfe: str | int, device: torch.device,
+         setup: tuple[Backbone, int, float], wall: list[float], cpu: list[float], nfes: list[int],
+         peak: int | None, peak_kind: str) -> dict:
+    model, steps, scale = setup
+    median = statistics.median(wall)
     return {"family": family, "variant": model.config.variant, "length": length,
             "nfe": int(statistics.median(nfes)), "nfe_budget": str(nfe), "batch_size": bc.batch_size,
-            "median_s": median, "tokens_per_s": bc.batch_size * length / median, "repeats": bc.repeats,
+            "median_s": median, "median_cpu_s": statistics.median(cpu),
+            "tokens_per_s": bc.batch_size * length / median, "repeats": bc.repeats,
             "warmup": bc.warmup, "device": _device_name(device), "d_model": bc.d_model,
             "n_layers": bc.n_layers, "n_heads": bc.n_heads, "vocab_size": bc.vocab_size,
             "dtype": bc.dtype, "params": sum(p.numel() for p in model.parameters()),
-            "kv_cache_bytes": kv_cache_bytes(model, bc.batch_size), "peak_mem_bytes": mem.peak,
-            "peak_mem_kind": mem.kind, "torch": torch.__version__,
+            "kv_cache_bytes": kv_cache_bytes(model, bc.batch_size), "peak_mem_bytes": peak,
+            "peak_mem_kind": peak_kind, "torch": torch.__version__,
             "extrapolated_from_nfe": steps if scale != 1.0 else None}
 
 
@@ -197,19 +230,21 @@ def _device_name(device: torch.device) -> str:
 
 
 def run_bench(bc: BenchConfig, device: torch.device, progress: bool = True) -> list[dict]:
-    """All cells, plus ``speedup_vs_<family>`` ratios of every family over every other one."""
+    """All cells, plus ``speedup_vs_<family>`` ratios (wall time) of every family over every
+    other one, and ``cpu_speedup_vs_<family>`` from process CPU time."""
     bc = bc.resolved()
     if bc.threads:
         torch.set_num_threads(bc.threads)
-    cells = [(f, L, n) for L in bc.lengths for n in bc.nfe for f in bc.families]
-    rows = [time_family(bc, f, L, n, device)
-            for f, L, n in tqdm(cells, desc="bench", disable=not progress)]
+    cells = [(L, n) for L in bc.lengths for n in bc.nfe]
+    rows = [r for L, n in tqdm(cells, desc="bench", disable=not progress)
+            for r in time_cell(bc, bc.families, L, n, device)]
     by_key = {(r["family"], r["length"], r["nfe_budget"]): r for r in rows}
     for r in rows:
         for other in bc.families:
             ref = by_key.get((other, r["length"], r["nfe_budget"]))
             if ref is not None and other != r["family"]:
                 r[f"speedup_vs_{other}"] = ref["median_s"] / r["median_s"]
+                r[f"cpu_speedup_vs_{other}"] = ref["median_cpu_s"] / r["median_cpu_s"]
     return rows
 
 
@@ -225,13 +260,15 @@ def settings_line(bc: BenchConfig, device: torch.device) -> str:
 
 def format_rows(rows: list[dict]) -> str:
     """A plain-text table: time, NFE, tokens/s, KV-cache and peak memory per cell."""
-    head = f"{'family':<10} {'L':>6} {'NFE':>6} {'median_s':>10} {'tok/s':>9} {'kv_MiB':>8} {'peak_MiB':>9}"
+    head = (f"{'family':<10} {'L':>6} {'NFE':>6} {'median_s':>10} {'cpu_s':>9} {'tok/s':>9} "
+            f"{'kv_MiB':>8} {'peak_MiB':>9}")
     out = [head]
     for r in rows:
         peak = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
         note = f"  (timed at NFE={r['extrapolated_from_nfe']}, scaled linearly)" \
             if r.get("extrapolated_from_nfe") else ""
         out.append(f"{r['family']:<10} {r['length']:>6} {r['nfe']:>6} {r['median_s']:>10.3f} "
+                   f"{r['median_cpu_s']:>9.3f} "
                    f"{r['tokens_per_s']:>9.1f} {r['kv_cache_bytes'] / 2**20:>8.2f} {peak:>9}{note}")
     return "\n".join(out)
 

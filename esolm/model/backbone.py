@@ -61,8 +61,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (x1, x2) = (first half, second half) of the last (head) dimension:
     (x1 cos - x2 sin, x2 cos + x1 sin) = x * C + swap(x) * S with the tables of ``Rotary``.
     x: [..., D]; cos, sin: C and S broadcastable to x."""
-    half = x.shape[-1] // 2
-    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+    swapped = x.roll(x.shape[-1] // 2, dims=-1)  # (x2, x1)
     return torch.addcmul(x * cos, swapped, sin)
 
 

@@ -297,7 +297,9 @@ def plot_bench(rows: list[dict], path: str) -> bool:
     ax.set_ylabel("Eso-LM (B) speedup (x)")
     ax.legend(fontsize=7)
     first = rows[0]
-    ax.set_title(f"batch {first.get('batch_size', '?')}, {first.get('device', '')}", fontsize=9)
+    size = (f"{first['d_model']}d/{first['n_layers']}L/V={first['vocab_size']}, "
+            if first.get("d_model") else "")
+    ax.set_title(f"{size}batch {first.get('batch_size', '?')}, {first.get('device', '')}", fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

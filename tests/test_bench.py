@@ -54,3 +54,36 @@ def test_profile_counts_operators_per_layer(family):
                      repeats=5)
     assert 0 < r["ops_per_layer"] < r["ops_per_step"] <= r["ops_per_step_all"]
     assert r["ms_per_layer"] > 0 and r["ms_per_step"] >= r["ms_per_layer"]
+
+
+def test_bench_rows_are_ingested_with_their_settings_into_old_and_new_databases(tmp_path):
+    """A database created before the new throughput columns gains them; old bench.json rows
+    (without them) ingest as NULL, new ones with their values; the report's figure draws."""
+    import json
+
+    import duckdb
+
+    from esolm.report import fig_speedup
+    from esolm.store import ingest, query
+
+    db = tmp_path / "results.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE throughput (run_id VARCHAR, family VARCHAR, length BIGINT, nfe_budget "
+                "VARCHAR, nfe BIGINT, batch_size BIGINT, median_s DOUBLE, tokens_per_s DOUBLE, "
+                "device VARCHAR, PRIMARY KEY (run_id, family, length, nfe_budget))")
+    con.close()
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    rows = run_bench(BenchConfig(families=("eso_b", "mdlm"), mdlm_max_steps=4, **TINY),
+                     torch.device("cpu"), progress=False)
+    old = {k: rows[0][k] for k in ("family", "length", "nfe_budget", "nfe", "batch_size", "median_s",
+                                   "tokens_per_s", "device")}
+    (reports / "bench.json").write_text(json.dumps(rows))
+    ingest({"variants": {}}, tmp_path / "runs", reports, db, rid="new")
+    (reports / "bench.json").write_text(json.dumps([old]))
+    ingest({"variants": {}}, tmp_path / "runs", reports, db, rid="old")
+    _, got = query("SELECT run_id, family, d_model, kv_cache_bytes, extrapolated_from_nfe FROM throughput "
+                   "ORDER BY run_id, family", db)
+    assert got == [("new", "eso_b", 32, 2 * 2 * 16 * 32 * 4, None), ("new", "mdlm", 32, 0, 4),
+                   ("old", "eso_b", None, None, None)]
+    assert fig_speedup(db, "new", tmp_path / "speedup.png")

@@ -57,7 +57,8 @@ def _profile(bc) -> None:
                          length=max(bc.lengths), fill=max(bc.lengths) // 2)
         print(f"{family}: {r['ops_per_step']} operators per step ({r['ops_per_layer']} per layer, "
               f"{r['ops_per_step_all']} counting nested ones), {r['ms_per_step']:.3f} ms per step, "
-              f"{r['ms_per_layer']:.3f} ms per layer (d={r['d_model']}, {r['n_layers']} layers, "
+              f"{r['ms_per_layer']:.3f} ms per layer (CPU time {r['cpu_ms_per_step']:.3f} and "
+              f"{r['cpu_ms_per_layer']:.3f}) (d={r['d_model']}, {r['n_layers']} layers, "
               f"V={r['vocab_size']}, cache {r['fill']} of {r['length']}, {r['threads']} threads)")
 
 

@@ -86,38 +86,45 @@ def count_ops(fn: Callable[[], None]) -> tuple[int, int]:
     return sum(1 for e in events if top(e)), len(events)
 
 
-def time_layers(model: Backbone, fn: Callable[[], None], repeats: int) -> tuple[float, float]:
-    """(median ms per step, median ms per block) over ``repeats`` calls after warm-up."""
-    spans: list[float] = []
-    marks: dict[int, float] = {}
+def time_layers(model: Backbone, fn: Callable[[], None], repeats: int) -> dict[str, float]:
+    """Median ms per step and per block over ``repeats`` calls after warm-up, by wall clock
+    and by this thread's CPU time (on a shared CPU the latter ignores time spent descheduled)."""
+    spans: dict[str, list[float]] = {"wall": [], "cpu": []}
+    marks: dict[int, tuple[float, float]] = {}
 
     def pre(module: nn.Module, args: object) -> None:
-        marks[id(module)] = time.perf_counter()
+        marks[id(module)] = (time.perf_counter(), time.thread_time())
 
     def post(module: nn.Module, args: object, out: object) -> None:
-        spans.append(time.perf_counter() - marks[id(module)])
+        w, c = marks[id(module)]
+        spans["wall"].append(time.perf_counter() - w)
+        spans["cpu"].append(time.thread_time() - c)
 
     for _ in range(max(3, repeats // 10)):
         fn()
-    steps = []
+    steps: dict[str, list[float]] = {"wall": [], "cpu": []}
     handles = [h for b in model.blocks for h in (b.register_forward_pre_hook(pre),
                                                  b.register_forward_hook(post))]
     try:
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            w, c = time.perf_counter(), time.thread_time()
             fn()
-            steps.append(time.perf_counter() - t0)
+            steps["wall"].append(time.perf_counter() - w)
+            steps["cpu"].append(time.thread_time() - c)
     finally:
         for h in handles:
             h.remove()
-    return 1e3 * statistics.median(steps), 1e3 * statistics.median(spans)
+    med = statistics.median
+    return {"ms_per_step": 1e3 * med(steps["wall"]), "ms_per_layer": 1e3 * med(spans["wall"]),
+            "cpu_ms_per_step": 1e3 * med(steps["cpu"]), "cpu_ms_per_layer": 1e3 * med(spans["cpu"])}
 
 
 def profile_step(family: str = "eso_b", d_model: int = 128, n_layers: int = 4, n_heads: int = 4,
                  vocab_size: int = 512, length: int = 1024, fill: int = 512,
                  repeats: int = 200) -> dict:
     """One cached decode step of ``family`` (eso_b or ar) at cache length ``fill``: operator
-    counts per step and per layer (top-level), median ms per step and per layer."""
+    counts per step and per layer (top-level), median ms per step and per layer (wall clock
+    and thread CPU time)."""
     if family not in ("eso_b", "ar"):
         raise ValueError(f"profile family {family!r} must be eso_b or ar")
     cfg = ModelConfig(variant=family, vocab_size=vocab_size, length=length, n_layers=n_layers,
@@ -132,8 +139,7 @@ def profile_step(family: str = "eso_b", d_model: int = 128, n_layers: int = 4, n
     top1, _ = count_ops(decode_step_fn(random_weights(one).eval(), family, fill))
     two = Backbone(cfg.replace(n_layers=2))
     top2, _ = count_ops(decode_step_fn(random_weights(two).eval(), family, fill))
-    ms_step, ms_layer = time_layers(model, fn, repeats)
     return {"family": family, "d_model": d_model, "n_layers": n_layers, "vocab_size": vocab_size,
             "length": length, "fill": fill, "ops_per_step": top, "ops_per_step_all": total,
-            "ops_per_layer": top2 - top1, "ms_per_step": ms_step, "ms_per_layer": ms_layer,
+            "ops_per_layer": top2 - top1, **time_layers(model, fn, repeats),
             "threads": torch.get_num_threads()}

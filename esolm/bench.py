@@ -57,7 +57,8 @@ PRESETS: dict[str, dict] = {
 class BenchConfig:
     """Defaults: the d = 128 / 4-layer / V = 512 backbone (large enough that a decode step is
     not pure dispatch, small enough for CPU). threads: CPU threads (0: torch's default).
-    dtype: weights and activations (logits and Gumbel noise stay float32 / float64)."""
+    dtype: weights and activations (logits and Gumbel noise stay float32 / float64).
+    cuda_graphs: Eso-LM (B) and AR decode over a static cache as CUDA graphs (GPU only)."""
 
     families: tuple[str, ...] = tuple(FAMILIES)
     lengths: tuple[int, ...] = (256, 1024)
@@ -72,6 +73,7 @@ class BenchConfig:
     dtype: str = "float32"
     threads: int = 0
     mdlm_max_steps: int = 0
+    cuda_graphs: bool = False
     seed: int = 0
     preset: str = ""
 
@@ -172,7 +174,7 @@ def _setup(bc: BenchConfig, family: str, length: int, nfe: str | int,
         scale, steps = steps / bc.mdlm_max_steps, bc.mdlm_max_steps
     for i in range(bc.warmup):
         generate(model, num_samples=bc.batch_size, steps=min(steps, WARMUP_STEPS), schedule="power",
-                 seed=bc.seed + 1000 + i)
+                 seed=bc.seed + 1000 + i, cuda_graphs=bc.cuda_graphs)
     return model, steps, scale
 
 
@@ -195,7 +197,7 @@ def time_cell(bc: BenchConfig, families: tuple[str, ...], length: int, nfe: str 
             c0 = time.process_time()
             with PeakMemory(device) as mem:
                 g = generate(model, num_samples=bc.batch_size, steps=steps, schedule="power",
-                             seed=bc.seed + i)
+                             seed=bc.seed + i, cuda_graphs=bc.cuda_graphs)
             cpu[f].append((time.process_time() - c0) * scale)
             wall[f].append(g.seconds * scale)
             nfes[f].append(round(g.nfe * scale))

@@ -246,6 +246,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, backend: str = "s
     if backend in CUDA_ONLY_BACKENDS and not is_accelerator(q.device):
         _warn_once(f"attention backend {backend!r} needs CUDA tensors (got {q.device}); using sdpa")
         backend = "sdpa"
+    if backend == "flex" and spec.dense is not None:  # a static-cache mask: only dense form
+        backend = "sdpa"
     if backend == "flex":
         if is_accelerator(q.device) or not torch.is_grad_enabled() or not (
                 q.requires_grad or k.requires_grad or v.requires_grad):

@@ -119,9 +119,10 @@ class Block(nn.Module):
         return self.drop(x) if self.training and self.drop.p > 0 else x
 
     def forward(self, h: Tensor, mod: Modulation, rope: tuple[Tensor, Tensor], spec: MaskSpec,
-                cache: tuple[Tensor, Tensor, int, int] | None) -> Tensor:
+                cache: tuple[Tensor, Tensor, int | Tensor, int] | None) -> Tensor:
         """h: [B, N, d]; mod: this block's adaLN modulation (``Backbone.conditioning``);
-        rope: (C, S) of ``Rotary``; cache: (k_buf, v_buf, start, commit) or None.
+        rope: (C, S) of ``Rotary``; cache: (k_buf, v_buf, start, commit) or None, where start
+        is the first cache slot (int) or, for a static cache, the slots of the N tokens [N].
 
         Written with functional calls and fused ``addcmul`` so that a small cached decode step
         dispatches few operators: rotary is applied to q and k in one pass."""
@@ -133,9 +134,14 @@ class Block(nn.Module):
         v = qkv[:, :, 2].transpose(1, 2)
         if cache is not None:
             k_buf, v_buf, start, _ = cache
-            k_buf.narrow(2, start, N).copy_(k)
-            v_buf.narrow(2, start, N).copy_(v)
-            k, v = k_buf.narrow(2, 0, start + N), v_buf.narrow(2, 0, start + N)
+            if isinstance(start, Tensor):  # static cache: device-side slots [N], whole buffer
+                k_buf.index_copy_(2, start, k)
+                v_buf.index_copy_(2, start, v)
+                k, v = k_buf, v_buf
+            else:
+                k_buf.narrow(2, start, N).copy_(k)
+                v_buf.narrow(2, start, N).copy_(v)
+                k, v = k_buf.narrow(2, 0, start + N), v_buf.narrow(2, 0, start + N)
         a = attention(q, k, v, spec, self.backend).transpose(1, 2).reshape(B, N, d)
         h = torch.addcmul(h, mod.gate1, self._drop(F.linear(a, self.proj.weight)))
         x = torch.addcmul(mod.shift2, F.layer_norm(h, (d,), self.norm2.weight), mod.scale2)
@@ -193,18 +199,23 @@ class Backbone(nn.Module):
         if self.training and self.drop.p > 0:
             h = self.drop(h)
         rope = self.rotary(positions, h.dtype)
-        start = 0
-        if cache is not None:
-            start = cache.length
-            cache.check_room(tokens.shape[1])
-            spec = replace(spec, q_offset=start)
         n = tokens.shape[1]
-        spec = prebuild(spec, tokens.shape[0], n, start + n, tokens.device, self.config.attn_backend)
+        start: int | Tensor = 0
+        if cache is not None and cache.pos is not None:
+            start, spec = self._static_slots(cache, spec, n)
+        else:
+            if cache is not None:
+                start = cache.length
+                cache.check_room(n)
+                spec = replace(spec, q_offset=start)
+            spec = prebuild(spec, tokens.shape[0], n, start + n, tokens.device, self.config.attn_backend)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], start, commit)
             h = block(h, mods[i], rope, spec, layer_cache)
         if cache is not None:
-            cache.length = start + commit
+            cache.length += commit
+            if cache.pos is not None:
+                cache.pos.add_(commit)
         if isinstance(logits_for, Tensor):  # LongTensor[B, k] of token indices
             h = h.gather(1, logits_for.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         else:
@@ -214,6 +225,16 @@ class Backbone(nn.Module):
         logits = F.linear(x, self.head.weight, self.head.bias).float()
         logits[..., self.config.mask_token_id] = float("-inf")
         return logits
+
+    @staticmethod
+    def _static_slots(cache: KVCache, spec: MaskSpec, n: int) -> tuple[Tensor, MaskSpec]:
+        """Slots pos + [0, n) of n tokens in a static cache and their causal mask over the
+        whole buffer ([n, capacity]: key j visible iff j <= the query's slot)."""
+        if spec.kind != "causal" or spec.keep is not None:
+            raise ValueError(f"a static KV cache serves causal decode steps only, not {spec.kind!r}")
+        cache.check_room(n)
+        slots = cache.pos + cache.slots[:n]
+        return slots, replace(spec, dense=cache.slots[None, :] <= slots[:, None])
 
     def conditioning(self, t: Tensor | None = None) -> Conditioning:
         """The adaLN modulations of every block and of the output layer for times t [B or 1]

@@ -94,7 +94,7 @@ class Modulation(NamedTuple):
 
 
 def modulation(layer: nn.Linear, c: Tensor, parts: int) -> tuple[Tensor, ...]:
-    """``parts`` chunks of layer(c) [B, parts * d], each [B, 1, d] and contiguous, with every
+    """``parts`` chunks of layer(c) [B, parts * d], each a [B, 1, d] view, with every
     scale (positions 1 and 4 of (shift, scale, gate, shift, scale, gate)) returned as 1 + scale."""
     chunks = layer(c)[:, None].chunk(parts, dim=-1)
     return tuple((1 + x) if i % 3 == 1 else x for i, x in enumerate(chunks))

@@ -4,20 +4,31 @@ Every family samples ``batch_size`` sequences of length L with the same backbone
 random weights (speed does not depend on the weights). ``nfe="L"`` decodes one token per
 forward pass (the paper's setting); an integer NFE budget spreads L tokens over that many
 steps (AR always takes L). Each cell is the median wall time over ``repeats`` runs after
-``warmup`` runs, and ratios are computed from medians measured in the same process.
+``warmup`` short runs (at most ``WARMUP_STEPS`` steps each: they only trigger lazy set-up),
+with the repeats of all families interleaved, and ratios are computed from medians measured
+in the same process. Next to time, each row
+gives the KV-cache bytes and the peak memory of the runs, and every setting.
+
+MDLM runs the same full forward at every step, so with ``mdlm_max_steps`` > 0 it is timed
+over that many steps (each decoding L / mdlm_max_steps tokens) and scaled linearly to the
+requested NFE; such rows carry ``extrapolated_from_nfe``.
 """
 
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Self
 
 import torch
 from tqdm.auto import tqdm
 
 from esolm.config import ModelConfig
+from esolm.device import is_accelerator, synchronize
 from esolm.model.backbone import Backbone
+from esolm.profiling import random_weights
 from esolm.sampling import generate
 
 # name -> (variant, overrides)
@@ -29,21 +40,42 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "bd3lm_l16": ("bd3lm", {"block_size": 16}),
     "ar": ("ar", {}),
 }
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WARMUP_STEPS = 16
+
+# named settings: ``esolm bench --set bench.preset=paper-gpu`` (one command on a GPU)
+PRESETS: dict[str, dict] = {
+    "": {},
+    # the paper's Table 3: L in {2048, 8192}, NFE = L, 768d / 12 layers, GPT-2 vocabulary
+    "paper-gpu": dict(families=("eso_b", "mdlm", "bd3lm_l4", "bd3lm_l16", "ar"), lengths=(2048, 8192),
+                      d_model=768, n_layers=12, n_heads=12, vocab_size=50257, dtype="bfloat16",
+                      repeats=3, warmup=1, mdlm_max_steps=256),
+}
 
 
 @dataclass(frozen=True)
 class BenchConfig:
+    """Defaults: the d = 128 / 4-layer / V = 512 backbone (large enough that a decode step is
+    not pure dispatch, small enough for CPU). threads: CPU threads (0: torch's default).
+    dtype: weights and activations (logits and Gumbel noise stay float32 / float64).
+    cuda_graphs: Eso-LM (B) and AR decode over a static cache as CUDA graphs (GPU only)."""
+
     families: tuple[str, ...] = tuple(FAMILIES)
-    lengths: tuple[int, ...] = (256, 512, 1024, 2048)
+    lengths: tuple[int, ...] = (256, 1024)
     nfe: tuple[str | int, ...] = ("L",)
     batch_size: int = 1
     repeats: int = 3
     warmup: int = 1
-    d_model: int = 64
-    n_layers: int = 2
+    d_model: int = 128
+    n_layers: int = 4
     n_heads: int = 4
-    vocab_size: int = 256
+    vocab_size: int = 512
+    dtype: str = "float32"
+    threads: int = 0
+    mdlm_max_steps: int = 0
+    cuda_graphs: bool = False
     seed: int = 0
+    preset: str = ""
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.families if f not in FAMILIES]
@@ -51,6 +83,16 @@ class BenchConfig:
             raise ValueError(f"bench.families has unknown entries {unknown}; use any of {tuple(FAMILIES)}")
         if self.repeats < 1 or self.warmup < 0 or self.batch_size < 1:
             raise ValueError("bench.repeats and bench.batch_size must be >= 1, bench.warmup >= 0")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"bench.dtype={self.dtype!r} is unknown; use one of {tuple(DTYPES)}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"bench.preset={self.preset!r} is unknown; use one of {tuple(PRESETS)}")
+        if self.threads < 0 or self.mdlm_max_steps < 0:
+            raise ValueError("bench.threads and bench.mdlm_max_steps must be >= 0")
+
+    def resolved(self) -> BenchConfig:
+        """This config with its preset's settings applied (the preset wins)."""
+        return replace(self, **PRESETS[self.preset], preset="") if self.preset else self
 
 
 def _model(bc: BenchConfig, family: str, length: int, device: torch.device) -> Backbone:
@@ -58,7 +100,8 @@ def _model(bc: BenchConfig, family: str, length: int, device: torch.device) -> B
     cfg = ModelConfig(variant=variant, vocab_size=bc.vocab_size, length=length, n_layers=bc.n_layers,
                       d_model=bc.d_model, n_heads=bc.n_heads, dropout=0.0, **extra)
     torch.manual_seed(bc.seed)
-    return Backbone(cfg).to(device).eval()
+    model = random_weights(Backbone(cfg), seed=bc.seed)
+    return model.to(device=device, dtype=DTYPES[bc.dtype]).eval()
 
 
 def _steps(model: Backbone, length: int, nfe: str | int) -> int:
@@ -69,22 +112,117 @@ def _steps(model: Backbone, length: int, nfe: str | int) -> int:
     return max(1, budget)
 
 
-def time_family(bc: BenchConfig, family: str, length: int, nfe: str | int,
-                device: torch.device) -> dict:
-    """Median sampling time of one family at one length and NFE budget."""
+def kv_cache_bytes(model: Backbone, batch: int) -> int:
+    """Bytes of the static KV cache the family's sampler allocates (0 for MDLM: no cache)."""
+    if model.config.variant == "mdlm":
+        return 0
+    c = model.config
+    item = next(model.parameters()).element_size()
+    return 2 * c.n_layers * batch * c.length * c.d_model * item
+
+
+class PeakMemory:
+    """Peak memory over a region: CUDA max_memory_allocated, or on CPU the growth of the
+    process's peak RSS (VmHWM, reset through /proc/self/clear_refs; None where unsupported)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = ("cuda max_memory_allocated (weights included)" if is_accelerator(device)
+                     else "cpu peak RSS growth of the process (VmHWM)")
+
+    def __enter__(self) -> Self:
+        self.peak: int | None = None
+        if is_accelerator(self.device):
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.base = _rss("VmRSS") if _reset_hwm() else None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if is_accelerator(self.device):
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.base is not None:
+            hwm = _rss("VmHWM")
+            self.peak = None if hwm is None else max(0, hwm - self.base)
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _rss(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _setup(bc: BenchConfig, family: str, length: int, nfe: str | int,
+           device: torch.device) -> tuple[Backbone, int, float]:
+    """(model, steps to run, scale to the requested NFE), warmed up."""
     model = _model(bc, family, length, device)
     steps = _steps(model, length, nfe)
-    times, nfes = [], []
-    for i in range(bc.warmup + bc.repeats):
-        g = generate(model, num_samples=bc.batch_size, steps=steps, schedule="power", seed=bc.seed + i)
-        if i >= bc.warmup:
-            times.append(g.seconds)
-            nfes.append(g.nfe)
-    median = statistics.median(times)
-    return {"family": family, "length": length, "nfe": int(statistics.median(nfes)),
-            "nfe_budget": str(nfe), "batch_size": bc.batch_size, "median_s": median,
+    scale = 1.0
+    if family == "mdlm" and 0 < bc.mdlm_max_steps < steps:
+        scale, steps = steps / bc.mdlm_max_steps, bc.mdlm_max_steps
+    for i in range(bc.warmup):
+        generate(model, num_samples=bc.batch_size, steps=min(steps, WARMUP_STEPS), schedule="power",
+                 seed=bc.seed + 1000 + i, cuda_graphs=bc.cuda_graphs)
+    return model, steps, scale
+
+
+def time_cell(bc: BenchConfig, families: tuple[str, ...], length: int, nfe: str | int,
+              device: torch.device) -> list[dict]:
+    """Median sampling time of each family at one length and NFE budget, with memory.
+
+    The repeats are interleaved (repeat r of every family, then r + 1), so that a change in
+    the machine's load during the run hits every family alike. Besides wall time, each row
+    has the median process CPU time (less sensitive to other processes on a shared CPU)."""
+    setups = {f: _setup(bc, f, length, nfe, device) for f in families}
+    wall: dict[str, list[float]] = {f: [] for f in families}
+    cpu: dict[str, list[float]] = {f: [] for f in families}
+    nfes: dict[str, list[int]] = {f: [] for f in families}
+    peaks: dict[str, int | None] = {}
+    for i in range(bc.repeats):
+        for f in families:
+            model, steps, scale = setups[f]
+            synchronize(device)
+            c0 = time.process_time()
+            with PeakMemory(device) as mem:
+                g = generate(model, num_samples=bc.batch_size, steps=steps, schedule="power",
+                             seed=bc.seed + i, cuda_graphs=bc.cuda_graphs)
+            cpu[f].append((time.process_time() - c0) * scale)
+            wall[f].append(g.seconds * scale)
+            nfes[f].append(round(g.nfe * scale))
+            if mem.peak is not None:
+                peaks[f] = max(peaks.get(f) or 0, mem.peak)
+            kind = mem.kind
+    return [_row(bc, f, length, nfe, device, setups[f], wall[f], cpu[f], nfes[f], peaks.get(f), kind)
+            for f in families]
+
+
+def _row(bc: BenchConfig, family: str, length: int, nfe: str | int, device: torch.device,
+         setup: tuple[Backbone, int, float], wall: list[float], cpu: list[float], nfes: list[int],
+         peak: int | None, peak_kind: str) -> dict:
+    model, steps, scale = setup
+    median = statistics.median(wall)
+    return {"family": family, "variant": model.config.variant, "length": length,
+            "nfe": int(statistics.median(nfes)), "nfe_budget": str(nfe), "batch_size": bc.batch_size,
+            "median_s": median, "median_cpu_s": statistics.median(cpu),
             "tokens_per_s": bc.batch_size * length / median, "repeats": bc.repeats,
-            "device": _device_name(device), "d_model": bc.d_model, "n_layers": bc.n_layers}
+            "warmup": bc.warmup, "device": _device_name(device), "d_model": bc.d_model,
+            "n_layers": bc.n_layers, "n_heads": bc.n_heads, "vocab_size": bc.vocab_size,
+            "dtype": bc.dtype, "params": sum(p.numel() for p in model.parameters()),
+            "kv_cache_bytes": kv_cache_bytes(model, bc.batch_size), "peak_mem_bytes": peak,
+            "peak_mem_kind": peak_kind, "torch": torch.__version__,
+            "extrapolated_from_nfe": steps if scale != 1.0 else None}
 
 
 def _device_name(device: torch.device) -> str:
@@ -94,17 +232,47 @@ def _device_name(device: torch.device) -> str:
 
 
 def run_bench(bc: BenchConfig, device: torch.device, progress: bool = True) -> list[dict]:
-    """All cells, plus ``speedup_vs_<family>`` ratios of eso_b over every other family."""
-    cells = [(f, L, n) for L in bc.lengths for n in bc.nfe for f in bc.families]
-    rows = [time_family(bc, f, L, n, device)
-            for f, L, n in tqdm(cells, desc="bench", disable=not progress)]
+    """All cells, plus ``speedup_vs_<family>`` ratios (wall time) of every family over every
+    other one, and ``cpu_speedup_vs_<family>`` from process CPU time."""
+    bc = bc.resolved()
+    if bc.threads:
+        torch.set_num_threads(bc.threads)
+    cells = [(L, n) for L in bc.lengths for n in bc.nfe]
+    rows = [r for L, n in tqdm(cells, desc="bench", disable=not progress)
+            for r in time_cell(bc, bc.families, L, n, device)]
     by_key = {(r["family"], r["length"], r["nfe_budget"]): r for r in rows}
     for r in rows:
         for other in bc.families:
             ref = by_key.get((other, r["length"], r["nfe_budget"]))
             if ref is not None and other != r["family"]:
                 r[f"speedup_vs_{other}"] = ref["median_s"] / r["median_s"]
+                r[f"cpu_speedup_vs_{other}"] = ref["median_cpu_s"] / r["median_cpu_s"]
     return rows
+
+
+def settings_line(bc: BenchConfig, device: torch.device) -> str:
+    """Every setting of a bench run, in one line."""
+    bc = bc.resolved()
+    keep = {k: v for k, v in asdict(bc).items() if k not in ("families", "lengths", "preset")}
+    text = " ".join(f"{k}={v}" for k, v in keep.items())
+    return (f"bench on {_device_name(device)}, torch {torch.__version__}: {text}; random weights, "
+            f"power schedule (even counts), medians of {bc.repeats} runs after {bc.warmup} warm-up "
+            f"runs of <= {WARMUP_STEPS} steps")
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A plain-text table: time, NFE, tokens/s, KV-cache and peak memory per cell."""
+    head = (f"{'family':<10} {'L':>6} {'NFE':>6} {'median_s':>10} {'cpu_s':>9} {'tok/s':>9} "
+            f"{'kv_MiB':>8} {'peak_MiB':>9}")
+    out = [head]
+    for r in rows:
+        peak = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
+        note = f"  (timed at NFE={r['extrapolated_from_nfe']}, scaled linearly)" \
+            if r.get("extrapolated_from_nfe") else ""
+        out.append(f"{r['family']:<10} {r['length']:>6} {r['nfe']:>6} {r['median_s']:>10.3f} "
+                   f"{r['median_cpu_s']:>9.3f} "
+                   f"{r['tokens_per_s']:>9.1f} {r['kv_cache_bytes'] / 2**20:>8.2f} {peak:>9}{note}")
+    return "\n".join(out)
 
 
 def plot_bench(rows: list[dict], path: str) -> bool:
@@ -131,7 +299,9 @@ def plot_bench(rows: list[dict], path: str) -> bool:
     ax.set_ylabel("Eso-LM (B) speedup (x)")
     ax.legend(fontsize=7)
     first = rows[0]
-    ax.set_title(f"batch {first.get('batch_size', '?')}, {first.get('device', '')}", fontsize=9)
+    size = (f"{first['d_model']}d/{first['n_layers']}L/V={first['vocab_size']}, "
+            if first.get("d_model") else "")
+    ax.set_title(f"{size}batch {first.get('batch_size', '?')}, {first.get('device', '')}", fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -19,7 +19,7 @@ def cmd_prepare(args: argparse.Namespace, params: dict) -> None:
 
 
 def cmd_bench(args: argparse.Namespace, params: dict) -> None:
-    from esolm.bench import BenchConfig, plot_bench, run_bench
+    from esolm.bench import BenchConfig, format_rows, plot_bench, run_bench, settings_line
     from esolm.device import pick_device
 
     values = dict(section(params, "bench"))
@@ -27,15 +27,39 @@ def cmd_bench(args: argparse.Namespace, params: dict) -> None:
     device = pick_device(args.device or values.pop("device", "auto"))
     values.pop("device", None)
     bc = build(BenchConfig, values, "bench")
+    if args.profile:
+        return _profile(bc)
     rows = run_bench(bc, device, progress=not args.quiet)
     write_json(out, rows)
     plot_bench(rows, str(out.with_suffix(".png")))
+    print(settings_line(bc, device))
+    print(format_rows(rows))
     for r in rows:
         if r["family"] == "eso_b":
-            ratios = ", ".join(f"{k[11:]} {v:.1f}x" for k, v in r.items() if k.startswith("speedup_vs_"))
+            ratios = ", ".join(f"{k[11:]} {v:.2f}x" for k, v in r.items() if k.startswith("speedup_vs_"))
+            cpu = ", ".join(f"{k[15:]} {v:.2f}x" for k, v in r.items() if k.startswith("cpu_speedup_vs_"))
             print(f"L={r['length']} NFE={r['nfe']} batch={r['batch_size']}: eso_b {r['median_s']:.3f}s; "
-                  f"speedup over {ratios}")
+                  f"speedup over {ratios} (wall); over {cpu} (process CPU time)")
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _profile(bc) -> None:
+    """One cached decode step of Eso-LM (B) and of AR at the bench's size (CPU)."""
+    import torch
+
+    from esolm.profiling import profile_step
+
+    bc = bc.resolved()
+    if bc.threads:
+        torch.set_num_threads(bc.threads)
+    for family in ("eso_b", "ar"):
+        r = profile_step(family, bc.d_model, bc.n_layers, bc.n_heads, bc.vocab_size,
+                         length=max(bc.lengths), fill=max(bc.lengths) // 2)
+        print(f"{family}: {r['ops_per_step']} operators per step ({r['ops_per_layer']} per layer, "
+              f"{r['ops_per_step_all']} counting nested ones), {r['ms_per_step']:.3f} ms per step, "
+              f"{r['ms_per_layer']:.3f} ms per layer (CPU time {r['cpu_ms_per_step']:.3f} and "
+              f"{r['cpu_ms_per_layer']:.3f}) (d={r['d_model']}, {r['n_layers']} layers, "
+              f"V={r['vocab_size']}, cache {r['fill']} of {r['length']}, {r['threads']} threads)")
 
 
 def cmd_train(args: argparse.Namespace, params: dict) -> None:
@@ -193,6 +217,8 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--format", choices=("table", "csv", "json"), default="table")
         if name in ("bench",):
             s.add_argument("--device", default=None, help="auto (default), cpu, or a CUDA device")
+            s.add_argument("--profile", action="store_true",
+                           help="profile one cached decode step (Eso-LM (B) and AR) instead")
     return p
 
 

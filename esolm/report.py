@@ -228,8 +228,8 @@ def fig_pareto(db: Path, rid: str, path: Path, search: Path = Path("reports/sear
 def fig_speedup(db: Path, rid: str, path: Path) -> bool:
     from esolm.bench import plot_bench
 
-    cols, rows = query("SELECT family, length, nfe_budget, median_s, batch_size, device FROM throughput "
-                       "WHERE run_id = ?", db, [rid])
+    cols, rows = query("SELECT family, length, nfe_budget, median_s, batch_size, device, d_model, "
+                       "n_layers, vocab_size FROM throughput WHERE run_id = ?", db, [rid])
     return plot_bench([dict(zip(cols, r)) for r in rows], str(path))
 
 

@@ -50,12 +50,23 @@ CREATE TABLE IF NOT EXISTS throughput (
     run_id VARCHAR, family VARCHAR, length BIGINT, nfe_budget VARCHAR, nfe BIGINT,
     batch_size BIGINT, median_s DOUBLE, tokens_per_s DOUBLE, device VARCHAR,
     PRIMARY KEY (run_id, family, length, nfe_budget));
+ALTER TABLE throughput ADD COLUMN IF NOT EXISTS median_cpu_s DOUBLE;
+ALTER TABLE throughput ADD COLUMN IF NOT EXISTS d_model BIGINT;
+ALTER TABLE throughput ADD COLUMN IF NOT EXISTS n_layers BIGINT;
+ALTER TABLE throughput ADD COLUMN IF NOT EXISTS vocab_size BIGINT;
+ALTER TABLE throughput ADD COLUMN IF NOT EXISTS dtype VARCHAR;
+ALTER TABLE throughput ADD COLUMN IF NOT EXISTS kv_cache_bytes BIGINT;
+ALTER TABLE throughput ADD COLUMN IF NOT EXISTS peak_mem_bytes BIGINT;
+ALTER TABLE throughput ADD COLUMN IF NOT EXISTS extrapolated_from_nfe BIGINT;
 CREATE TABLE IF NOT EXISTS search_trials (
     run_id VARCHAR, variant VARCHAR, trial BIGINT, state VARCHAR, feasible BOOLEAN,
     gen_ppl DOUBLE, seconds DOUBLE, nfe DOUBLE, entropy DOUBLE, params JSON,
     PRIMARY KEY (run_id, variant, trial));
 """
 
+# bench columns added later (older bench.json files lack them: NULL)
+BENCH_EXTRA = ("median_cpu_s", "d_model", "n_layers", "vocab_size", "dtype", "kv_cache_bytes",
+               "peak_mem_bytes", "extrapolated_from_nfe")
 TABLES = ("runs", "variants", "training", "likelihood", "sampling", "curves", "generations", "throughput",
           "search_trials")
 
@@ -202,7 +213,8 @@ def _ingest_reports(con: duckdb.DuckDBPyConnection, rid: str, reports: Path) -> 
     if bench.exists():
         rows = [{"run_id": rid, "family": r["family"], "length": r["length"], "nfe_budget": r["nfe_budget"],
                  "nfe": r["nfe"], "batch_size": r["batch_size"], "median_s": r["median_s"],
-                 "tokens_per_s": r["tokens_per_s"], "device": r["device"]}
+                 "tokens_per_s": r["tokens_per_s"], "device": r["device"],
+                 **{k: r.get(k) for k in BENCH_EXTRA}}
                 for r in json.loads(bench.read_text())]
         out["throughput"] = _replace(con, "throughput", {"run_id": rid}, rows)
     trials = reports / "search" / "trials.parquet"

@@ -22,6 +22,7 @@ backends and the ``mask_mod`` of ``flex_attention``. The masks (method.md sectio
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -33,7 +34,7 @@ from esolm.device import is_accelerator
 
 MASK_KINDS = ("causal", "full", "prefix", "block_causal", "two_stream")
 BACKENDS = ("sdpa", "math", "flex", "flash")
-CUDA_ONLY_BACKENDS = ("flex", "flash")
+CUDA_ONLY_BACKENDS = ("flash",)  # flex runs on CPU too (eager or compiled)
 
 MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -130,9 +131,51 @@ def dense_mask(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.de
 def prebuild(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.device,
              backend: str) -> MaskSpec:
     """Build the dense mask once per forward (not once per layer) where the backend needs one."""
-    if backend in CUDA_ONLY_BACKENDS or _is_plain(spec, n_q, n_kv):
+    if backend == "flex" or _is_plain(spec, n_q, n_kv):
         return spec
+    block = _tail_block(spec, n_q, n_kv)
+    if block:
+        return replace(spec, dense=tail_mask(block, n_q, n_kv, device))
     return replace(spec, dense=dense_mask(spec, batch, n_q, n_kv, device))
+
+
+def _tail_block(spec: MaskSpec, n_q: int, n_kv: int) -> int:
+    """Block size b when the queries are the last n_q of the keys (a KV-cached decode step)
+    under a causal (b = 1) or block-causal mask with block-aligned queries; else 0."""
+    if spec.keep is not None or spec.q_offset + n_q != n_kv:
+        return 0
+    if spec.kind == "causal":
+        return 1
+    if spec.kind == "block_causal" and spec.q_offset % spec.block == 0:
+        return spec.block
+    return 0
+
+
+_BANDS: dict[tuple[torch.device, int], Tensor] = {}
+
+
+def tail_mask(block: int, n_q: int, n_kv: int, device: torch.device) -> Tensor:
+    """The block-causal mask [n_q, n_kv] (block 1: causal) of the last n_q of n_kv keys, as a
+    view of one cached band, so that a decode step allocates no mask.
+
+    band[i, c] = (c - W) // block <= i // block for i < Q, c < W + Q, with W a multiple of
+    block; the view starts at column W - (n_kv - n_q) (a multiple of block, as the queries
+    start on a block boundary). The band grows (powers of two) when a step needs more.
+    """
+    key = (device, block)
+    band = _BANDS.get(key)
+    start = n_kv - n_q
+    if band is None or band.shape[0] < n_q or band.shape[1] - band.shape[0] < start:
+        old_q, old_w = (0, 0) if band is None else (band.shape[0], band.shape[1] - band.shape[0])
+        Q = max(8, 1 << (n_q - 1).bit_length(), old_q)
+        W = max(1024, 1 << max(start - 1, 0).bit_length(), old_w)
+        W = -(-W // block) * block
+        i = torch.arange(Q, device=device)[:, None]
+        c = torch.arange(W + Q, device=device)[None, :]
+        band = torch.div(c - W, block, rounding_mode="floor") <= torch.div(i, block, rounding_mode="floor")
+        _BANDS[key] = band
+    W = band.shape[1] - band.shape[0]
+    return band[:n_q].narrow(1, W - start, n_kv)
 
 
 def _dense(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.device) -> Tensor:
@@ -170,10 +213,13 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> Tensor:
         return fn(b, qi + off, kvi)
 
     key = (spec.kind, spec.block, spec.half, spec.inner, off, n_q, n_kv, str(q.device))
-    block_mask = None if spec.per_row else _FLEX_CACHE.get(key)
+    reuse = not spec.per_row and off == 0  # training shapes; decode steps change every call
+    block_mask = _FLEX_CACHE.get(key) if reuse else None
     if block_mask is None:
         block_mask = create_block_mask(mask_mod, rows, None, n_q, n_kv, device=q.device)
-        if not spec.per_row:
+        if reuse:
+            if len(_FLEX_CACHE) >= 64:
+                _FLEX_CACHE.clear()
             _FLEX_CACHE[key] = block_mask
     return flex_attention(q, k, v, block_mask=block_mask)
 
@@ -198,10 +244,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, backend: str = "s
     """
     n_q, n_kv = q.shape[-2], k.shape[-2]
     if backend in CUDA_ONLY_BACKENDS and not is_accelerator(q.device):
-        raise ValueError(f"attention backend {backend!r} needs CUDA tensors, got {q.device}; "
-                         "use attn_backend='sdpa' (or 'math') on CPU")
+        _warn_once(f"attention backend {backend!r} needs CUDA tensors (got {q.device}); using sdpa")
+        backend = "sdpa"
+    if backend == "flex" and spec.dense is not None:  # a static-cache mask: only dense form
+        backend = "sdpa"
     if backend == "flex":
-        return _flex(q, k, v, spec)
+        if is_accelerator(q.device) or not torch.is_grad_enabled() or not (
+                q.requires_grad or k.requires_grad or v.requires_grad):
+            return _flex(q, k, v, spec)
+        # torch's flex attention has no backward on CPU: same mask function, dense, via sdpa
+        _warn_once("flex attention has no backward on CPU; training steps use sdpa with the same mask")
+        backend = "sdpa"
     if backend == "flash":
         out = _flash(q, k, v, spec)
         if out is not None:
@@ -218,6 +271,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, backend: str = "s
         allowed = None if plain_full else _dense(spec, q.shape[0], n_q, n_kv, q.device)
         return _math(q, k, v, allowed)
     raise ValueError(f"attention backend {backend!r} is unknown; use one of {BACKENDS}")
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def flash_available() -> bool:

@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,23 +24,47 @@ from esolm.model.cache import KVCache
 
 
 class Rotary(nn.Module):
-    """Rotary embedding evaluated at arbitrary (permuted) integer positions."""
+    """Rotary embedding evaluated at arbitrary (permuted) integer positions.
 
-    def __init__(self, head_dim: int, base: float) -> None:
+    The angles are computed once in float64 for positions [0, n) and kept as tables per
+    (device, dtype); a forward only indexes them, so a decode step costs two gathers.
+    The tables live outside the module's buffers: ``model.to(dtype)`` never rounds them.
+    """
+
+    def __init__(self, head_dim: int, base: float, length: int) -> None:
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.head_dim, self.base, self.length = head_dim, base, length
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def tables(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(C, S), each [n' >= n, head_dim]: C = [cos, cos], S = [-sin, sin] of position x freq."""
+        key = (device, dtype)
+        have = self._tables.get(key)
+        if have is None or have[0].shape[0] < n:
+            inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64)
+                                            / self.head_dim))
+            angles = torch.arange(max(n, self.length), dtype=torch.float64)[:, None] * inv_freq
+            cos, sin = angles.cos(), angles.sin()
+            have = (torch.cat((cos, cos), -1).to(device, dtype), torch.cat((-sin, sin), -1).to(device, dtype))
+            self._tables[key] = have
+        return have
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """positions [B, N] -> (cos, sin), each [B, 1, N, head_dim / 2]."""
-        angles = positions.unsqueeze(-1).to(self.inv_freq.dtype) * self.inv_freq
-        return angles.cos().unsqueeze(1).to(dtype), angles.sin().unsqueeze(1).to(dtype)
+        """positions [B, N] (values below max(length, N)) -> (C, S), each [B, N, 1, 1, head_dim],
+        broadcastable over the (q/k, head) axes of a [B, N, 2, H, head_dim] tensor."""
+        c, s = self.tables(positions.shape[1], positions.device, dtype)
+        B, N = positions.shape
+        flat = positions.reshape(-1)
+        shape = (B, N, 1, 1, self.head_dim)
+        return c.index_select(0, flat).view(shape), s.index_select(0, flat).view(shape)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x1, x2) = (first half, second half) of the head dimension. x: [B, H, N, D]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    """Rotate pairs (x1, x2) = (first half, second half) of the last (head) dimension:
+    (x1 cos - x2 sin, x2 cos + x1 sin) = x * C + swap(x) * S with the tables of ``Rotary``.
+    x: [..., D]; cos, sin: C and S broadcastable to x."""
+    swapped = x.roll(x.shape[-1] // 2, dims=-1)  # (x2, x1)
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 class TimeEmbedding(nn.Module):
@@ -58,6 +83,25 @@ class TimeEmbedding(nn.Module):
         return self.mlp(feats)
 
 
+class Modulation(NamedTuple):
+    """adaLN modulation of one block for times t, each [B or 1, 1, d]; scales are stored as
+    1 + scale so that modulating is one ``addcmul``: norm(h) * (1 + scale) + shift."""
+
+    shift1: Tensor
+    scale1: Tensor
+    gate1: Tensor
+    shift2: Tensor
+    scale2: Tensor
+    gate2: Tensor
+
+
+def modulation(layer: nn.Linear, c: Tensor, parts: int) -> tuple[Tensor, ...]:
+    """``parts`` chunks of layer(c) [B, parts * d], each a [B, 1, d] view, with every
+    scale (positions 1 and 4 of (shift, scale, gate, shift, scale, gate)) returned as 1 + scale."""
+    chunks = layer(c)[:, None].chunk(parts, dim=-1)
+    return tuple((1 + x) if i % 3 == 1 else x for i, x in enumerate(chunks))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -73,24 +117,43 @@ class Block(nn.Module):
         self.modulation = nn.Linear(cfg.cond_dim, 6 * d)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, h: Tensor, mod: Tensor, rope: tuple[Tensor, Tensor], spec: MaskSpec,
-                cache: tuple[Tensor, Tensor, int, int] | None) -> Tensor:
-        """h: [B, N, d]; mod: adaLN modulation [B or 1, 6d] (``self.modulation`` of the
-        conditioning, computed by the backbone); cache: (k_buf, v_buf, start, commit) or None."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod[:, None].chunk(6, dim=-1)
-        x = self.norm1(h) * (1 + scale1) + shift1
-        B, N, d = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    def _drop(self, x: Tensor) -> Tensor:
+        return self.drop(x) if self.training and self.drop.p > 0 else x
+
+    def forward(self, h: Tensor, mod: Modulation, rope: tuple[Tensor, Tensor], spec: MaskSpec,
+                cache: tuple[Tensor, Tensor, int | Tensor, int] | None) -> Tensor:
+        """h: [B, N, d]; mod: this block's adaLN modulation (``Backbone.conditioning``);
+        rope: (C, S) of ``Rotary``; cache: (k_buf, v_buf, start, commit) or None, where start
+        is the first cache slot (int) or, for a static cache, the slots of the N tokens [N].
+
+        Written with functional calls and fused ``addcmul`` so that a small cached decode step
+        dispatches few operators: rotary is applied to q and k in one pass."""
+        d = h.shape[-1]
+        x = torch.addcmul(mod.shift1, F.layer_norm(h, (d,), self.norm1.weight), mod.scale1)
+        B, N, _ = x.shape
+        qkv = F.linear(x, self.qkv.weight).view(B, N, 3, self.n_heads, d // self.n_heads)
+        q, k = apply_rotary(qkv[:, :, :2], *rope).transpose(1, 3).unbind(2)  # [B, H, N, D] each
+        v = qkv[:, :, 2].transpose(1, 2)
         if cache is not None:
             k_buf, v_buf, start, _ = cache
-            k_buf[:, :, start:start + N] = k
-            v_buf[:, :, start:start + N] = v
-            k, v = k_buf[:, :, :start + N], v_buf[:, :, :start + N]
+            if isinstance(start, Tensor):  # static cache: device-side slots [N], whole buffer
+                k_buf.index_copy_(2, start, k)
+                v_buf.index_copy_(2, start, v)
+                k, v = k_buf, v_buf
+            else:
+                k_buf.narrow(2, start, N).copy_(k)
+                v_buf.narrow(2, start, N).copy_(v)
+                k, v = k_buf.narrow(2, 0, start + N), v_buf.narrow(2, 0, start + N)
         a = attention(q, k, v, spec, self.backend).transpose(1, 2).reshape(B, N, d)
-        h = h + gate1 * self.drop(self.proj(a))
-        x = self.norm2(h) * (1 + scale2) + shift2
-        return h + gate2 * self.drop(self.mlp(x))
+        h = torch.addcmul(h, mod.gate1, self._drop(F.linear(a, self.proj.weight)))
+        x = torch.addcmul(mod.shift2, F.layer_norm(h, (d,), self.norm2.weight), mod.scale2)
+        up, act, down = self.mlp
+        x = F.linear(act(F.linear(x, up.weight, up.bias)), down.weight, down.bias)
+        return torch.addcmul(h, mod.gate2, self._drop(x))
+
+
+# per-block modulations, then (shift, 1 + scale) of the output layer, each [B or 1, 1, d]
+Conditioning = tuple[list[Modulation], tuple[Tensor, ...]]
 
 
 class Backbone(nn.Module):
@@ -110,12 +173,12 @@ class Backbone(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.n_embed, cfg.d_model)
         self.time = TimeEmbedding(cfg.cond_dim)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.length)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm_out = nn.LayerNorm(cfg.d_model, bias=False)
         self.modulation_out = nn.Linear(cfg.cond_dim, 2 * cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.n_embed)
-        self._frozen_mods: list[Tensor] | None = None  # set only inside inference()
+        self._frozen_mods: Conditioning | None = None  # set only inside inference()
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -135,39 +198,68 @@ class Backbone(nn.Module):
 
     def forward(self, tokens: Tensor, positions: Tensor, spec: MaskSpec, t: Tensor | None = None,
                 cache: KVCache | None = None, commit: int = 0,
-                logits_for: slice | Tensor = slice(None)) -> Tensor:
-        mods = self._constant_modulations(tokens.device) if t is None else self._modulations(t)
+                logits_for: slice | Tensor = slice(None), cond: Conditioning | None = None) -> Tensor:
+        """cond: the modulations of ``conditioning`` computed once by the caller (a sampler
+        computes them once per generation); None computes them here from t."""
+        if cond is None:
+            cond = self._constant_modulations(tokens.device) if t is None else self._modulations(t)
+        mods, (shift, scale) = cond
         h = self.embed(tokens)  # no dropout on the token embedding (as the reference)
         rope = self.rotary(positions, h.dtype)
-        start = 0
-        if cache is not None:
-            start = cache.length
-            cache.check_room(tokens.shape[1])
-            spec = replace(spec, q_offset=start)
         n = tokens.shape[1]
-        spec = prebuild(spec, tokens.shape[0], n, start + n, tokens.device, self.config.attn_backend)
+        start: int | Tensor = 0
+        if cache is not None and cache.pos is not None:
+            start, spec = self._static_slots(cache, spec, n)
+        else:
+            if cache is not None:
+                start = cache.length
+                cache.check_room(n)
+                spec = replace(spec, q_offset=start)
+            spec = prebuild(spec, tokens.shape[0], n, start + n, tokens.device, self.config.attn_backend)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], start, commit)
             h = block(h, mods[i], rope, spec, layer_cache)
         if cache is not None:
-            cache.length = start + commit
+            cache.length += commit
+            if cache.pos is not None:
+                cache.pos.add_(commit)
         if isinstance(logits_for, Tensor):  # LongTensor[B, k] of token indices
             h = h.gather(1, logits_for.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         else:
             h = h[:, logits_for]
-        shift, scale = mods[-1][:, None].chunk(2, dim=-1)
-        logits = self.head(self.norm_out(h) * (1 + scale) + shift).float()
+        d = h.shape[-1]
+        x = torch.addcmul(shift, F.layer_norm(h, (d,), self.norm_out.weight), scale)
+        logits = F.linear(x, self.head.weight, self.head.bias).float()
         logits[..., self.config.mask_token_id] = float("-inf")
         return logits
 
-    def _modulations(self, t: Tensor) -> list[Tensor]:
-        """adaLN modulations of every block, then of the output layer, for times t [B or 1]."""
-        c = F.silu(self.time(t))
-        return [block.modulation(c) for block in self.blocks] + [self.modulation_out(c)]
+    @staticmethod
+    def _static_slots(cache: KVCache, spec: MaskSpec, n: int) -> tuple[Tensor, MaskSpec]:
+        """Slots pos + [0, n) of n tokens in a static cache and their causal mask over the
+        whole buffer ([n, capacity]: key j visible iff j <= the query's slot)."""
+        if spec.kind != "causal" or spec.keep is not None:
+            raise ValueError(f"a static KV cache serves causal decode steps only, not {spec.kind!r}")
+        cache.check_room(n)
+        slots = cache.pos + cache.slots[:n]
+        return slots, replace(spec, dense=cache.slots[None, :] <= slots[:, None])
 
-    def _constant_modulations(self, device: torch.device) -> list[Tensor]:
+    def conditioning(self, t: Tensor | None = None) -> Conditioning:
+        """The adaLN modulations of every block and of the output layer for times t [B or 1]
+        (None: t = 0, one row broadcast over the batch, for time-invariant models)."""
+        if t is None:
+            return self._constant_modulations(next(self.parameters()).device)
+        return self._modulations(t)
+
+    def _modulations(self, t: Tensor) -> Conditioning:
+        """adaLN modulations of every block, then (shift, 1 + scale) of the output layer."""
+        c = F.silu(self.time(t))
+        return ([Modulation(*modulation(block.modulation, c, 6)) for block in self.blocks],
+                modulation(self.modulation_out, c, 2))
+
+    def _constant_modulations(self, device: torch.device) -> Conditioning:
         """The t = 0 modulations (time-invariant models), one row broadcast over the batch:
-        the ones frozen by ``inference()`` when inside it, else computed now."""
+        the ones frozen by ``inference()`` when inside it, else computed now (never a hidden
+        cache that a weight write through ``.data`` or a fused optimizer could leave stale)."""
         if self._frozen_mods is not None and not torch.is_grad_enabled():
             return self._frozen_mods
         return self._modulations(torch.zeros(1, device=device))

@@ -20,6 +20,16 @@ class KVCache:
     k: Tensor
     v: Tensor
     length: int = 0
+    pos: Tensor | None = None  # static mode: device copy of ``length`` (LongTensor [])
+    slots: Tensor | None = None  # static mode: arange(max_len) on the device
+
+    def make_static(self) -> KVCache:
+        """Static mode (graph-safe, CUDA graphs): every step writes its K/V at device-side
+        slots pos + [0, N) and attends over the whole buffer under a mask computed on the
+        device, so shapes never change and nothing reads the position back to the host."""
+        self.pos = torch.tensor(self.length, device=self.k.device)
+        self.slots = torch.arange(self.capacity, device=self.k.device)
+        return self
 
     @classmethod
     def allocate(cls, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int,
@@ -39,3 +49,9 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+        if self.pos is not None:
+            self.pos.zero_()
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes

@@ -71,7 +71,7 @@ def generate(model: Backbone, num_samples: int = 8, steps: int = 64, alpha_0: fl
              prompt: dict[int, int] | None = None, seed: int = 0, *, schedule: str = "loglinear",
              gamma: float = 1.0, subcontexts: int = 4, shuffle: bool | str = False,
              batch_size: int | None = None, record_logits: bool = False,
-             progress: bool = False) -> Generation:
+             progress: bool = False, cuda_graphs: bool = False) -> Generation:
     """Sample ``num_samples`` sequences of the model's length.
 
     steps: diffusion steps T (per block for BD3-LM; AR ignores it). alpha_0: fraction
@@ -84,6 +84,8 @@ def generate(model: Backbone, num_samples: int = 8, steps: int = 64, alpha_0: fl
     (deterministic, shape ``gamma``). kv_cache: cache where the family can. prompt:
     position -> id, kept and prefilled in the first forward. Empty steps cost none. The
     schedule and the token noise come from independent streams derived from ``seed``.
+    cuda_graphs: Eso-LM (B) and AR decode over a static KV cache, each step shape captured
+    once as a CUDA graph on a GPU (elsewhere the same static steps run eagerly).
     """
     cfg = model.config
     alpha_0 = cfg.alpha_0 if alpha_0 is None else alpha_0
@@ -114,7 +116,7 @@ def generate(model: Backbone, num_samples: int = 8, steps: int = 64, alpha_0: fl
             dec.on_step = bar.update
             synchronize(device)
             t0 = time.perf_counter()
-            nfe += _run(model, x, sched, dec, kv_cache, given.numel())
+            nfe += _run(model, x, sched, dec, kv_cache, given.numel(), cuda_graphs)
             synchronize(device)
             seconds += time.perf_counter() - t0
             bar.close()
@@ -161,10 +163,14 @@ def _n_steps(sched: Schedule | list[Schedule] | None, free: int) -> int:
     return sched.steps
 
 
-def _run(model: Backbone, x: Tensor, sched, dec: loops.Decoder, kv_cache: bool, n_given: int) -> int:
+@torch.inference_mode()  # lighter than no_grad per operator; x is filled in place
+def _run(model: Backbone, x: Tensor, sched, dec: loops.Decoder, kv_cache: bool, n_given: int,
+         graphs: bool = False) -> int:
     variant = model.config.variant
     if variant == "ar":
-        return loops.ar(model, x, n_given, dec, kv_cache)
+        return loops.ar(model, x, n_given, dec, kv_cache, graphs=graphs)
+    if variant == "eso_b":
+        return loops.eso_b(model, x, sched, dec, kv_cache, graphs=graphs)
     return LOOPS[variant](model, x, sched, dec, kv_cache)
 
 

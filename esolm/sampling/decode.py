@@ -25,5 +25,5 @@ def sample_tokens(logits: Tensor, generator: torch.Generator | None, top_p: floa
     logits = nucleus_filter(logits.float(), top_p)
     device = generator.device if generator is not None else logits.device
     u = torch.rand(logits.shape, generator=generator, device=device, dtype=torch.float64)
-    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300))).to(logits.device)
-    return torch.argmax(logits.double() + gumbel, dim=-1)
+    log_e = u.clamp_min_(1e-300).log_().neg_().log_()  # log(-log U) = -G, in place (float64)
+    return torch.argmax(logits.double() - log_e.to(logits.device), dim=-1)

@@ -20,8 +20,10 @@ from torch import Tensor
 
 from esolm.model.attention import MaskSpec
 from esolm.model.backbone import Backbone
+from esolm.model.cache import KVCache
 from esolm.ordering import Schedule
 from esolm.sampling.decode import sample_tokens
+from esolm.sampling.graphs import StaticSteps
 
 CAUSAL = MaskSpec("causal")
 
@@ -45,19 +47,30 @@ class Decoder:
             self.on_step()
 
 
-def eso_b(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bool) -> int:
+def _static(model: Backbone, cache: KVCache | None, cond, graphs: bool) -> StaticSteps | None:
+    return StaticSteps(model, cache, cond, graphs=True) if graphs and cache is not None else None
+
+
+def eso_b(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bool,
+          graphs: bool = False) -> int:
+    """graphs: cached steps over a static cache, as CUDA graphs on a GPU (``StaticSteps``)."""
     order = sched.order.to(x.device)
     cache = model.new_cache(x.shape[0]) if kv_cache else None
+    cond = model.conditioning()
+    static = _static(model, cache, cond, graphs)
     start = prev = sched.n_given  # order[:start] is decoded; its last ``prev`` are not cached yet
     for k in sched.counts:
         cur = order[:, start:start + k]
-        if cache is not None:
+        if static is not None:
+            feed = order[:, start - prev:start + k]
+            logits = static(x.gather(1, feed), feed, prev, prev)
+        elif cache is not None:
             feed = order[:, start - prev:start + k]
             logits = model(x.gather(1, feed), feed, CAUSAL, cache=cache, commit=prev,
-                           logits_for=slice(prev, None))
+                           logits_for=slice(prev, None), cond=cond)
         else:
             feed = order[:, :start + k]
-            logits = model(x.gather(1, feed), feed, CAUSAL, logits_for=slice(start, None))
+            logits = model(x.gather(1, feed), feed, CAUSAL, logits_for=slice(start, None), cond=cond)
         dec(x, cur, logits)
         start, prev = start + k, k
     return len(sched.counts)
@@ -68,6 +81,7 @@ def eso_a(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: b
     B = x.shape[0]
     n_clean_end = sched.n_given + sched.n_diffusion  # clean tokens when the sequential phase starts
     cache = model.new_cache(B) if kv_cache else None
+    cond = model.conditioning()
     start = sched.n_given
     for k in sched.counts:
         cur = order[:, start:start + k]
@@ -75,13 +89,13 @@ def eso_a(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: b
         if cache is not None and start > n_clean_end:  # cached sequential step
             feed = order[:, start - 1:start + 1]
             logits = model(x.gather(1, feed), feed, CAUSAL, cache=cache, commit=1,
-                           logits_for=slice(1, None))
+                           logits_for=slice(1, None), cond=cond)
         else:  # diffusion step, the first sequential step (it fills the cache), or uncached
             feed = order[:, :start + k]
             spec = MaskSpec("prefix", n_clean=torch.full((B,), n_clean, device=x.device))
             commit = start if cache is not None and start == n_clean_end else 0
             logits = model(x.gather(1, feed), feed, spec, cache=cache if commit else None,
-                           commit=commit, logits_for=slice(start, None))
+                           commit=commit, logits_for=slice(start, None), cond=cond)
         dec(x, cur, logits)
         start += k
     return len(sched.counts)
@@ -95,10 +109,11 @@ def mdlm(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bo
     B, L = x.shape
     pos = torch.arange(L, device=x.device).expand(B, L)
     full = MaskSpec("full")
+    cond = model.conditioning()
     start = sched.n_given
     for k in sched.counts:
         cur = order[:, start:start + k]
-        dec(x, cur, model(x, pos, full, logits_for=cur))
+        dec(x, cur, model(x, pos, full, logits_for=cur, cond=cond))
         start += k
     return len(sched.counts)
 
@@ -110,6 +125,8 @@ def bd3lm(model: Backbone, x: Tensor, blocks: list[Schedule], dec: Decoder, kv_c
     size = model.config.block_size
     spec = MaskSpec("block_causal", block=size)
     cache = model.new_cache(B) if kv_cache else None
+    cond = model.conditioning()
+    positions = torch.arange(model.config.length, device=x.device).expand(B, -1)
     nfe = 0
     for b, sched in enumerate(blocks):
         order = sched.order.to(x.device) + b * size
@@ -117,25 +134,32 @@ def bd3lm(model: Backbone, x: Tensor, blocks: list[Schedule], dec: Decoder, kv_c
         for k in sched.counts:
             cur = order[:, start:start + k]
             first = cache.length if cache is not None else 0
-            feed = torch.arange(first, (b + 1) * size, device=x.device).expand(B, -1)
-            logits = model(x[:, first:(b + 1) * size], feed, spec, cache=cache,
-                           commit=b * size - first, logits_for=cur - first)
+            logits = model(x[:, first:(b + 1) * size], positions[:, first:(b + 1) * size], spec,
+                           cache=cache, commit=b * size - first, logits_for=cur - first, cond=cond)
             dec(x, cur, logits)
             start += k
             nfe += 1
     return nfe
 
 
-def ar(model: Backbone, x: Tensor, n_given: int, dec: Decoder, kv_cache: bool) -> int:
-    """Left to right with a standard KV cache; the input at position i is x_{i-1} (BOS = mask id)."""
+def ar(model: Backbone, x: Tensor, n_given: int, dec: Decoder, kv_cache: bool,
+       graphs: bool = False) -> int:
+    """Left to right with a standard KV cache; the input at position i is x_{i-1} (BOS = mask id).
+    graphs: cached steps over a static cache, as CUDA graphs on a GPU (``StaticSteps``)."""
     B, L = x.shape
     inp = torch.cat((torch.full((B, 1), model.config.mask_token_id, device=x.device), x[:, :-1]), 1)
     cache = model.new_cache(B) if kv_cache else None
+    cond = model.conditioning()
+    static = _static(model, cache, cond, graphs)
     pos = torch.arange(L, device=x.device).expand(B, L)
     for i in range(n_given, L):
         first = cache.length if cache is not None else 0
-        logits = model(inp[:, first:i + 1], pos[:, first:i + 1], CAUSAL, cache=cache,
-                       commit=i + 1 - first, logits_for=slice(-1, None))
+        n = i + 1 - first
+        if static is not None:
+            logits = static(inp[:, first:i + 1], pos[:, first:i + 1], n, n - 1)
+        else:
+            logits = model(inp[:, first:i + 1], pos[:, first:i + 1], CAUSAL, cache=cache,
+                           commit=n, logits_for=slice(-1, None), cond=cond)
         dec(x, pos[:, i:i + 1], logits)
         if i + 1 < L:
             inp[:, i + 1] = x[:, i]

@@ -1,0 +1,254 @@
+"""Every GPU code path, run on CPU: flex attention for every mask (values and gradients)
+against plain math, the backbone under each backend through one closure, the flash
+fallback, and bf16 autocast in a training step and in sampling."""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from esolm import generate, loss
+from esolm.model.attention import MaskSpec, attention, tail_mask
+from esolm.sampling.decode import sample_tokens
+from tests.conftest import randomize, sharp_model
+from tests.model.test_attention import reference_mask, specs
+
+att = importlib.import_module("esolm.model.attention")  # the module (the package exports a function)
+CPU_BACKENDS = ("math", "sdpa", "flex")
+
+
+def run_under_backends(closure: Callable[[str], Any], backends=CPU_BACKENDS) -> dict[str, Any]:
+    """Run one closure once per backend (the closure takes the backend name)."""
+    return {b: closure(b) for b in backends}
+
+
+def with_backend(model, backend: str):
+    """The same model (same weights) with every layer on ``backend``."""
+    model.config = model.config.replace(attn_backend=backend)
+    for block in model.blocks:
+        block.backend = backend
+    return model
+
+
+def _all_specs(L: int, B: int, gen: torch.Generator):
+    """Every mask of the project, with key padding, and cached-decode offsets."""
+    yield from specs(L, B, gen)
+    keep = torch.rand(B, L, generator=gen) > 0.3
+    yield MaskSpec("full", keep=keep)  # MDLM with padding
+    yield MaskSpec("causal", keep=keep)
+    n_clean = torch.randint(0, L + 1, (B,), generator=gen)
+    for off in (1, L // 2):
+        yield MaskSpec("causal", q_offset=off)
+        yield MaskSpec("block_causal", block=2, q_offset=off)
+        yield MaskSpec("prefix", n_clean=n_clean, q_offset=off)
+
+
+def _shapes(spec: MaskSpec, L: int) -> tuple[int, int]:
+    n = 2 * L if spec.kind == "two_stream" else L
+    n_q = n - spec.q_offset
+    return n_q, n
+
+
+def _attention_closure(spec: MaskSpec, L: int, gen: torch.Generator, grads: bool):
+    B, H, D = 2, 2, 8
+    n_q, n_kv = _shapes(spec, L)
+    q = torch.randn(B, H, n_q, D, generator=gen).requires_grad_(grads)
+    k, v = (torch.randn(B, H, n_kv, D, generator=gen).requires_grad_(grads) for _ in range(2))
+    w = torch.randn(B, H, n_q, D, generator=gen)
+
+    def closure(backend: str) -> tuple[torch.Tensor, ...]:
+        out = attention(q, k, v, spec, backend)
+        return (out, *torch.autograd.grad((out * w).sum(), (q, k, v))) if grads else (out,)
+
+    return closure
+
+
+def test_flex_runs_every_mask_on_cpu_like_math(gen):
+    """Values of flex attention (its mask_mod and block mask) equal math for every mask."""
+    for spec in _all_specs(8, 2, gen):
+        runs = run_under_backends(_attention_closure(spec, 8, gen, grads=False), ("math", "flex"))
+        torch.testing.assert_close(runs["flex"][0], runs["math"][0], atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, spec=spec: f"{spec}: {m}")
+
+
+def test_flex_gradients_on_cpu_fall_back_to_sdpa_with_the_same_mask(gen):
+    """torch's flex attention has no backward on CPU: with gradients the flex backend warns
+    once and runs sdpa on the dense form of the same mask function; values and gradients
+    equal math for every mask."""
+    att._WARNED.clear()
+    with pytest.warns(RuntimeWarning, match="no backward on CPU"):
+        attention(*(torch.randn(1, 1, 4, 8).requires_grad_() for _ in range(3)), MaskSpec("causal"), "flex")
+    for spec in _all_specs(8, 2, gen):
+        runs = run_under_backends(_attention_closure(spec, 8, gen, grads=True), ("math", "flex"))
+        for got, ref in zip(runs["flex"], runs["math"]):
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=lambda m, spec=spec: f"{spec}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex backward needs CUDA")
+def test_flex_gradients_on_cuda_like_math(gen):
+    device = torch.device("cuda")
+    B, H, D, L = 2, 2, 16, 128
+    for spec in _all_specs(L, B, gen):
+        spec = MaskSpec(spec.kind, spec.block, None if spec.n_clean is None else spec.n_clean.to(device),
+                        spec.half, spec.inner, spec.q_offset,
+                        None if spec.keep is None else spec.keep.to(device))
+        n_q, n_kv = _shapes(spec, L)
+        q = torch.randn(B, H, n_q, D, device=device, requires_grad=True)
+        k, v = (torch.randn(B, H, n_kv, D, device=device, requires_grad=True) for _ in range(2))
+        outs = {b: attention(q, k, v, spec, b) for b in ("flex", "math")}
+        grads = {b: torch.autograd.grad(o.sum(), (q, k, v)) for b, o in outs.items()}
+        torch.testing.assert_close(outs["flex"], outs["math"], atol=1e-4, rtol=1e-4)
+        for a, b in zip(grads["flex"], grads["math"]):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["eso_b", "eso_a", "mdlm", "bd3lm", "ar"])
+def test_backbone_loss_and_gradients_agree_across_backends(variant, gen):
+    """One closure (loss and gradients of a training step) under math, sdpa and flex (whose
+    CPU backward is the sdpa fallback), then the no-grad loss, where flex itself runs."""
+    x = torch.randint(0, 7, (4, 16), generator=gen)
+
+    def closure(backend: str) -> list[torch.Tensor]:
+        model = with_backend(sharp_model(variant, alpha_0=0.5 if variant.startswith("eso") else None),
+                             backend).train()
+        out = loss(model, x, generator=torch.Generator().manual_seed(0))
+        grads = torch.autograd.grad(out.per_token, list(model.parameters()), allow_unused=True)
+        return [out.per_token.detach()] + [g for g in grads if g is not None]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        runs = run_under_backends(closure)
+    for backend in ("sdpa", "flex"):
+        for got, ref in zip(runs[backend], runs["math"]):
+            torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+
+    def no_grad(backend: str) -> torch.Tensor:
+        model = with_backend(sharp_model(variant, alpha_0=0.5 if variant.startswith("eso") else None),
+                             backend)
+        with torch.no_grad():
+            return loss(model, x, generator=torch.Generator().manual_seed(0)).per_token
+
+    values = run_under_backends(no_grad, ("math", "flex"))
+    torch.testing.assert_close(values["flex"], values["math"], atol=2e-5, rtol=2e-5)
+
+
+def test_cached_sampling_under_flex_equals_math():
+    """The KV-cached decode path (offset queries, cache slices) through flex."""
+    def closure(backend: str):
+        model = with_backend(sharp_model("eso_b", alpha_0=0.5), backend)
+        return generate(model, num_samples=2, steps=4, seed=7, record_logits=True)
+
+    runs = run_under_backends(closure, ("math", "flex"))
+    assert torch.equal(runs["flex"].tokens, runs["math"].tokens)
+    for a, b in zip(runs["flex"].step_logits, runs["math"].step_logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_on_cpu_falls_back_to_sdpa_with_one_warning():
+    att._WARNED.clear()
+    q = torch.randn(1, 2, 6, 8)
+    with pytest.warns(RuntimeWarning, match="flash.*using sdpa"):
+        out = attention(q, q, q, MaskSpec("causal"), "flash")
+    torch.testing.assert_close(out, attention(q, q, q, MaskSpec("causal"), "sdpa"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only once per process
+        attention(q, q, q, MaskSpec("causal"), "flash")
+
+
+@pytest.mark.parametrize("block", [1, 2, 4, 3])
+def test_decode_tail_masks_are_views_equal_to_the_reference(block):
+    """The band views used by cached decode steps, across growth of the band."""
+    B = 1
+    for n_q, start in [(1, 0), (2, 6), (4, 12), (8, 1500), (20, 2400), (3, 9)]:
+        start = start // block * block
+        n_kv = start + n_q
+        kind = "causal" if block == 1 else "block_causal"
+        spec = MaskSpec(kind, block=block, q_offset=start)
+        got = tail_mask(block, n_q, n_kv, torch.device("cpu"))
+        assert got.shape == (n_q, n_kv)
+        if n_kv <= 40:
+            assert torch.equal(got[None, None].expand(B, 1, -1, -1), reference_mask(spec, B, n_q, n_kv))
+        assert torch.equal(got, att.dense_mask(spec, B, n_q, n_kv, torch.device("cpu"))[0, 0])
+
+
+# ----------------------------------------------------------------------------- bf16 autocast
+
+def test_bf16_autocast_training_step_is_finite_and_close_to_fp32(gen):
+    """Loss within 2% and gradients with cosine similarity > 0.99 of float32 (bf16 keeps 8
+    mantissa bits: about 0.4% per rounding); the optimizer step stays finite."""
+    model = sharp_model("eso_b", alpha_0=0.5).train()
+    x = torch.randint(0, 7, (8, 16), generator=gen)
+
+    def step(autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = loss(model, x, generator=torch.Generator().manual_seed(3))
+        out.per_token.backward()
+        return out.per_token.detach().float(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    ref_loss, ref_grad = step(False)
+    bf_loss, bf_grad = step(True)
+    assert torch.isfinite(bf_loss) and torch.isfinite(bf_grad).all()
+    assert abs(bf_loss - ref_loss) / ref_loss < 2e-2
+    assert torch.nn.functional.cosine_similarity(bf_grad, ref_grad, dim=0) > 0.99
+    torch.optim.AdamW(model.parameters(), lr=1e-3).step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_bf16_autocast_sampling_keeps_float32_logits_and_is_close_to_fp32():
+    """Under autocast the logits stay float32 and the first step's logits (same input for
+    both) are within 0.05 + 5% of float32; tokens are valid and finite everywhere."""
+    model = sharp_model("eso_b", alpha_0=0.5)
+    ref = generate(model, num_samples=4, steps=4, seed=5, record_logits=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = generate(model, num_samples=4, steps=4, seed=5, record_logits=True)
+    assert all(s.dtype == torch.float32 for s in got.step_logits)
+    assert ((got.tokens >= 0) & (got.tokens < 7)).all()
+    real = slice(0, 7)
+    assert all(torch.isfinite(s[..., real]).all() for s in got.step_logits)
+    torch.testing.assert_close(got.step_logits[0][..., real], ref.step_logits[0][..., real],
+                               atol=5e-2, rtol=5e-2)
+
+
+def test_bf16_weights_sample_with_float64_gumbel_noise_on_float32_logits():
+    """A bf16 model samples; the decode draws are argmax(float64(float32 logits) + G) with G
+    float64 Gumbel noise, reproduced here from the same generator."""
+    model = sharp_model("eso_b", alpha_0=0.5).to(torch.bfloat16)
+    g = generate(model, num_samples=3, steps=4, seed=2, record_logits=True)
+    assert ((g.tokens >= 0) & (g.tokens < 7)).all()
+    assert all(s.dtype == torch.float32 for s in g.step_logits)
+    logits = torch.randn(5, 3, 9).to(torch.bfloat16)
+    got = sample_tokens(logits, torch.Generator().manual_seed(1))
+    u = torch.rand(logits.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(u))
+    assert torch.equal(got, torch.argmax(logits.float().double() + gumbel, dim=-1))
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+@pytest.mark.slow
+def test_train_compile_true_matches_eager_loss_and_gradients(gen):
+    """``train.compile=true`` on CPU: the compiled network the Lightning module trains gives
+    the eager loss and gradients (inductor may reorder float32 sums: 1e-4)."""
+    from esolm.config import ModelConfig
+    from esolm.training import LitModel, TrainConfig
+
+    cfg = ModelConfig(variant="eso_b", vocab_size=7, length=16, n_layers=2, d_model=32, n_heads=4,
+                      cond_dim=32, dropout=0.0, alpha_0=0.5)
+    module = LitModel(cfg, TrainConfig(steps=1, batch_size=4, compile=True))
+    randomize(module.model, 0.18)  # every weight non-zero: equalities must not hold trivially
+    assert module.net is not module.model
+    x = torch.randint(0, 7, (4, 16), generator=gen)
+
+    def run(net) -> list[torch.Tensor]:
+        out = loss(net, x, generator=torch.Generator().manual_seed(0))
+        return [out.per_token.detach(), *torch.autograd.grad(out.per_token, list(module.model.parameters()))]
+
+    for got, ref in zip(run(module.net), run(module.model)):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,89 @@
+"""The benchmark: settings stated, KV-cache bytes exact, MDLM extrapolation labelled, profile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from esolm.bench import BenchConfig, format_rows, kv_cache_bytes, run_bench, settings_line
+from esolm.profiling import profile_step
+
+TINY = dict(lengths=(16,), repeats=1, warmup=1, d_model=32, n_layers=2, n_heads=4, vocab_size=11)
+
+
+def test_rows_state_memory_settings_and_ratios():
+    bc = BenchConfig(families=("eso_b", "mdlm", "bd3lm_l4", "ar"), mdlm_max_steps=4, **TINY)
+    rows = run_bench(bc, torch.device("cpu"), progress=False)
+    by = {r["family"]: r for r in rows}
+    for r in rows:
+        assert r["d_model"] == 32 and r["n_layers"] == 2 and r["vocab_size"] == 11 and r["dtype"] == "float32"
+        assert r["nfe"] == 16 and r["median_s"] > 0 and r["batch_size"] == 1
+        assert "peak_mem_bytes" in r and r["peak_mem_kind"]
+    # K and V, per layer, for every position: 2 x 2 layers x 16 x 32 x 4 bytes
+    assert by["eso_b"]["kv_cache_bytes"] == 2 * 2 * 16 * 32 * 4 == by["ar"]["kv_cache_bytes"]
+    assert by["mdlm"]["kv_cache_bytes"] == 0
+    assert by["mdlm"]["extrapolated_from_nfe"] == 4 and by["eso_b"]["extrapolated_from_nfe"] is None
+    assert by["eso_b"]["speedup_vs_mdlm"] == pytest.approx(by["mdlm"]["median_s"] / by["eso_b"]["median_s"])
+    assert "scaled linearly" in format_rows(rows)
+    line = settings_line(bc, torch.device("cpu"))
+    for key in ("d_model=32", "n_layers=2", "vocab_size=11", "batch_size=1", "nfe=('L',)",
+                "dtype=float32", "mdlm_max_steps=4", "repeats=1"):
+        assert key in line
+
+
+def test_kv_cache_bytes_match_the_cache_the_sampler_allocates():
+    from esolm.bench import _model
+
+    bc = BenchConfig(**TINY)
+    model = _model(bc, "eso_b", 16, torch.device("cpu"))
+    cache = model.new_cache(3)
+    assert kv_cache_bytes(model, 3) == cache.k.nbytes + cache.v.nbytes
+
+
+def test_paper_gpu_preset_resolves_to_the_papers_table_settings():
+    bc = BenchConfig(preset="paper-gpu").resolved()
+    assert bc.lengths == (2048, 8192) and (bc.d_model, bc.n_layers, bc.n_heads) == (768, 12, 12)
+    assert set(bc.families) == {"eso_b", "mdlm", "bd3lm_l4", "bd3lm_l16", "ar"}
+    with pytest.raises(ValueError, match="preset"):
+        BenchConfig(preset="fastest")
+
+
+@pytest.mark.parametrize("family", ["eso_b", "ar"])
+def test_profile_counts_operators_per_layer(family):
+    r = profile_step(family, d_model=32, n_layers=2, n_heads=4, vocab_size=11, length=32, fill=16,
+                     repeats=5)
+    assert 0 < r["ops_per_layer"] < r["ops_per_step"] <= r["ops_per_step_all"]
+    assert r["ms_per_layer"] > 0 and r["ms_per_step"] >= r["ms_per_layer"]
+
+
+def test_bench_rows_are_ingested_with_their_settings_into_old_and_new_databases(tmp_path):
+    """A database created before the new throughput columns gains them; old bench.json rows
+    (without them) ingest as NULL, new ones with their values; the report's figure draws."""
+    import json
+
+    import duckdb
+
+    from esolm.report import fig_speedup
+    from esolm.store import ingest, query
+
+    db = tmp_path / "results.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE throughput (run_id VARCHAR, family VARCHAR, length BIGINT, nfe_budget "
+                "VARCHAR, nfe BIGINT, batch_size BIGINT, median_s DOUBLE, tokens_per_s DOUBLE, "
+                "device VARCHAR, PRIMARY KEY (run_id, family, length, nfe_budget))")
+    con.close()
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    rows = run_bench(BenchConfig(families=("eso_b", "mdlm"), mdlm_max_steps=4, **TINY),
+                     torch.device("cpu"), progress=False)
+    old = {k: rows[0][k] for k in ("family", "length", "nfe_budget", "nfe", "batch_size", "median_s",
+                                   "tokens_per_s", "device")}
+    (reports / "bench.json").write_text(json.dumps(rows))
+    ingest({"variants": {}}, tmp_path / "runs", reports, db, rid="new")
+    (reports / "bench.json").write_text(json.dumps([old]))
+    ingest({"variants": {}}, tmp_path / "runs", reports, db, rid="old")
+    _, got = query("SELECT run_id, family, d_model, kv_cache_bytes, extrapolated_from_nfe FROM throughput "
+                   "ORDER BY run_id, family", db)
+    assert got == [("new", "eso_b", 32, 2 * 2 * 16 * 32 * 4, None), ("new", "mdlm", 32, 0, 4),
+                   ("old", "eso_b", None, None, None)]
+    assert fig_speedup(db, "new", tmp_path / "speedup.png")

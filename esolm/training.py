@@ -212,8 +212,10 @@ class LitModel(pl.LightningModule):
 
 
 class JsonlLog(pl.Callback):
-    """runs/NAME/train.jsonl: one row per ``log_every`` optimizer steps (rank 0 only). On resume
-    the rows after the restored step are dropped, so the file is the curve of one run."""
+    """The working curve ``runs/NAME/checkpoints/train.jsonl``, kept beside the resumable
+    checkpoint: one row per ``log_every`` optimizer steps (rank 0 only). On resume the rows after
+    the restored step are dropped, so the file is the curve of one run. ``train`` copies it to
+    ``runs/NAME/train.jsonl`` (the stage output) when training ends."""
 
     def __init__(self, path: Path, tc: TrainConfig, length: int) -> None:
         self.path, self.tc, self.length = path, tc, length
@@ -299,7 +301,8 @@ def trainer_for(tc: TrainConfig, run_dir: Path, progress: bool, callbacks: list)
 
 def train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fresh: bool = False,
           progress: bool = True, callbacks: list[pl.Callback] | None = None) -> dict:
-    """Train (or resume) one variant; writes checkpoints, train.jsonl, model.ckpt, train.json."""
+    """Train (or resume) one variant; writes checkpoints/ (last.ckpt and the working curve, the
+    resumable state), then model.ckpt, train.jsonl and train.json (the stage's outputs)."""
     import time
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -311,11 +314,11 @@ def train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fres
         print(f"{last} came from other settings, data or code; kept as {aside.name}, training from scratch")
         fresh = True
     if fresh:
-        for stale in (last, run_dir / "train.jsonl"):
+        for stale in (last, _working_log(run_dir)):
             stale.unlink(missing_ok=True)
     module = LitModel(cfg, tc)
     module.fingerprint = fp
-    logs = [JsonlLog(run_dir / "train.jsonl", tc, cfg.length), *(callbacks or [])]
+    logs = [JsonlLog(_working_log(run_dir), tc, cfg.length), *(callbacks or [])]
     trainer = trainer_for(tc, run_dir, progress, logs)
     rank = trainer.global_rank
     module.train_data = MicroBatches(Batches(data_dir, "train", tc.micro, seed=tc.seed, rank=rank,
@@ -328,10 +331,16 @@ def train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fres
     return _finish(module, trainer, tc, data_dir, run_dir, seconds)
 
 
+def _working_log(run_dir: Path) -> Path:
+    """The curve being written during training; it lives with the resumable checkpoint."""
+    return run_dir / "checkpoints" / "train.jsonl"
+
+
 def _finish(module: LitModel, trainer: pl.Trainer, tc: TrainConfig, data_dir: Path, run_dir: Path,
             seconds: float) -> dict:
-    log = run_dir / "train.jsonl"
-    rows = [json.loads(r) for r in log.read_text().splitlines()] if log.exists() else []
+    log = _working_log(run_dir)
+    text = log.read_text() if log.exists() else ""
+    rows = [json.loads(r) for r in text.splitlines()]
     val = trainer.callback_metrics.get("val_loss")
     summary = {"steps": trainer.global_step, "tokens": trainer.global_step * tc.batch_size * module.cfg.length,
                "final_train_loss": rows[-1]["loss"] if rows else None,
@@ -343,6 +352,7 @@ def _finish(module: LitModel, trainer: pl.Trainer, tc: TrainConfig, data_dir: Pa
                      "ema_weights": None if module.ema is None else module.ema.state_dict(),
                      "tokenizer": str(data_dir / "tokenizer.json"), "data_dir": str(data_dir)},
                     run_dir / "model.ckpt")
+        write_text_atomic(run_dir / "train.jsonl", text)
         write_text_atomic(run_dir / "train.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -41,8 +41,11 @@ def cmd_bench(args: argparse.Namespace, params: dict) -> None:
 def cmd_train(args: argparse.Namespace, params: dict) -> None:
     from esolm.stages import train_stage
 
+    from lightning.pytorch.utilities import rank_zero_only
+
     summary = train_stage(params, args.variant, args.fresh, not args.quiet)
-    print(json.dumps(summary, indent=2))
+    if rank_zero_only.rank == 0:  # under DDP every process runs this verb; one prints
+        print(json.dumps(summary, indent=2))
 
 
 def cmd_evaluate(args: argparse.Namespace, params: dict) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from tokenizers import Tokenizer
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
@@ -308,12 +309,14 @@ def train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fres
     run_dir.mkdir(parents=True, exist_ok=True)
     last = run_dir / "checkpoints" / "last.ckpt"
     fp = fingerprint(cfg, tc, data_dir)
+    zero = rank_zero_only.rank == 0  # from the launcher's environment (torchrun, SLURM, Lightning)
     if last.exists() and not fresh and safe_load(last).get("esolm_fingerprint") != fp:
-        aside = last.with_name(f"stale-{int(time.time())}.ckpt")
-        os.replace(last, aside)
-        print(f"{last} came from other settings, data or code; kept as {aside.name}, training from scratch")
+        if zero:
+            aside = last.with_name(f"stale-{int(time.time())}.ckpt")
+            os.replace(last, aside)
+            print(f"{last} came from other settings, data or code; kept as {aside.name}, training from scratch")
         fresh = True
-    if fresh:
+    if fresh and zero:
         for stale in (last, _working_log(run_dir)):
             stale.unlink(missing_ok=True)
     module = LitModel(cfg, tc)
@@ -325,7 +328,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fres
                                              world_size=tc.world_size))
     loader = DataLoader(module.train_data, batch_size=None)
     t0 = time.perf_counter()
-    trainer.fit(module, loader, _val_loader(data_dir, tc, rank), ckpt_path=last if last.exists() else None)
+    resume = last if last.exists() and not fresh else None
+    trainer.fit(module, loader, _val_loader(data_dir, tc, rank), ckpt_path=resume)
     seconds = time.perf_counter() - t0
     trainer.save_checkpoint(last, weights_only=False)
     return _finish(module, trainer, tc, data_dir, run_dir, seconds)

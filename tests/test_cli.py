@@ -55,3 +55,15 @@ def test_bench_verb_writes_rows_and_figure(tmp_path, capsys):
 def test_bad_param_in_a_verb_exits_2_with_a_message(capsys):
     assert main(["bench", "--set", "bench.lengthz=[3]"]) == 2
     assert "did you mean 'lengths'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rank,prints", [(0, True), (1, False)])
+def test_train_prints_its_summary_on_rank_zero_only(monkeypatch, capsys, rank, prints):
+    import esolm.stages
+    from lightning.pytorch.utilities import rank_zero_only
+
+    monkeypatch.setattr(esolm.stages, "train_stage", lambda *a, **k: {"steps": 3, "variant": "ar"})
+    monkeypatch.setattr(rank_zero_only, "rank", rank)
+    assert main(["train", "--variant", "ar", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert ('"steps": 3' in out) is prints

@@ -109,10 +109,13 @@ def test_a_finished_run_resumes_to_the_same_model(shards, tmp_path):
     cfg = _cfg(shards, "ar")
     train(cfg, short, shards, tmp_path / "r", progress=False)
     first = safe_load(tmp_path / "r" / "model.ckpt")["weights"]
-    (tmp_path / "r" / "train.jsonl").unlink()  # what DVC does to a non-persistent output
+    curve = (tmp_path / "r" / "train.jsonl").read_text()
+    for output in ("model.ckpt", "train.jsonl", "train.json"):
+        (tmp_path / "r" / output).unlink()  # what DVC does to a stage's outputs before a rerun
     train(cfg, short, shards, tmp_path / "r", progress=False)
     again = safe_load(tmp_path / "r" / "model.ckpt")["weights"]
     assert all(torch.equal(first[k], again[k]) for k in first)
+    assert (tmp_path / "r" / "train.jsonl").read_text() == curve  # kept with the checkpoint
 
 
 def test_bad_checkpoint_files_are_clear_errors(tmp_path):

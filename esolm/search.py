@@ -243,10 +243,14 @@ def work(study: optuna.Study, objective: Callable, progress: bool = False) -> in
     """Claim and run queued trials until none is left; returns how many this worker ran."""
     from tqdm import tqdm
 
+    import socket
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
     ran = 0
     with tqdm(desc="trials", disable=not progress) as bar:
         while (trial := claim(study)) is not None:
+            trial.set_user_attr("worker", worker)  # which machine and process ran it
             run_trial(study, trial, objective)
             ran += 1
             bar.update()

@@ -134,25 +134,9 @@ def test_headline_markdown_reads_the_metrics_files_of_the_checkout(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A checkout-like folder with tiny params, prepared shards and two trained variants."""
-    from tests.data.conftest import write_txt_corpus
+    from tests.conftest import trained_project
 
-    root = Path(__file__).resolve().parents[2]
-    tmp = tmp_path_factory.mktemp("trained")
-    corpus = write_txt_corpus(tmp / "docs", n_docs=40)
-    p = yaml.safe_load((root / "params.yaml").read_text())
-    p["data"].update(dataset="tiny", source=f"files:{corpus}/*.txt", tokenizer="bpe:300", length=16)
-    p["model"].update(d_model=32, n_heads=4, cond_dim=32)
-    p["variants"] = {"ar": {"variant": "ar"}, "eso_b_a05": {"variant": "eso_b", "alpha_0": 0.5, "batch_split": 0.5}}
-    p["train"].update(steps=4, batch_size=8, val_every=2, ckpt_every=2, log_every=2, warmup_steps=1)
-    p["search"].update(num_samples=2, default_steps=[2], sampler="tpe", space={"steps": [2, 8]})
-    (tmp / "params.yaml").write_text(yaml.safe_dump(p))
-    esolm = [sys.executable, "-m", "esolm.cli"]
-    env = {**__import__("os").environ, "PYTHONPATH": str(root)}
-    for args in (["prepare", "--quiet"], ["train", "--variant", "ar", "--quiet"],
-                 ["train", "--variant", "eso_b_a05", "--quiet"]):
-        subprocess.run(esolm + args, cwd=tmp, env=env, check=True, capture_output=True)
-    return tmp
+    return trained_project(tmp_path_factory.mktemp("trained"))
 
 
 def test_schedule_search_flow_runs_exactly_n_trials_across_its_workers(trained):

@@ -39,9 +39,9 @@ def cmd_bench(args: argparse.Namespace, params: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace, params: dict) -> None:
-    from esolm.stages import train_stage
-
     from lightning.pytorch.utilities import rank_zero_only
+
+    from esolm.stages import train_stage
 
     summary = train_stage(params, args.variant, args.fresh, not args.quiet)
     if rank_zero_only.rank == 0:  # under DDP every process runs this verb; one prints

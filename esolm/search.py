@@ -241,9 +241,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable) -> 
 
 def work(study: optuna.Study, objective: Callable, progress: bool = False) -> int:
     """Claim and run queued trials until none is left; returns how many this worker ran."""
-    from tqdm import tqdm
-
     import socket
+
+    from tqdm import tqdm
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     worker = f"{socket.gethostname()}:{os.getpid()}"

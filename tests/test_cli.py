@@ -59,8 +59,9 @@ def test_bad_param_in_a_verb_exits_2_with_a_message(capsys):
 
 @pytest.mark.parametrize("rank,prints", [(0, True), (1, False)])
 def test_train_prints_its_summary_on_rank_zero_only(monkeypatch, capsys, rank, prints):
-    import esolm.stages
     from lightning.pytorch.utilities import rank_zero_only
+
+    import esolm.stages
 
     monkeypatch.setattr(esolm.stages, "train_stage", lambda *a, **k: {"steps": 3, "variant": "ar"})
     monkeypatch.setattr(rank_zero_only, "rank", rank)

@@ -63,7 +63,8 @@ def _wait_healthy(api: str, server: subprocess.Popen, log: Path, seconds: float 
 
 
 def _cli(args: list[str], env: dict, cwd: Path) -> str:
-    proc = subprocess.run([str(BIN / "prefect"), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    proc = subprocess.run([str(BIN / "prefect"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          check=False)
     assert proc.returncode == 0, f"prefect {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 

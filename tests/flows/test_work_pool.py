@@ -80,37 +80,91 @@ def _tiny_repo(tmp: Path) -> Path:
     return repo
 
 
-@pytest.mark.slow
-def test_a_worker_on_the_process_pool_runs_the_deployed_pipeline(tmp_path):
-    repo = _tiny_repo(tmp_path)
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `prefect server start` on a free loopback port; yields (API URL, its folder)."""
+    tmp = tmp_path_factory.mktemp("prefect_server")
     api = f"http://127.0.0.1:{_free_port()}/api"
-    env = _env(tmp_path, api, repo)
     port = api.split(":")[2].split("/")[0]
-    server = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port],
-                    env, tmp_path, tmp_path / "server.log")
-    worker = None
+    proc = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port],
+                  _env(tmp, api, tmp), tmp, tmp / "server.log")
     try:
-        _wait_healthy(api, server, tmp_path / "server.log")
-        _cli(["work-pool", "create", "esolm-cpu", "--type", "process"], env, repo)
-        _cli(["concurrency-limit", "create", "dvc", "1"], env, repo)
-        _cli(["--no-prompt", "deploy", "--name", "nightly"], env, repo)
-        worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "esolm-cpu", "--limit", "1"],
-                        env, repo, tmp_path / "worker.log")
-        deployment = httpx.get(f"{api}/deployments/name/esolm-pipeline/nightly").json()
-        assert deployment["work_pool_name"] == "esolm-cpu"
-        run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run",
-                         json={"parameters": {"stages": ["metrics"]}}).json()
-        state = _wait_for_run(api, run["id"], worker, tmp_path / "worker.log")
-        assert state == "COMPLETED", (tmp_path / "worker.log").read_text()[-4000:]
-        artifacts = httpx.post(f"{api}/artifacts/filter",
-                               json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
-        headline = [a for a in artifacts if a["key"] == "esolm-headline"]
-        assert len(headline) == 1 and "| ar |" in headline[0]["data"]
-        assert (repo / "reports" / "metrics" / "ar.json").exists()
+        _wait_healthy(api, proc, tmp / "server.log")
+        yield api, tmp
     finally:
-        for proc in (worker, server):
-            if proc is not None:
-                _stop(proc)
+        _stop(proc)
+
+
+def _run_deployment(api: str, name: str, parameters: dict, worker: subprocess.Popen, log: Path) -> str:
+    deployment = httpx.get(f"{api}/deployments/name/{name}").json()
+    run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run",
+                     json={"parameters": parameters}).json()
+    state = _wait_for_run(api, run["id"], worker, log)
+    assert state == "COMPLETED", log.read_text()[-4000:]
+    return run["id"]
+
+
+def _artifact(api: str, run_id: str, key: str) -> dict:
+    artifacts = httpx.post(f"{api}/artifacts/filter",
+                           json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
+    found = [a for a in artifacts if a["key"] == key]
+    assert len(found) == 1, artifacts
+    return found[0]
+
+
+@pytest.mark.slow
+def test_a_worker_on_the_process_pool_runs_the_deployed_pipeline(tmp_path, server):
+    api, home = server
+    repo = _tiny_repo(tmp_path)
+    env = _env(home, api, repo)
+    _cli(["work-pool", "create", "esolm-cpu", "--type", "process"], env, repo)
+    _cli(["concurrency-limit", "create", "dvc", "1"], env, repo)
+    _cli(["--no-prompt", "deploy", "--name", "nightly"], env, repo)
+    assert httpx.get(f"{api}/deployments/name/esolm-pipeline/nightly").json()["work_pool_name"] == "esolm-cpu"
+    worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "esolm-cpu", "--limit", "1"],
+                    env, repo, tmp_path / "worker.log")
+    try:
+        run_id = _run_deployment(api, "esolm-pipeline/nightly", {"stages": ["metrics"]}, worker,
+                                 tmp_path / "worker.log")
+    finally:
+        _stop(worker)
+    assert "| ar |" in _artifact(api, run_id, "esolm-headline")["data"]
+    assert (repo / "reports" / "metrics" / "ar.json").exists()
+
+
+@pytest.mark.slow
+def test_training_is_sent_to_the_gpu_pool_and_restored_from_the_run_cache(tmp_path, server):
+    """Two checkouts (two "machines") share a DVC remote; the CPU pool's pipeline sends `train`
+    to the `gpu` pool's worker, which trains in its own checkout and pushes; the pipeline then
+    restores the trained model from the run cache instead of training."""
+    api, home = server
+    cpu = _tiny_repo(tmp_path)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run([str(BIN / "dvc"), "remote", "add", "-d", "shared", str(tmp_path / "remote")], cwd=cpu,
+                   check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-qam", "tiny study with a remote"], cwd=cpu, check=True)
+    gpu = tmp_path / "gpu_checkout"
+    subprocess.run(["git", "clone", "-q", str(cpu), str(gpu)], check=True)
+    cpu_env, gpu_env = _env(home, api, cpu), _env(home, api, gpu)
+    for pool in ("esolm-cpu", "gpu"):
+        subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"], cwd=cpu,
+                       env=cpu_env, capture_output=True, check=False)  # the other test may have made it
+    _cli(["--no-prompt", "deploy", "--name", "nightly-gpu", "--name", "gpu"], cpu_env, cpu)
+    workers = [_start([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1"], env, repo,
+                      tmp_path / f"{pool}.log")
+               for pool, env, repo in (("esolm-cpu", cpu_env, cpu), ("gpu", gpu_env, gpu))]
+    try:
+        run_id = _run_deployment(api, "esolm-pipeline/nightly-gpu", {"stages": ["prepare", "train"]},
+                                 workers[0], tmp_path / "esolm-cpu.log")
+    finally:
+        for w in workers:
+            _stop(w)
+    model = Path("runs") / "ar" / "model.ckpt"
+    assert (gpu / model).read_bytes() == (cpu / model).read_bytes()
+    assert (gpu / "runs" / "ar" / "checkpoints" / "last.ckpt").exists()  # trained there
+    assert not (cpu / "runs" / "ar" / "checkpoints").exists()  # restored here, never trained
+    assert "is cached" in (tmp_path / "esolm-cpu.log").read_text()
+    _artifact(api, run_id, "esolm-headline")
 
 
 def _wait_for_run(api: str, run_id: str, worker: subprocess.Popen, log: Path, seconds: float = 900) -> str:

@@ -218,9 +218,11 @@ def queue_search(params: dict, n_trials: int | None = None) -> int:
     return queue_trials(study, n_trials or sc.n_trials)
 
 
-def join_search(params: dict, progress: bool = False, threads: int = 0) -> int:
+def join_search(params: dict, progress: bool = False, threads: int = 0, shared: bool = True) -> int:
     """One worker: claim and run queued trials of this model's study until none is left (any
-    process, any machine with the same model file and storage). Returns the trials it ran."""
+    process, any machine with the same model file and storage). Returns the trials it ran.
+    ``shared``: other workers run at the same time, so the sampler is reseeded (workers seeded
+    alike would propose the same schedules); a lone worker keeps search.seed (reproducible)."""
     from esolm.device import pick_device
     from esolm.search import make_evaluator, objective_for, work
 
@@ -228,6 +230,8 @@ def join_search(params: dict, progress: bool = False, threads: int = 0) -> int:
         torch.set_num_threads(threads)
     device = pick_device(section(params, "search").get("device", "auto"))
     sc, study = search_study(params)
+    if shared:
+        study.sampler.reseed_rng()
     model, judge, tok, floor = _search_setup(params, device)
     evaluate = make_evaluator(model, judge, tok, sc.num_samples, sc.seed, sc.repeats)
     return work(study, objective_for(evaluate, sc.space, model.config.variant, floor), progress)
@@ -244,7 +248,7 @@ def search_trials(params: dict, n_trials: int | None = None, progress: bool = Fa
     if not join:
         queue_search(params, n_trials)
     if workers <= 1:
-        return join_search(params, progress)
+        return join_search(params, progress, shared=join)
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(join_search, params, False, threads) for _ in range(workers)]

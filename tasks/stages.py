@@ -63,14 +63,18 @@ def repro_stage(stage: str, repo: str = ".") -> str:
 @task(retries=2, retry_delay_seconds=10, log_prints=True, tags=[DVC_TAG])
 def push_runs(repo: str = ".") -> str:
     """`dvc push --run-cache`: outputs and run history to the default remote."""
-    return run_command(dvc("push", "--run-cache"), repo)
+    out = run_command(dvc("push", "--run-cache"), repo)
+    print(f"dvc push --run-cache: {out.strip()[-500:]}")
+    return out
 
 
 @task(retries=2, retry_delay_seconds=10, log_prints=True, tags=[DVC_TAG])
 def pull_runs(repo: str = ".") -> str:
     """`dvc pull --run-cache --allow-missing`: whatever the remote has of this pipeline, so that
     `dvc repro` restores stages another machine ran instead of running them again."""
-    return run_command(dvc("pull", "--run-cache", "--allow-missing"), repo)
+    out = run_command(dvc("pull", "--run-cache", "--allow-missing"), repo)
+    print(f"dvc pull --run-cache: {out.strip()[-500:]}")
+    return out
 
 
 @task(log_prints=True, tags=[DVC_TAG])

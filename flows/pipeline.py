@@ -2,8 +2,9 @@
 
 With ``gpu_deployment`` (e.g. ``esolm-stage/gpu`` from prefect.yaml) the stages in
 ``gpu_stages`` are sent to that deployment, whose worker runs on a GPU machine in its own
-checkout: this flow pushes the prepared data to the DVC remote, waits for the remote run, pulls
-its run history and outputs, and `dvc repro` then restores the stage instead of running it.
+checkout: this flow pushes the prepared data and run history to the DVC remote, waits for the
+remote run, pulls its run history, and `dvc repro --pull` then restores the stage (fetching the
+outputs) instead of running it.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ def pipeline(repo: str = ".", stages: tuple[str, ...] = STAGES, gpu_deployment: 
              gpu_stages: tuple[str, ...] = ("train",)) -> str:
     """Run the DVC stages one after another (DVC holds a repo lock, so no stage overlaps)."""
     for stage in stages:
-        if gpu_deployment and stage in gpu_stages:
+        remote = bool(gpu_deployment) and stage in gpu_stages
+        if remote:
             push_runs(repo)
             run_remote_stage(gpu_deployment, stage)
             pull_runs(repo)
-        repro_stage.with_options(tags=stage_tags(stage))(stage, repo)
+        repro_stage.with_options(tags=stage_tags(stage))(stage, repo, pull=remote)
     table = headline_markdown(repo)
     create_markdown_artifact(f"# esolm headline\n\n{table}\n", key="esolm-headline",
                              description="test perplexity, sampling quality and speed per variant")

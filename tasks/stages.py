@@ -53,9 +53,11 @@ def stage_tags(stage: str) -> set[str]:
 
 
 @task(retries=1, retry_delay_seconds=5, log_prints=True, tags=[DVC_TAG])
-def repro_stage(stage: str, repo: str = ".") -> str:
-    """`dvc repro STAGE` (a stage or a foreach group); unchanged stages are skipped by DVC."""
-    out = run_command(dvc("repro", stage), repo)
+def repro_stage(stage: str, repo: str = ".", pull: bool = False) -> str:
+    """`dvc repro STAGE` (a stage or a foreach group); unchanged stages are skipped by DVC.
+    ``pull``: `--pull`, so that a stage found in the run cache (see ``pull_runs``) is restored
+    with its outputs fetched from the remote instead of being run."""
+    out = run_command(dvc("repro", *(["--pull"] if pull else []), stage), repo)
     print(f"dvc repro {stage}:\n{out[-2000:]}")
     return out
 
@@ -70,8 +72,9 @@ def push_runs(repo: str = ".") -> str:
 
 @task(retries=2, retry_delay_seconds=10, log_prints=True, tags=[DVC_TAG])
 def pull_runs(repo: str = ".") -> str:
-    """`dvc pull --run-cache --allow-missing`: whatever the remote has of this pipeline, so that
-    `dvc repro` restores stages another machine ran instead of running them again."""
+    """`dvc pull --run-cache --allow-missing`: whatever the remote has of this pipeline, and the
+    run history, so that `dvc repro --pull` restores stages another machine ran (fetching their
+    outputs) instead of running them again."""
     out = run_command(dvc("pull", "--run-cache", "--allow-missing"), repo)
     print(f"dvc pull --run-cache: {out.strip()[-500:]}")
     return out

@@ -55,8 +55,8 @@ def trained_project(tmp: Path) -> Path:
     p["search"].update(num_samples=2, default_steps=[2], sampler="tpe", space={"steps": [2, 8]})
     (tmp / "params.yaml").write_text(yaml.safe_dump(p))
     env = {**os.environ, "PYTHONPATH": str(root)}
-    for args in (["prepare", "--quiet"], ["train", "--variant", "ar", "--quiet"],
-                 ["train", "--variant", "eso_b_a05", "--quiet"]):
-        subprocess.run([sys.executable, "-m", "esolm.cli", *args], cwd=tmp, env=env, check=True,
-                       capture_output=True)
+    verbs = [["prepare", "--quiet"], ["train", "--variant", "ar", "--quiet"],
+             ["train", "--variant", "eso_b_a05", "--quiet"]]
+    script = f"from esolm.cli import main\nfor args in {verbs!r}:\n    assert main(args) == 0, args\n"
+    subprocess.run([sys.executable, "-c", script], cwd=tmp, env=env, check=True, capture_output=True)
     return tmp

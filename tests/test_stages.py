@@ -120,7 +120,7 @@ def test_the_study_belongs_to_the_model_file_and_workers_share_it(project):
     _, retrained = search_study(params)
     assert retrained.study_name != study.study_name and retrained.study_name.startswith("schedule-eso_b_a05-")
     assert retrained.trials == []
-    assert search_trials(params) == 6
+    assert search_trials(params, n_trials=2) == 2 and len(search_study(params)[1].trials) == 2
 
 
 def test_headline_files_hold_a_few_numbers_per_variant_and_the_curves(project):

@@ -139,6 +139,7 @@ def trained(tmp_path_factory) -> Path:
     return trained_project(tmp_path_factory.mktemp("trained"))
 
 
+@pytest.mark.slow  # 4 esolm processes and a tiny training: about a minute on 2 idle cores
 def test_schedule_search_flow_runs_exactly_n_trials_across_its_workers(trained):
     """The old flow asked 2 workers for 3 trials each and ran 9; now the study holds exactly n."""
     import optuna

@@ -63,10 +63,13 @@ def _profile(bc) -> None:
 
 
 def cmd_train(args: argparse.Namespace, params: dict) -> None:
+    from lightning.pytorch.utilities import rank_zero_only
+
     from esolm.stages import train_stage
 
     summary = train_stage(params, args.variant, args.fresh, not args.quiet)
-    print(json.dumps(summary, indent=2))
+    if rank_zero_only.rank == 0:  # under DDP every process runs this verb; one prints
+        print(json.dumps(summary, indent=2))
 
 
 def cmd_evaluate(args: argparse.Namespace, params: dict) -> None:
@@ -129,6 +132,15 @@ def cmd_report(args: argparse.Namespace, params: dict) -> None:
     print(f"wrote reports/report.md and reports/index.html ({len(out['figures'])} figures)")
 
 
+def cmd_metrics(args: argparse.Namespace, params: dict) -> None:
+    from esolm.headline import write_headline
+
+    result = write_headline(list(section(params, "variants")))
+    for name, numbers in result.items():
+        print(f"{name}: " + ", ".join(f"{k} {'-' if v is None else f'{v:.4g}'}" for k, v in numbers.items()))
+    print(f"wrote reports/metrics/ and reports/curves/ ({len(result)} variants)")
+
+
 def cmd_query(args: argparse.Namespace, params: dict) -> None:
     from esolm.store import query
 
@@ -155,11 +167,19 @@ def cmd_query(args: argparse.Namespace, params: dict) -> None:
 
 
 def cmd_search(args: argparse.Namespace, params: dict) -> None:
-    from esolm.stages import search_stage
+    from esolm.stages import queue_search, search_outputs, search_trials
 
-    out = search_stage(params, not args.quiet)
+    if args.only == "queue":
+        print(f"queued {queue_search(params)} trials")
+        return
+    if args.only == "join":
+        ran = search_trials(params, progress=not args.quiet, workers=args.workers, join=True)
+        print(f"ran {ran} queued trials")
+        return
+    ran = 0 if args.only == "outputs" else search_trials(params, progress=not args.quiet, workers=args.workers)
+    out = search_outputs(params)
     best = out["best"]
-    print(f"{out['trials']} trials ({out['ran']} new), {len(out['front'])} on the Pareto front; chosen: "
+    print(f"{out['study']}: {out['trials']} trials ({ran} new), {len(out['front'])} on the Pareto front; chosen: "
           + (f"{best['params']} gen ppl {best['gen_ppl']:.2f}, {best['seconds']:.4f}s/sample" if best
              else "none feasible"))
 
@@ -179,6 +199,8 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace, dict], None], str]] = {
     "search": (cmd_search, "Optuna search of the sampling schedule for the speed-quality front (params: search)"),
     "export": (cmd_export, ("write a variant's model as a Hugging Face style folder (config.json, "
                             "model.safetensors, tokenizer.json, model card)")),
+    "metrics": (cmd_metrics, ("copy each variant's headline numbers and training curve into small "
+                              "git-tracked files (reports/metrics, reports/curves)")),
     "report": (cmd_report, "ingest every stage's files into the results database and write the report"),
     "query": (cmd_query, "run SQL on the results database, e.g. esolm query \"SELECT * FROM sampling\""),
 }
@@ -215,6 +237,13 @@ def parser() -> argparse.ArgumentParser:
         if name == "query":
             s.add_argument("sql", help="the SQL to run (read-only)")
             s.add_argument("--format", choices=("table", "csv", "json"), default="table")
+        if name == "search":
+            s.add_argument("--workers", type=int, default=1,
+                           help="worker processes that run trials of the one study (default 1)")
+            s.add_argument("--only", choices=("queue", "join", "outputs"), default=None,
+                           help="queue: queue the missing trials up to search.n_trials; join: run queued "
+                                "trials until none is left (a worker, on any machine sharing "
+                                "search.storage); outputs: write the outputs from the study")
         if name in ("bench",):
             s.add_argument("--device", default=None, help="auto (default), cpu, or a CUDA device")
             s.add_argument("--profile", action="store_true",

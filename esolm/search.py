@@ -1,17 +1,26 @@
 """Optuna search over the sampling schedule for the speed-quality Pareto frontier.
 
-Objectives (both minimised): generative perplexity under the judge, and sampling seconds per
-sample (measured in the trial's process, median of ``repeats``). Constraint: mean sample
-entropy >= a floor, so degenerate low-entropy schedules cannot win. Every trial uses the same
-seed and number of samples. The study lives in SQLite next to the outputs; rerunning
-continues it up to ``n_trials``; a trial that raises is recorded as failed and the study
-goes on.
+Objectives (both minimised, named for optuna-dashboard): generative perplexity under the judge,
+and sampling seconds per sample (measured in the trial's process, median of ``repeats``).
+Constraint: mean sample entropy >= a floor, so degenerate low-entropy schedules cannot win.
+Every trial uses the same seed and number of samples.
+
+A study belongs to one model file: its name holds the file's content hash, so retraining
+starts a new study. The storage is any Optuna storage URL (``search.storage``): SQLite next to
+the outputs by default, PostgreSQL or MySQL through SQLAlchemy, or ``journal:PATH`` for a
+journal file on a shared filesystem. Trials are handed out as tickets: the coordinator queues
+exactly the missing ones (``queue_trials``) and any number of workers, in any process or on
+any machine, claim them one at a time (``work``), so the study ends with exactly ``n_trials``
+and none is lost or run twice. A trial that raises is recorded as failed and the study goes on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
+import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +30,9 @@ from typing import Any
 import optuna
 
 SAMPLERS = ("nsga2", "tpe")
+METRIC_NAMES = ["gen_ppl", "seconds_per_sample"]
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
+log = logging.getLogger(__name__)
 DEFAULT_SPACE: dict[str, Any] = {
     "steps": [4, 64],
     "alpha_0": [0.0, 1.0],
@@ -47,6 +59,7 @@ class SearchConfig:
     default_steps: tuple[int, ...] = (4, 8, 16, 32, 64)
     space: dict = field(default_factory=lambda: dict(DEFAULT_SPACE))
     out_dir: str = "reports/search"
+    storage: str = ""                   # Optuna storage URL or journal:PATH; "": SQLite in out_dir
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -104,16 +117,72 @@ def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
     return trial.user_attrs.get("constraint", [1.0])
 
 
-def open_study(sc: SearchConfig, name: str) -> optuna.Study:
-    out = Path(sc.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def storage_url(sc: SearchConfig) -> str:
+    """``search.storage``, or the default SQLite file ``<out_dir>/study.db``."""
+    return sc.storage or f"sqlite:///{Path(sc.out_dir) / 'study.db'}"
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage from a URL: ``journal:PATH`` (a journal file, for shared filesystems)
+    or any SQLAlchemy URL (sqlite:///..., postgresql://..., mysql+pymysql://...)."""
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # several processes write one SQLite file: wait for its lock instead of failing
+        storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+        _begin_immediate(storage.engine)
+        return storage
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+
+
+def _begin_immediate(engine: Any) -> None:
+    """SQLite ignores ``SELECT ... FOR UPDATE``, so two workers could claim the same ticket:
+    start every transaction with ``BEGIN IMMEDIATE`` (SQLite's write lock) so that reading a
+    ticket and marking it RUNNING is atomic, as it is on PostgreSQL and MySQL."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()
+
+
+def model_key(path: str | Path) -> str:
+    """The content hash (sha256, hex) of a model file: the identity of its study."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def study_name(variant: str, key: str) -> str:
+    """``schedule-<variant>-<first 16 hex digits of the model hash>``."""
+    return f"schedule-{variant}-{key[:16]}"
+
+
+def open_study(sc: SearchConfig, name: str, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+    """Create or load study ``name`` in ``storage`` (default: ``search.storage``) with named objectives."""
     if sc.sampler == "nsga2":
         sampler = optuna.samplers.NSGAIISampler(seed=sc.seed, constraints_func=_constraints,
                                                 population_size=max(4, min(20, sc.n_trials // 2)))
     else:
         sampler = optuna.samplers.TPESampler(seed=sc.seed, constraints_func=_constraints)
-    return optuna.create_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}", sampler=sampler,
-                               directions=["minimize", "minimize"], load_if_exists=True)
+    study = optuna.create_study(study_name=name, storage=storage or open_storage(storage_url(sc)),
+                                sampler=sampler, directions=["minimize", "minimize"], load_if_exists=True)
+    if study.metric_names != METRIC_NAMES:
+        study.set_metric_names(METRIC_NAMES)
+    return study
 
 
 def objective_for(evaluate: Evaluate, space: dict, family: str, floor: float) -> Callable:
@@ -131,14 +200,81 @@ def objective_for(evaluate: Evaluate, space: dict, family: str, floor: float) ->
     return objective
 
 
+def queue_trials(study: optuna.Study, n_trials: int) -> int:
+    """Queue tickets so that the study holds exactly ``n_trials`` trials; returns how many were
+    queued. Trials left RUNNING by a killed search are marked failed first (they count, like any
+    failed trial), so run this only while no worker of the study is running."""
+    states = optuna.trial.TrialState
+    for t in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+        study.tell(t.number, state=states.FAIL)
+    held = len(study.get_trials(deepcopy=False, states=(*FINISHED, states.WAITING)))
+    missing = max(0, n_trials - held)
+    for _ in range(missing):
+        study.enqueue_trial({}, user_attrs={"ticket": True})
+    return missing
+
+
+def claim(study: optuna.Study) -> optuna.Trial | None:
+    """Take one queued ticket (an atomic WAITING -> RUNNING change in the storage, so two
+    workers never get the same one) and return it as a trial; None when no ticket is left.
+    Unlike ``study.ask()`` this never creates a trial, so workers cannot overshoot."""
+    storage = study._storage  # the storage the study was opened with; Optuna has no public getter
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for t in storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        try:
+            if storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.RUNNING):
+                return optuna.Trial(study, t._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable) -> optuna.trial.TrialState:
+    """Evaluate one claimed trial and record it: COMPLETE with its values, or FAIL with the error."""
+    try:
+        values = objective(trial)
+    except Exception as err:
+        log.warning("trial %d failed: %s: %s", trial.number, type(err).__name__, err)
+        trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return optuna.trial.TrialState.FAIL
+    study.tell(trial, values)
+    return optuna.trial.TrialState.COMPLETE
+
+
+def work(study: optuna.Study, objective: Callable, progress: bool = False) -> int:
+    """Claim and run queued trials until none is left; returns how many this worker ran."""
+    import socket
+
+    from tqdm import tqdm
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    ran = 0
+    with tqdm(desc="trials", disable=not progress) as bar:
+        while (trial := claim(study)) is not None:
+            trial.set_user_attr("worker", worker)  # which machine and process ran it
+            run_trial(study, trial, objective)
+            ran += 1
+            bar.update()
+    return ran
+
+
 def run_study(study: optuna.Study, objective: Callable, n_trials: int, progress: bool = False) -> int:
-    """Run trials until the study holds ``n_trials`` finished (complete or failed) ones."""
-    done = sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL) for t in study.trials)
-    remaining = max(0, n_trials - done)
-    if remaining:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study.optimize(objective, n_trials=remaining, catch=(Exception,), show_progress_bar=progress)
-    return remaining
+    """Queue the missing trials up to ``n_trials`` and run them in this process."""
+    queue_trials(study, n_trials)
+    return work(study, objective, progress)
+
+
+def copy_to_sqlite(study: optuna.Study, path: Path) -> None:
+    """A SQLite snapshot of ``study`` at ``path`` (replacing the file), for a study kept in a
+    server database: the DVC output then records the trials the outputs were computed from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    optuna.copy_study(from_study_name=study.study_name, from_storage=study._storage,
+                      to_storage=f"sqlite:///{tmp}")
+    os.replace(tmp, path)
 
 
 def trial_rows(study: optuna.Study, variant: str) -> list[dict]:

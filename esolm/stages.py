@@ -256,65 +256,122 @@ def prompted_samples(params: dict, name: str, prompt: str | None, infill: str | 
                          **sc.schedule_kwargs(), **extra)
 
 
-def _search_setup(params: dict, device: torch.device):
-    """(config, model, judge, tokenizer, entropy floor) for the schedule search."""
-
-    from esolm.checkpoint import load_run
-    from esolm.data import load_split
-    from esolm.judge import load_judge, unigram_entropy
+def search_config(params: dict):
+    """The SearchConfig of params.yaml's ``search`` section."""
     from esolm.search import SearchConfig
 
     values = {k: v for k, v in section(params, "search").items() if k != "device"}
-    sc = build(SearchConfig, values, "search")
+    return build(SearchConfig, values, "search")
+
+
+def search_study(params: dict):
+    """(config, study) of the search: the study of this model file (named by its content hash)
+    in ``search.storage``, created with named objectives if it does not exist yet."""
+    from esolm.search import model_key, open_study, study_name
+
+    sc = search_config(params)
     path = run_dir(sc.variant) / "model.ckpt"
-    model, tok = load_run(path, device=device)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: train the variant first (esolm train --variant {sc.variant})")
+    return sc, open_study(sc, study_name(sc.variant, model_key(path)))
+
+
+def _search_setup(params: dict, device: torch.device):
+    """(model, judge, tokenizer, entropy floor) for the schedule search."""
+    from esolm.checkpoint import load_run
+    from esolm.data import load_split
+    from esolm.judge import load_judge, unigram_entropy
+
+    sc = search_config(params)
+    model, tok = load_run(run_dir(sc.variant) / "model.ckpt", device=device)
     judge_spec = build(SampleConfig, dict(section(params, "sample")), "sample").judge
     judge = load_judge(judge_spec, Path("runs"), device, contestants=tuple(section(params, "variants")))
     floor = sc.entropy_floor
     if floor <= 0:
         rows = load_split(data_dir(params), "valid")[:64].tolist()
         floor = sc.entropy_floor_frac * sum(unigram_entropy(r) for r in rows) / len(rows)
-    return sc, model, judge, tok, floor
+    return model, judge, tok, floor
 
 
-def search_trials(params: dict, n_trials: int | None = None, progress: bool = False) -> int:
-    """Run trials of the schedule search until the study holds ``n_trials`` (default: search.n_trials)."""
+def queue_search(params: dict, n_trials: int | None = None) -> int:
+    """Queue the trials missing from this model's study up to ``n_trials`` (default
+    search.n_trials); returns how many were queued."""
+    from esolm.search import queue_trials
+
+    sc, study = search_study(params)
+    return queue_trials(study, n_trials or sc.n_trials)
+
+
+def join_search(params: dict, progress: bool = False, threads: int = 0, shared: bool = True) -> int:
+    """One worker: claim and run queued trials of this model's study until none is left (any
+    process, any machine with the same model file and storage). Returns the trials it ran.
+    ``shared``: other workers run at the same time, so the sampler is reseeded (workers seeded
+    alike would propose the same schedules); a lone worker keeps search.seed (reproducible)."""
     from esolm.device import pick_device
-    from esolm.search import make_evaluator, objective_for, open_study, run_study
+    from esolm.search import make_evaluator, objective_for, work
 
+    if threads:
+        torch.set_num_threads(threads)
     device = pick_device(section(params, "search").get("device", "auto"))
-    sc, model, judge, tok, floor = _search_setup(params, device)
-    study = open_study(sc, f"schedule-{sc.variant}")
+    sc, study = search_study(params)
+    if shared:
+        study.sampler.reseed_rng()
+    model, judge, tok, floor = _search_setup(params, device)
     evaluate = make_evaluator(model, judge, tok, sc.num_samples, sc.seed, sc.repeats)
-    objective = objective_for(evaluate, sc.space, model.config.variant, floor)
-    return run_study(study, objective, n_trials or sc.n_trials, progress)
+    return work(study, objective_for(evaluate, sc.space, model.config.variant, floor), progress)
+
+
+def search_trials(params: dict, n_trials: int | None = None, progress: bool = False, workers: int = 1,
+                  join: bool = False) -> int:
+    """Queue the missing trials (unless ``join``) and run queued ones with ``workers`` processes;
+    returns the trials run."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    if not join:
+        queue_search(params, n_trials)
+    if workers <= 1:
+        return join_search(params, progress, shared=join)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(join_search, params, False, threads) for _ in range(workers)]
+        return sum(f.result() for f in futures)
 
 
 def search_outputs(params: dict, compare: bool = True) -> dict:
-    """Write trials.parquet, pareto.json, best.json and the figure from the study."""
+    """Write trials.parquet, pareto.json, best.json and the figure from the study (and, when the
+    study lives in a server database, a SQLite snapshot of it as study.db)."""
     from esolm.device import pick_device
     from esolm.search import (
         compare_with_default,
+        copy_to_sqlite,
         make_evaluator,
-        open_study,
         pareto,
+        storage_url,
         trial_rows,
         write_outputs,
     )
 
     device = pick_device(section(params, "search").get("device", "auto"))
-    sc, model, judge, tok, floor = _search_setup(params, device)
-    rows = trial_rows(open_study(sc, f"schedule-{sc.variant}"), sc.variant)
+    sc, study = search_study(params)
+    rows = trial_rows(study, sc.variant)
     comparison: dict = {}
+    model, judge, tok, floor = _search_setup(params, device)
     if compare:
         evaluate = make_evaluator(model, judge, tok, sc.num_samples, sc.seed, sc.repeats)
         comparison = compare_with_default(evaluate, pareto([r for r in rows if r["feasible"]]),
                                           sc.default_steps, floor)
-    return write_outputs(sc, rows, comparison, floor)
+    snapshot = Path(sc.out_dir) / "study.db"
+    if storage_url(sc) != f"sqlite:///{snapshot}":
+        copy_to_sqlite(study, snapshot)
+    out = write_outputs(sc, rows, comparison, floor)
+    out["study"] = study.study_name
+    return out
 
 
-def search_stage(params: dict, progress: bool) -> dict:
-    ran = search_trials(params, progress=progress)
+def search_stage(params: dict, progress: bool, workers: int = 1) -> dict:
+    ran = search_trials(params, progress=progress, workers=workers)
     out = search_outputs(params)
     out["ran"] = ran
     return out

@@ -21,6 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -237,8 +238,10 @@ class LitModel(pl.LightningModule):
 
 
 class JsonlLog(pl.Callback):
-    """runs/NAME/train.jsonl: one row per ``log_every`` optimizer steps (rank 0 only). On resume
-    the rows after the restored step are dropped, so the file is the curve of one run."""
+    """The working curve ``runs/NAME/checkpoints/train.jsonl``, kept beside the resumable
+    checkpoint: one row per ``log_every`` optimizer steps (rank 0 only). On resume the rows after
+    the restored step are dropped, so the file is the curve of one run. ``train`` copies it to
+    ``runs/NAME/train.jsonl`` (the stage output) when training ends."""
 
     def __init__(self, path: Path, tc: TrainConfig, length: int) -> None:
         self.path, self.tc, self.length = path, tc, length
@@ -323,39 +326,45 @@ def trainer_for(tc: TrainConfig, run_dir: Path, progress: bool, callbacks: list)
 
 def train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fresh: bool = False,
           progress: bool = True, callbacks: list[pl.Callback] | None = None) -> dict:
-    """Train (or resume) one variant; writes checkpoints, train.jsonl, model.ckpt, train.json."""
+    """Train (or resume) one variant; writes checkpoints/ (last.ckpt and the working curve, the
+    resumable state), then model.ckpt, train.jsonl and train.json (the stage's outputs)."""
     check_objective(cfg, tc.objective)  # before any file is touched
 
     run_dir.mkdir(parents=True, exist_ok=True)
     primary = os.environ.get("LOCAL_RANK", "0") == "0"  # DDP children share rank 0's lock
-    with run_lock(run_dir, "esolm train") if primary else contextlib.nullcontext():
-        _prepare_run_dir(cfg, tc, data_dir, run_dir, fresh)
-        return _fit(cfg, tc, data_dir, run_dir, progress, callbacks)
+    with run_lock(run_dir / "checkpoints", "esolm train") if primary else contextlib.nullcontext():
+        fresh = _prepare_run_dir(cfg, tc, data_dir, run_dir, fresh)
+        return _fit(cfg, tc, data_dir, run_dir, fresh, progress, callbacks)
 
 
-def _prepare_run_dir(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fresh: bool) -> None:
-    """Keep a resumable checkpoint, or set aside one from other settings, data or code; a
-    checkpoint beyond ``train.steps`` is an error (never silently a longer model)."""
+def _prepare_run_dir(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fresh: bool) -> bool:
+    """Keep a resumable checkpoint, or set aside one from other settings, data or code (rank 0
+    moves it; every rank trains fresh); a checkpoint beyond ``train.steps`` is an error (never
+    silently a longer model). Returns whether training starts fresh."""
     import time
 
     last = run_dir / "checkpoints" / "last.ckpt"
+    zero = rank_zero_only.rank == 0  # from the launcher's environment (torchrun, SLURM, Lightning)
     if last.exists() and not fresh:
         ckpt = safe_load(last)
         if ckpt.get("esolm_fingerprint") != fingerprint(cfg, tc, data_dir):
-            aside = last.with_name(f"stale-{int(time.time())}.ckpt")
-            os.replace(last, aside)
-            print(f"{last} came from other settings, data or code; kept as {aside.name}, training from scratch")
+            if zero:
+                aside = last.with_name(f"stale-{int(time.time())}.ckpt")
+                os.replace(last, aside)
+                print(f"{last} came from other settings, data or code; kept as {aside.name}, "
+                      "training from scratch")
             fresh = True
         elif ckpt.get("global_step", 0) > tc.steps:
             raise ValueError(f"{last} is at step {ckpt['global_step']}, beyond train.steps={tc.steps}: "
                              "raise train.steps to continue it, or pass --fresh to train "
                              f"{tc.steps} steps from scratch")
-    if fresh:
-        for stale in (last, run_dir / "train.jsonl"):
+    if fresh and zero:
+        for stale in (last, _working_log(run_dir)):
             stale.unlink(missing_ok=True)
+    return fresh
 
 
-def _fit(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, progress: bool,
+def _fit(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fresh: bool, progress: bool,
          callbacks: list[pl.Callback] | None) -> dict:
     import time
 
@@ -363,23 +372,29 @@ def _fit(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, progr
     fp = fingerprint(cfg, tc, data_dir)
     module = LitModel(cfg, tc)
     module.fingerprint = fp
-    logs = [JsonlLog(run_dir / "train.jsonl", tc, cfg.length), *(callbacks or [])]
+    logs = [JsonlLog(_working_log(run_dir), tc, cfg.length), *(callbacks or [])]
     trainer = trainer_for(tc, run_dir, progress, logs)
     rank = trainer.global_rank
     module.train_data = MicroBatches(Batches(data_dir, "train", tc.micro, seed=tc.seed, rank=rank,
                                              world_size=tc.world_size))
     loader = DataLoader(module.train_data, batch_size=None)
     t0 = time.perf_counter()
-    trainer.fit(module, loader, _val_loader(data_dir, tc, rank), ckpt_path=last if last.exists() else None)
+    resume = last if last.exists() and not fresh else None
+    trainer.fit(module, loader, _val_loader(data_dir, tc, rank), ckpt_path=resume)
     seconds = time.perf_counter() - t0
     trainer.save_checkpoint(last, weights_only=False)
     return _finish(module, trainer, tc, data_dir, run_dir, seconds)
 
 
+def _working_log(run_dir: Path) -> Path:
+    """The curve being written during training; it lives with the resumable checkpoint."""
+    return run_dir / "checkpoints" / "train.jsonl"
+
+
 def _finish(module: LitModel, trainer: pl.Trainer, tc: TrainConfig, data_dir: Path, run_dir: Path,
             seconds: float) -> dict:
-    log = run_dir / "train.jsonl"
-    rows = read_jsonl(log)
+    rows = read_jsonl(_working_log(run_dir))  # a partial last line (a kill mid-write) is dropped
+    text = "".join(json.dumps(r) + "\n" for r in rows)
     val = trainer.callback_metrics.get("val_loss")
     summary = {"steps": trainer.global_step, "tokens": trainer.global_step * tc.batch_size * module.cfg.length,
                "final_train_loss": rows[-1]["loss"] if rows else None,
@@ -393,6 +408,7 @@ def _finish(module: LitModel, trainer: pl.Trainer, tc: TrainConfig, data_dir: Pa
                      "ema_weights": None if module.ema is None else module.ema.state_dict(),
                      **tokenizer_record(data_dir), "data_dir": str(data_dir)},
                     run_dir / "model.ckpt")
+        write_text_atomic(run_dir / "train.jsonl", text)
         write_text_atomic(run_dir / "train.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

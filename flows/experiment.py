@@ -19,14 +19,16 @@ def grid_overrides(grid: dict[str, list]) -> list[list[str]]:
 def experiment(overrides: list[str], name: str | None = None, repo: str = ".",
                targets: list[str] | None = None) -> str:
     """`dvc exp run -S ...` with the overrides (all stages, or ``targets``), then ingest the
-    results under the experiment's label."""
+    results under the experiment's label (the workspace holds the experiment's outputs)."""
     exp_run(overrides, repo, name, targets=targets)
     return ingest_and_report(repo, label=f"experiment:{name or ','.join(overrides)}")
 
 
 @flow(name="esolm-sweep", log_prints=True)
 def sweep(grid: dict[str, list], repo: str = ".", prefix: str = "sweep", jobs: int = 1) -> list[str]:
-    """Queue every combination of ``grid``, run the queue, then ingest each experiment."""
+    """Queue every combination of ``grid``, run the queue, then ingest each experiment: `dvc exp
+    apply` brings back its params, git-tracked files and cached outputs (every output is cached,
+    so no file of the previous experiment is left behind)."""
     names = []
     for i, overrides in enumerate(grid_overrides(grid)):
         name = f"{prefix}-{i}"

@@ -1,58 +1,33 @@
-"""The schedule search with trials running concurrently as Prefect tasks against one study.
+"""The schedule search with its trials spread over concurrent worker processes (Prefect tasks).
 
-Optuna's SQLite storage takes several writers; each task runs a share of the trials in its
-own thread and model copy. Concurrent trials share the CPU, so their timings are noisier
-than the DVC stage's sequential ones: use it to explore, the stage to report.
+The first task queues exactly the trials missing from the model's study; each worker task runs
+``esolm search --only join`` in its own process (own GIL and model copy), claiming queued trials
+until none is left; the last task writes the outputs from every trial of the study. Workers on
+other machines can join the same study (``esolm search --only join`` with the same
+``search.storage`` and model file). Concurrent trials share the CPU, so their timings are
+noisier than one worker's: use it to explore, the DVC stage to report.
 """
 
 from __future__ import annotations
 
-import os
-
-from prefect import flow, task
+from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-
-@task(retries=1, retry_delay_seconds=5)
-def run_trials(repo: str, n_trials: int, sets: list[str]) -> int:
-    from esolm.params import load_params
-    from esolm.stages import search_trials
-
-    os.chdir(repo)
-    return search_trials(load_params("params.yaml", sets), n_trials)
+from tasks.stages import join_search, queue_trials, search_outputs
 
 
-@task
-def write_search_outputs(repo: str, sets: list[str]) -> dict:
-    from esolm.params import load_params
-    from esolm.stages import search_outputs
-
-    os.chdir(repo)
-    out = search_outputs(load_params("params.yaml", sets))
-    return {"trials": out["trials"], "front": len(out["front"]), "best": out["best"]}
-
-
-@flow(name="esolm-schedule-search", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
-def schedule_search(repo: str = ".", workers: int = 2, trials_per_worker: int = 3,
+@flow(name="esolm-schedule-search", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
+def schedule_search(repo: str = ".", workers: int = 2, n_trials: int | None = None,
                     sets: list[str] | None = None) -> dict:
-    """``workers`` concurrent tasks; the study grows by ``workers x trials_per_worker`` trials."""
-    from esolm.params import build, load_params, section
-    from esolm.search import SearchConfig, open_study
-
+    """Fill the study up to ``n_trials`` trials in total (default: search.n_trials) with
+    ``workers`` concurrent worker processes, then write the outputs."""
     sets = list(sets or [])
-    cwd = os.getcwd()
-    os.chdir(repo)
-    try:
-        values = {k: v for k, v in section(load_params("params.yaml", sets), "search").items() if k != "device"}
-        sc = build(SearchConfig, values, "search")
-        have = len(open_study(sc, f"schedule-{sc.variant}").trials)
-    finally:
-        os.chdir(cwd)
-    futures = [run_trials.submit(repo, have + (i + 1) * trials_per_worker, sets) for i in range(workers)]
+    queued = queue_trials(repo, n_trials, sets)
+    futures = [join_search.submit(repo, sets) for _ in range(workers)]
     ran = sum(f.result() for f in futures)
-    summary = write_search_outputs(repo, sets)
-    print(f"ran {ran} trials; {summary['trials']} in the study, {summary['front']} on the front")
-    return summary
+    summary = search_outputs(repo, sets)
+    print(f"queued {queued}, ran {ran} trials; {summary}")
+    return {"queued": queued, "ran": ran, "summary": summary}
 
 
 if __name__ == "__main__":

@@ -1,8 +1,18 @@
-"""Tasks that drive DVC and the results store. They pass paths and small dicts only."""
+"""Tasks that drive DVC, the schedule search and the results store. They pass paths and small
+dicts only, take the checkout as a parameter (never change the working directory) and run
+every command with ``cwd=repo``.
+
+DVC holds one lock per checkout. Every DVC command runs with ``--wait-for-lock`` (a second
+flow run waits its turn instead of failing), and every DVC task carries the tag ``dvc``: with
+``prefect concurrency-limit create dvc 1`` the Prefect server also queues them, visibly, one at
+a time. Each stage's task is tagged ``stage:<name>`` as well.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +22,7 @@ from prefect import task
 
 OFFLINE_ENV = {"DVC_NO_ANALYTICS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
                "MPLBACKEND": "Agg"}
+DVC_TAG = "dvc"
 
 
 def _bin(name: str) -> str:
@@ -31,19 +42,49 @@ def run_command(args: list[str], repo: str) -> str:
     return proc.stdout
 
 
-@task(retries=1, retry_delay_seconds=5, log_prints=True)
-def repro_stage(stage: str, repo: str = ".") -> str:
-    """`dvc repro STAGE` (a stage or a foreach group); unchanged stages are skipped by DVC."""
-    out = run_command([_bin("dvc"), "repro", stage], repo)
+def dvc(*args: str) -> list[str]:
+    """A DVC command line that waits for the repository lock instead of failing."""
+    return [_bin("dvc"), "--wait-for-lock", *args]
+
+
+def stage_tags(stage: str) -> set[str]:
+    """The tags of a stage's task: ``dvc`` (one DVC command at a time) and ``stage:<name>``."""
+    return {DVC_TAG, f"stage:{stage.split('@')[0]}"}
+
+
+@task(retries=1, retry_delay_seconds=5, log_prints=True, tags=[DVC_TAG])
+def repro_stage(stage: str, repo: str = ".", pull: bool = False) -> str:
+    """`dvc repro STAGE` (a stage or a foreach group); unchanged stages are skipped by DVC.
+    ``pull``: `--pull`, so that a stage found in the run cache (see ``pull_runs``) is restored
+    with its outputs fetched from the remote instead of being run."""
+    out = run_command(dvc("repro", *(["--pull"] if pull else []), stage), repo)
     print(f"dvc repro {stage}:\n{out[-2000:]}")
     return out
 
 
-@task(log_prints=True)
+@task(retries=2, retry_delay_seconds=10, log_prints=True, tags=[DVC_TAG])
+def push_runs(repo: str = ".") -> str:
+    """`dvc push --run-cache`: outputs and run history to the default remote."""
+    out = run_command(dvc("push", "--run-cache"), repo)
+    print(f"dvc push --run-cache: {out.strip()[-500:]}")
+    return out
+
+
+@task(retries=2, retry_delay_seconds=10, log_prints=True, tags=[DVC_TAG])
+def pull_runs(repo: str = ".") -> str:
+    """`dvc pull --run-cache --allow-missing`: whatever the remote has of this pipeline, and the
+    run history, so that `dvc repro --pull` restores stages another machine ran (fetching their
+    outputs) instead of running them again."""
+    out = run_command(dvc("pull", "--run-cache", "--allow-missing"), repo)
+    print(f"dvc pull --run-cache: {out.strip()[-500:]}")
+    return out
+
+
+@task(log_prints=True, tags=[DVC_TAG])
 def exp_run(overrides: list[str], repo: str = ".", name: str | None = None, queue: bool = False,
             targets: list[str] | None = None) -> str:
     """`dvc exp run -S key=value ... [targets]` (or only queue it)."""
-    args = [_bin("dvc"), "exp", "run", *(targets or [])] + [a for o in overrides for a in ("-S", o)]
+    args = dvc("exp", "run", *(targets or [])) + [a for o in overrides for a in ("-S", o)]
     if name:
         args += ["--name", name]
     if queue:
@@ -51,17 +92,18 @@ def exp_run(overrides: list[str], repo: str = ".", name: str | None = None, queu
     return run_command(args, repo)
 
 
-@task(log_prints=True)
+@task(log_prints=True, tags=[DVC_TAG])
 def run_queue(repo: str = ".", jobs: int = 1) -> str:
-    return run_command([_bin("dvc"), "exp", "run", "--run-all", "--jobs", str(jobs)], repo)
+    return run_command(dvc("exp", "run", "--run-all", "--jobs", str(jobs)), repo)
 
 
-@task(log_prints=True)
+@task(log_prints=True, tags=[DVC_TAG])
 def apply_experiment(name: str, repo: str = ".") -> str:
-    return run_command([_bin("dvc"), "exp", "apply", name], repo)
+    """`dvc exp apply NAME`: its params, git-tracked files and cached outputs into the workspace."""
+    return run_command(dvc("exp", "apply", name), repo)
 
 
-@task(log_prints=True)
+@task(log_prints=True, tags=["duckdb"])
 def ingest_and_report(repo: str = ".", label: str = "pipeline") -> str:
     """`esolm report`: ingest the run's files into DuckDB (one writer) and write the report."""
     return run_command([_bin("esolm"), "report", "--label", label], repo)
@@ -69,15 +111,35 @@ def ingest_and_report(repo: str = ".", label: str = "pipeline") -> str:
 
 @task
 def headline_markdown(repo: str = ".") -> str:
-    """The headline table of the newest ingested run, as markdown."""
-    from esolm.params import load_params
-    from esolm.report import headline, markdown_table
-    from esolm.store import run_id
+    """The headline table (``reports/metrics/<variant>.json`` of the checkout) as markdown."""
+    from esolm.headline import HEADLINE
+    from esolm.report import markdown_table
 
-    cwd = os.getcwd()
-    os.chdir(repo)
-    try:
-        cols, rows = headline(Path("reports/results.duckdb"), run_id(load_params("params.yaml")))
-    finally:
-        os.chdir(cwd)
-    return markdown_table(cols, rows)
+    rows = [(p.stem, *json.loads(p.read_text()).values())
+            for p in sorted((Path(repo) / "reports" / "metrics").glob("*.json"))]
+    return markdown_table(["variant", *HEADLINE], rows)
+
+
+def _sets(sets: list[str]) -> list[str]:
+    return [a for s in sets for a in ("--set", s)]
+
+
+@task(tags=["search"])
+def queue_trials(repo: str, n_trials: int | None, sets: list[str]) -> int:
+    """`esolm search --only queue`: queue the trials missing from the study up to ``n_trials``."""
+    extra = [f"search.n_trials={n_trials}"] if n_trials else []
+    out = run_command([_bin("esolm"), "search", "--only", "queue", *_sets(sets + extra)], repo)
+    return int(re.search(r"queued (\d+) trials", out).group(1))
+
+
+@task(tags=["search"])
+def join_search(repo: str, sets: list[str]) -> int:
+    """`esolm search --only join`: one worker process that runs queued trials until none is left."""
+    out = run_command([_bin("esolm"), "search", "--only", "join", "--quiet", *_sets(sets)], repo)
+    return int(re.search(r"ran (\d+) queued trials", out).group(1))
+
+
+@task(tags=["search"])
+def search_outputs(repo: str, sets: list[str]) -> str:
+    """`esolm search --only outputs`: trials.parquet, pareto.json, best.json from the whole study."""
+    return run_command([_bin("esolm"), "search", "--only", "outputs", "--quiet", *_sets(sets)], repo).strip()

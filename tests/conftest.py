@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 for _k, _v in {"DVC_NO_ANALYTICS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MPLBACKEND": "Agg",
@@ -49,3 +53,25 @@ def randomize(model: torch.nn.Module, std: float = 0.18) -> torch.nn.Module:
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+def trained_project(tmp: Path) -> Path:
+    """A checkout-like folder: tiny params, prepared shards and two trained variants (``ar``,
+    the judge, and ``eso_b_a05``, the searched one), made with the ``esolm`` verbs."""
+    from tests.data.conftest import write_txt_corpus
+
+    root = Path(__file__).resolve().parents[1]
+    corpus = write_txt_corpus(tmp / "docs", n_docs=40)
+    p = yaml.safe_load((root / "params.yaml").read_text())
+    p["data"].update(dataset="tiny", source=f"files:{corpus}/*.txt", tokenizer="bpe:300", length=16)
+    p["model"].update(d_model=32, n_heads=4, cond_dim=32)
+    p["variants"] = {"ar": {"variant": "ar"}, "eso_b_a05": {"variant": "eso_b", "alpha_0": 0.5, "batch_split": 0.5}}
+    p["train"].update(steps=4, batch_size=8, val_every=2, ckpt_every=2, log_every=2, warmup_steps=1)
+    p["search"].update(num_samples=2, default_steps=[2], sampler="tpe", space={"steps": [2, 8]})
+    (tmp / "params.yaml").write_text(yaml.safe_dump(p))
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    verbs = [["prepare", "--quiet"], ["train", "--variant", "ar", "--quiet"],
+             ["train", "--variant", "eso_b_a05", "--quiet"]]
+    script = f"from esolm.cli import main\nfor args in {verbs!r}:\n    assert main(args) == 0, args\n"
+    subprocess.run([sys.executable, "-c", script], cwd=tmp, env=env, check=True, capture_output=True)
+    return tmp

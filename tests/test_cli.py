@@ -133,3 +133,14 @@ def test_variant_names_that_could_run_commands_are_refused(tmp_path, name):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ValueError, match="variant name .* is invalid: use letters, digits"):
         load_params(tmp_path / "p.yaml")
+@pytest.mark.parametrize("rank,prints", [(0, True), (1, False)])
+def test_train_prints_its_summary_on_rank_zero_only(monkeypatch, capsys, rank, prints):
+    from lightning.pytorch.utilities import rank_zero_only
+
+    import esolm.stages
+
+    monkeypatch.setattr(esolm.stages, "train_stage", lambda *a, **k: {"steps": 3, "variant": "ar"})
+    monkeypatch.setattr(rank_zero_only, "rank", rank)
+    assert main(["train", "--variant", "ar", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert ('"steps": 3' in out) is prints

@@ -105,3 +105,47 @@ def test_bad_search_config_is_a_clear_error():
         SearchConfig(sampler="random")
     with pytest.raises(ValueError, match="unknown keys"):
         SearchConfig(space={"temperature": [0, 1]})
+
+
+def test_named_objectives_and_any_storage_url(sc, tmp_path):
+    from esolm.search import METRIC_NAMES, storage_url
+
+    assert storage_url(sc) == f"sqlite:///{Path(sc.out_dir) / 'study.db'}"
+    journal = replace(sc, storage=f"journal:{tmp_path / 'shared' / 'study.log'}")
+    model = sharp_model("eso_b", alpha_0=0.5)
+    study = open_study(journal, "j")
+    assert run_study(study, objective_for(fake_evaluator(model), sc.space, "eso_b", 0.0), 2) == 2
+    assert (tmp_path / "shared" / "study.log").stat().st_size > 0
+    again = open_study(journal, "j")
+    assert again.metric_names == METRIC_NAMES and len(again.trials) == 2
+
+
+def test_concurrent_workers_run_exactly_the_queued_trials(sc):
+    """Four workers, each with its own connection to one SQLite study, claim tickets: exactly
+    n trials in total, each run once, and every worker's count adds up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from esolm.search import queue_trials, work
+
+    model = sharp_model("eso_b", alpha_0=0.5)
+    objective = objective_for(fake_evaluator(model), sc.space, "eso_b", 0.0)
+    assert queue_trials(open_study(sc, "w"), 9) == 9
+    with ThreadPoolExecutor(4) as pool:
+        counts = list(pool.map(lambda _: work(open_study(sc, "w"), objective), range(4)))
+    trials = open_study(sc, "w").trials
+    assert sum(counts) == 9 and len(trials) == 9
+    assert sorted(t.number for t in trials) == list(range(9))
+    assert all(t.state.name == "COMPLETE" and len(t.values) == 2 for t in trials)
+    assert queue_trials(open_study(sc, "w"), 9) == 0  # the study is full: nothing more to queue
+
+
+def test_a_killed_workers_running_trial_is_failed_and_counted(sc):
+    from esolm.search import claim, queue_trials
+
+    study = open_study(sc, "k")
+    queue_trials(study, 3)
+    assert claim(study) is not None  # a worker took a ticket, then died
+    model = sharp_model("eso_b", alpha_0=0.5)
+    assert run_study(open_study(sc, "k"), objective_for(fake_evaluator(model), sc.space, "eso_b", 0.0), 3) == 2
+    states = sorted(t.state.name for t in open_study(sc, "k").trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"]

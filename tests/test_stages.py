@@ -128,6 +128,52 @@ def test_search_then_sample_with_the_best_schedule_then_report(project):
     assert all(r["stderr"] and float(r["stderr"]) > 0 for r in eso), eso
 
 
+def test_the_study_belongs_to_the_model_file_and_workers_share_it(project):
+    """Two worker processes fill one study with exactly n trials; retraining the model (a new
+    file hash) starts a new study instead of reusing the old model's trials."""
+    from esolm.params import apply_sets
+    from esolm.stages import search_study, search_trials, train_stage
+
+    params = apply_sets(_params(project), ["search.n_trials=6", "search.sampler=tpe"])
+    _, study = search_study(params)
+    have = len(study.trials)  # the earlier test's search of the same model
+    ran = search_trials(params, workers=2)
+    trials = search_study(params)[1].trials
+    assert have == 3 and ran == 3 and len(trials) == 6
+    assert len({t.number for t in trials}) == 6 and all(t.state.name == "COMPLETE" for t in trials)
+    assert search_study(params)[1].metric_names == ["gen_ppl", "seconds_per_sample"]
+    train_stage(apply_sets(_params(project), ["train.seed=1"]), "eso_b_a05", fresh=True, progress=False)
+    _, retrained = search_study(params)
+    assert retrained.study_name != study.study_name and retrained.study_name.startswith("schedule-eso_b_a05-")
+    assert retrained.trials == []
+    assert search_trials(params, n_trials=2) == 2 and len(search_study(params)[1].trials) == 2
+
+
+def test_headline_files_hold_a_few_numbers_per_variant_and_the_curves(project):
+    import csv
+
+    from esolm.headline import write_headline
+
+    (project / "reports" / "metrics").mkdir(parents=True, exist_ok=True)
+    (project / "reports" / "metrics" / "gone.json").write_text("{}")
+    result = write_headline(["ar", "mdlm", "eso_b_a05"], project / "runs", project / "reports")
+    assert sorted(p.name for p in (project / "reports" / "metrics").iterdir()) == [
+        "ar.json", "eso_b_a05.json", "mdlm.json"]
+    for name in ("ar", "mdlm", "eso_b_a05"):
+        saved = json.loads((project / "reports" / "metrics" / f"{name}.json").read_text())
+        like = json.loads((project / "runs" / name / "likelihood.json").read_text())
+        gen = json.loads((project / "runs" / name / "generation.json").read_text())
+        assert saved == result[name] == {"exact_ppl": like["test"]["exact_l2r_ppl"],
+                                         "nelbo_ppl": like["test"]["nelbo_ppl"], "gen_ppl": gen["gen_ppl"],
+                                         "s_per_sample": gen["seconds_per_sample"]}
+        rows = list(csv.DictReader((project / "reports" / "curves" / f"{name}.csv").open()))
+        logged = [json.loads(r) for r in (project / "runs" / name / "train.jsonl").read_text().splitlines()]
+        assert [int(r["step"]) for r in rows] == [r["step"] for r in logged] and rows
+        assert [float(r["loss"]) for r in rows] == pytest.approx([r["loss"] for r in logged])
+    assert write_headline(["nope"], project / "runs", project / "reports")["nope"] == dict.fromkeys(
+        ("exact_ppl", "nelbo_ppl", "gen_ppl", "s_per_sample"))
+
+
 def test_report_escapes_generated_text(project, tmp_path):
     from esolm.report import _html
 

@@ -114,10 +114,13 @@ def test_a_finished_run_resumes_to_the_same_model(shards, tmp_path):
     cfg = _cfg(shards, "ar")
     train(cfg, short, shards, tmp_path / "r", progress=False)
     first = safe_load(tmp_path / "r" / "model.ckpt")["weights"]
-    (tmp_path / "r" / "train.jsonl").unlink()  # what DVC does to a non-persistent output
+    curve = (tmp_path / "r" / "train.jsonl").read_text()
+    for output in ("model.ckpt", "train.jsonl", "train.json"):
+        (tmp_path / "r" / output).unlink()  # what DVC does to a stage's outputs before a rerun
     train(cfg, short, shards, tmp_path / "r", progress=False)
     again = safe_load(tmp_path / "r" / "model.ckpt")["weights"]
     assert all(torch.equal(first[k], again[k]) for k in first)
+    assert (tmp_path / "r" / "train.jsonl").read_text() == curve  # kept with the checkpoint
 
 
 def test_bad_checkpoint_files_are_clear_errors(tmp_path):
@@ -219,7 +222,7 @@ def test_fewer_steps_than_the_checkpoint_is_an_error_not_a_longer_model(shards, 
     cfg = _cfg(shards, "ar")
     train(cfg, TC.__class__(**{**TC.__dict__, "steps": 20}), shards, tmp_path / "r", progress=False)
     # a killed append leaves a partial last line: it is dropped, the run resumes
-    with (tmp_path / "r" / "train.jsonl").open("a") as f:
+    with (tmp_path / "r" / "checkpoints" / "train.jsonl").open("a") as f:  # the working curve
         f.write('{"step": 3')
     shorter = TC.__class__(**{**TC.__dict__, "steps": 10})
     with pytest.raises(ValueError, match="at step 20, beyond train.steps=10: .* --fresh"):
@@ -235,7 +238,7 @@ def test_fewer_steps_than_the_checkpoint_is_an_error_not_a_longer_model(shards, 
 def test_a_second_trainer_of_one_run_stops_with_a_message(shards, tmp_path):
     from esolm.io import run_lock
 
-    with run_lock(tmp_path / "r"), pytest.raises(RuntimeError, match="in use by another esolm train"):
+    with run_lock(tmp_path / "r" / "checkpoints"), pytest.raises(RuntimeError, match="in use by another esolm train"):
         train(_cfg(shards, "ar"), TC, shards, tmp_path / "r", progress=False)
     assert not (tmp_path / "r" / "train.jsonl").exists()
 

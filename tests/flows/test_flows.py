@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,65 @@ def test_grid_overrides_and_task_logic_via_fn(tmp_path):
     assert "hello" in repro_stage.fn("hello", str(repo))
     with pytest.raises(RuntimeError, match="failed"):
         repro_stage.fn("broken", str(repo))
+
+
+def test_two_dvc_commands_on_one_checkout_wait_for_the_lock_instead_of_failing(tmp_path):
+    """Two tasks run `dvc repro` in one checkout at the same time: DVC's repo lock makes the
+    second wait (``--wait-for-lock``), and both succeed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.stages import repro_stage
+
+    repo = make_repo(tmp_path)
+    slow = f'{sys.executable} -c "import time; time.sleep(3); open(\'slow.txt\', \'a\').write(\'x\')"'
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())
+    stages["stages"]["slow"] = {"cmd": slow, "always_changed": True}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(stages))
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda _: repro_stage.fn("slow", str(repo)), range(2)))
+    assert all("Running stage 'slow'" in out for out in outs)
+    assert (repo / "slow.txt").read_text() == "xx"
+
+
+def test_stage_tasks_carry_the_dvc_and_stage_tags():
+    from tasks.stages import exp_run, pull_runs, push_runs, repro_stage, stage_tags
+
+    assert stage_tags("train@eso_b_a05") == {"dvc", "stage:train"}
+    assert all("dvc" in t.tags for t in (repro_stage, exp_run, push_runs, pull_runs))
+    assert repro_stage.with_options(tags=stage_tags("train")).tags == {"dvc", "stage:train"}
+
+
+def test_headline_markdown_reads_the_metrics_files_of_the_checkout(tmp_path):
+    from tasks.stages import headline_markdown
+
+    folder = tmp_path / "reports" / "metrics"
+    folder.mkdir(parents=True)
+    (folder / "ar.json").write_text(json.dumps({"exact_ppl": 12.5, "nelbo_ppl": 13.0, "gen_ppl": 40.0,
+                                                "s_per_sample": 0.01}))
+    table = headline_markdown.fn(str(tmp_path))
+    assert table.splitlines()[0] == "| variant | exact_ppl | nelbo_ppl | gen_ppl | s_per_sample |"
+    assert table.splitlines()[2] == "| ar | 12.5 | 13 | 40 | 0.01 |"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    from tests.conftest import trained_project
+
+    return trained_project(tmp_path_factory.mktemp("trained"))
+
+
+@pytest.mark.slow  # 4 esolm processes and a tiny training: about a minute on 2 idle cores
+def test_schedule_search_flow_runs_exactly_n_trials_across_its_workers(trained):
+    """The old flow asked 2 workers for 3 trials each and ran 9; now the study holds exactly n."""
+    import optuna
+
+    from flows.search import schedule_search
+
+    out = schedule_search(repo=str(trained), workers=2, n_trials=5)
+    assert out["queued"] == 5 and out["ran"] == 5
+    names = optuna.get_all_study_names(f"sqlite:///{trained / 'reports/search/study.db'}")
+    assert len(names) == 1 and names[0].startswith("schedule-eso_b_a05-")
+    study = optuna.load_study(study_name=names[0], storage=f"sqlite:///{trained / 'reports/search/study.db'}")
+    assert len(study.trials) == 5 and {t.state.name for t in study.trials} == {"COMPLETE"}
+    assert "5 trials (0 new)" in out["summary"]
+    assert (trained / "reports" / "search" / "pareto.json").exists()

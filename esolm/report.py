@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from esolm.io import write_text_atomic
+from esolm.io import atomic_path, write_text_atomic
 from esolm.store import DEFAULT_DB, query
 
 HEADLINE_SQL = """
@@ -273,8 +273,11 @@ def write_report(db: Path = DEFAULT_DB, rid: str = "", out: Path = Path("reports
         if fn(db, rid, out / "figures" / name):
             figs.append((title, out / "figures" / name))
     search_fig = out / "search" / "pareto.png"
-    if search_fig.exists():
-        figs.append(("Schedule search: Pareto front vs the default schedule", search_fig))
+    if search_fig.exists():  # copied beside the others: every figure the report names is committed
+        copy = out / "figures" / "search_pareto.png"
+        with atomic_path(copy) as tmp:
+            tmp.write_bytes(search_fig.read_bytes())
+        figs.append(("Schedule search: Pareto front vs the default schedule", copy))
     _, samples = query("SELECT variant, sample_index, text FROM generations WHERE run_id = ? AND sample_index < ? "
                        "ORDER BY variant, sample_index", db, [rid, n_samples])
     judged = judge_line(db, rid)

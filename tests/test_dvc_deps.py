@@ -36,3 +36,29 @@ def test_the_follower_sees_lazy_imports_tables_and_type_only_imports():
     assert "esolm/bench.py" in report  # reached only through the FIGURES table
     prepare = relative(code_files("esolm.cli:cmd_prepare"))
     assert "esolm/model/backbone.py" not in prepare  # imported under TYPE_CHECKING only
+
+
+def test_the_committed_dvc_lock_is_fresh_against_the_committed_code():
+    """The lock records what every stage last ran with; when code or params change without a
+    rerun (`dvc repro`, then commit dvc.lock and reports/), the lock goes stale and this fails.
+    Data and outputs are not checked: a clean clone has none of them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = subprocess.run(["dvc", "status", "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout
+    stale = {}
+    for stage, changes in json.loads(out or "{}").items():
+        for change in changes:
+            if isinstance(change, str):  # e.g. "changed command"
+                stale.setdefault(stage, []).append(change)
+            elif isinstance(change, dict):
+                deps = change.get("changed deps", {})
+                stale_deps = [p for p in deps if p.startswith("esolm") or p == "params.yaml"]
+                if stale_deps:
+                    stale.setdefault(stage, []).extend(stale_deps)
+    assert not stale, f"dvc.lock is stale (run dvc repro and commit dvc.lock and reports/): {stale}"

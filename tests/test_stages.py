@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,9 @@ def test_search_then_sample_with_the_best_schedule_then_report(project):
     assert "eso_b_a05" in html and len(report["rows"]) == 4  # three variants and the unigram baseline
     assert "<script" not in html
     assert any(f.endswith("pareto.png") for f in report["figures"])
+    md_text = (project / "reports" / "report.md").read_text()
+    for ref in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md_text):  # every figure it names lies in reports/figures
+        assert ref.startswith("figures/") and (project / "reports" / ref).exists(), ref
     _, curves = query("SELECT variant, count(*) FROM curves GROUP BY variant ORDER BY variant",
                       project / "results.duckdb")
     assert curves == [("ar", 1), ("eso_b_a05", 2)]

@@ -56,8 +56,8 @@ def gen():
 
 
 def trained_project(tmp: Path) -> Path:
-    """A checkout-like folder: tiny params, prepared shards and two trained variants (``ar``,
-    the judge, and ``eso_b_a05``, the searched one), made with the ``esolm`` verbs."""
+    """A checkout-like folder: tiny params, prepared shards, two trained variants (``ar`` and
+    ``eso_b_a05``, the searched one) and the dedicated judge, made with the ``esolm`` verbs."""
     from tests.data.conftest import write_txt_corpus
 
     root = Path(__file__).resolve().parents[1]
@@ -68,10 +68,11 @@ def trained_project(tmp: Path) -> Path:
     p["variants"] = {"ar": {"variant": "ar"}, "eso_b_a05": {"variant": "eso_b", "alpha_0": 0.5, "batch_split": 0.5}}
     p["train"].update(steps=4, batch_size=8, val_every=2, ckpt_every=2, log_every=2, warmup_steps=1)
     p["search"].update(num_samples=2, default_steps=[2], sampler="tpe", space={"steps": [2, 8]})
+    p["judge"]["train"] = {"steps": 4}
     (tmp / "params.yaml").write_text(yaml.safe_dump(p))
     env = {**os.environ, "PYTHONPATH": str(root)}
     verbs = [["prepare", "--quiet"], ["train", "--variant", "ar", "--quiet"],
-             ["train", "--variant", "eso_b_a05", "--quiet"]]
+             ["train", "--variant", "eso_b_a05", "--quiet"], ["judge", "--quiet"]]
     script = f"from esolm.cli import main\nfor args in {verbs!r}:\n    assert main(args) == 0, args\n"
     subprocess.run([sys.executable, "-c", script], cwd=tmp, env=env, check=True, capture_output=True)
     return tmp

@@ -184,6 +184,16 @@ def cmd_search(args: argparse.Namespace, params: dict) -> None:
              else "none feasible"))
 
 
+def cmd_preset(args: argparse.Namespace, params: dict) -> None:
+    from esolm.io import write_text_atomic
+    from esolm.params import choose_preset
+
+    path = Path(args.params)
+    write_text_atomic(path, choose_preset(path.read_text(), args.name))
+    print(f"{path}: preset {args.name} chosen (its variants copied into the top-level block); "
+          "`dvc repro` now runs that study")
+
+
 VERBS: dict[str, tuple[Callable[[argparse.Namespace, dict], None], str]] = {
     "prepare": (cmd_prepare, "fetch, verify and tokenize the corpus into token shards (params: data)"),
     "train": (cmd_train, ("train one variant, resuming from its last checkpoint (params: model, "
@@ -202,6 +212,8 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace, dict], None], str]] = {
     "metrics": (cmd_metrics, ("copy each variant's headline numbers and training curve into small "
                               "git-tracked files (reports/metrics, reports/curves)")),
     "report": (cmd_report, "ingest every stage's files into the results database and write the report"),
+    "preset": (cmd_preset, ("choose a preset study in params.yaml for DVC (sets `preset:` and copies "
+                            "the preset's variants into the top-level block that dvc.yaml expands)")),
     "query": (cmd_query, "run SQL on the results database, e.g. esolm query \"SELECT * FROM sampling\""),
 }
 NEEDS_VARIANT = ("train", "evaluate", "sample", "curve", "export")
@@ -234,6 +246,8 @@ def parser() -> argparse.ArgumentParser:
         if name == "report":
             s.add_argument("--label", default="pipeline", help="a label stored with the run")
             s.add_argument("--run-id", default=None, help="run id (default: git revision + params hash)")
+        if name == "preset":
+            s.add_argument("name", help="a name under `presets:` in the params file, e.g. cpu-study")
         if name == "query":
             s.add_argument("sql", help="the SQL to run (read-only)")
             s.add_argument("--format", choices=("table", "csv", "json"), default="table")

@@ -97,6 +97,36 @@ def load_params(path: str | Path = "params.yaml", sets: list[str] | None = None)
     return params
 
 
+def choose_preset(text: str, name: str) -> str:
+    """The text of a params file with ``preset: name`` chosen, for DVC. The ``esolm`` verbs merge
+    a preset's sections themselves, but ``dvc.yaml`` expands one stage per name of the top-level
+    ``variants:`` block, so a preset that sets its own variants has them copied into that block
+    here. Everything else in the file (comments included) is kept."""
+    params = yaml_load(text) or {}
+    presets = params.get("presets") or {}
+    if name not in presets:
+        raise ValueError(f"preset {name!r} is not defined" + _closest(name, list(presets)))
+    lines = text.splitlines(keepends=True)
+    at = [i for i, line in enumerate(lines) if re.match(r"preset\s*:", line)]
+    if not at:
+        raise ValueError("the params file has no top-level `preset:` line to set")
+    lines[at[0]] = f"preset: {name}\n"
+    variants = (presets[name] or {}).get("variants")
+    if variants is not None:
+        check_names(variants)
+        start = next((i for i, line in enumerate(lines) if re.match(r"variants\s*:", line)), None)
+        if start is None:
+            raise ValueError("the params file has no top-level `variants:` block to replace")
+        end = next((i for i in range(start + 1, len(lines)) if re.match(r"[A-Za-z_]", lines[i])), len(lines))
+        while end > start + 1 and not lines[end - 1].strip():
+            end -= 1  # keep the blank lines before the next section
+        body = yaml.safe_dump(variants, sort_keys=False, default_flow_style=False)
+        block = [f"variants:                      # copied from preset {name} (esolm preset)\n"]
+        block += ["  " + line + "\n" for line in body.splitlines()]
+        lines[start:end] = block
+    return "".join(lines)
+
+
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from esolm import generate, order_log_prob
 from esolm.config import ModelConfig, ScheduleSettings
 from esolm.families import ALL_DIMS, FAMILIES, Family, family
 from esolm.model.attention import MaskSpec
@@ -40,12 +42,11 @@ def test_the_table_holds_every_family_and_configs_look_it_up():
 @pytest.mark.parametrize("name", VARIANTS)
 def test_every_family_samples_and_scores_through_its_record(name):
     model = sharp_model(name, block_size=4)
-    g = model_generate = __import__("esolm").generate(model, num_samples=2, steps=4, seed=3)
+    g = generate(model, num_samples=2, steps=4, seed=3)
     assert g.family == name and g.tokens.shape == (2, 16)
     assert g.kv_cache == model.config.spec.kv_cache
-    x = model_generate.tokens
     order = model.config.spec.order_law(model.config, 2, 16, "sampler", torch.Generator().manual_seed(1))
-    assert torch.isfinite(__import__("esolm").order_log_prob(model, x, order)).all()
+    assert torch.isfinite(order_log_prob(model, g.tokens, order)).all()
 
 
 def test_an_unknown_family_names_the_closest():
@@ -89,7 +90,6 @@ def test_the_old_variant_key_loads_from_params_model_files_and_exports(tmp_path)
     model = sharp_model("eso_b", alpha_0=0.5)
     old = {k: v for k, v in model.config.to_dict().items() if k != "family"} | {"variant": "eso_b"}
     tok = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).to_str()
-    import hashlib
 
     torch.save({"format": MODEL_FORMAT, "config": old, "weights": model.state_dict(), "ema_weights": None,
                 "step": 3, "tokenizer": "tok.json", "tokenizer_json": tok,
@@ -109,9 +109,8 @@ def test_schedule_settings_hold_the_defaults_of_generate_and_make_schedule():
 
     model = sharp_model("eso_b", alpha_0=0.5)
     s = ScheduleSettings(steps=5, order="block", subcontexts=2, shuffle=True, top_p=0.9, seed=4)
-    a = __import__("esolm").generate(model, num_samples=2, settings=s)
-    b = __import__("esolm").generate(model, num_samples=2, steps=5, order="block", subcontexts=2, shuffle=True,
-                                     top_p=0.9, seed=4)
+    a = generate(model, num_samples=2, settings=s)
+    b = generate(model, num_samples=2, steps=5, order="block", subcontexts=2, shuffle=True, top_p=0.9, seed=4)
     assert torch.equal(a.tokens, b.tokens) and a.settings == b.settings
     assert s.shuffle == "shared" and ScheduleSettings().shuffle == "none"
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)

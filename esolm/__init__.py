@@ -13,6 +13,7 @@ _PUBLIC = {
     "ModelConfig": "esolm.config", "iw_log_prob": "esolm.likelihood", "order_log_prob": "esolm.likelihood",
     "Backbone": "esolm.model.backbone", "LossOutput": "esolm.objectives", "loss": "esolm.objectives",
     "Generation": "esolm.sampling", "generate": "esolm.sampling", "generate_text": "esolm.text",
+    "ScheduleSettings": "esolm.config",
     "load": "esolm.text",
 }
 
@@ -35,5 +36,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'esolm' has no attribute {name!r}")
 
 
-__all__ = ["Backbone", "Generation", "LossOutput", "ModelConfig", "build_model", "generate",
+__all__ = ["Backbone", "Generation", "LossOutput", "ModelConfig", "ScheduleSettings", "build_model", "generate",
            "generate_text", "iw_log_prob", "load", "loss", "order_log_prob"]

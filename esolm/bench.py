@@ -31,7 +31,7 @@ from esolm.model.backbone import Backbone
 from esolm.profiling import random_weights
 from esolm.sampling import generate
 
-# name -> (variant, overrides)
+# bench row name -> (family, overrides)
 FAMILIES: dict[str, tuple[str, dict]] = {
     "eso_b": ("eso_b", {"alpha_0": 1.0}),
     "eso_a": ("eso_a", {"alpha_0": 1.0}),
@@ -96,8 +96,8 @@ class BenchConfig:
 
 
 def _model(bc: BenchConfig, family: str, length: int, device: torch.device) -> Backbone:
-    variant, extra = FAMILIES[family]
-    cfg = ModelConfig(variant=variant, vocab_size=bc.vocab_size, length=length, n_layers=bc.n_layers,
+    name, extra = FAMILIES[family]
+    cfg = ModelConfig(family=name, vocab_size=bc.vocab_size, length=length, n_layers=bc.n_layers,
                       d_model=bc.d_model, n_heads=bc.n_heads, dropout=0.0, **extra)
     torch.manual_seed(bc.seed)
     model = random_weights(Backbone(cfg), seed=bc.seed)
@@ -107,14 +107,14 @@ def _model(bc: BenchConfig, family: str, length: int, device: torch.device) -> B
 def _steps(model: Backbone, length: int, nfe: str | int) -> int:
     """Diffusion steps that give the requested NFE (per block for BD3-LM)."""
     budget = length if nfe == "L" else int(nfe)
-    if model.config.variant == "bd3lm":
+    if model.config.spec.blocks:
         return max(1, budget * model.config.block_size // length)
     return max(1, budget)
 
 
 def kv_cache_bytes(model: Backbone, batch: int) -> int:
     """Bytes of the static KV cache the family's sampler allocates (0 for MDLM: no cache)."""
-    if model.config.variant == "mdlm":
+    if not model.config.spec.kv_cache:
         return 0
     c = model.config
     item = next(model.parameters()).element_size()
@@ -170,7 +170,7 @@ def _setup(bc: BenchConfig, family: str, length: int, nfe: str | int,
     model = _model(bc, family, length, device)
     steps = _steps(model, length, nfe)
     scale = 1.0
-    if family == "mdlm" and 0 < bc.mdlm_max_steps < steps:
+    if not model.config.spec.kv_cache and 0 < bc.mdlm_max_steps < steps:  # a full forward every step
         scale, steps = steps / bc.mdlm_max_steps, bc.mdlm_max_steps
     for i in range(bc.warmup):
         generate(model, num_samples=bc.batch_size, steps=min(steps, WARMUP_STEPS), schedule="power",
@@ -213,7 +213,7 @@ def _row(bc: BenchConfig, family: str, length: int, nfe: str | int, device: torc
          peak: int | None, peak_kind: str) -> dict:
     model, steps, scale = setup
     median = statistics.median(wall)
-    return {"family": family, "variant": model.config.variant, "length": length,
+    return {"family": family, "variant": model.config.family, "length": length,
             "nfe": int(statistics.median(nfes)), "nfe_budget": str(nfe), "batch_size": bc.batch_size,
             "median_s": median, "median_cpu_s": statistics.median(cpu),
             "tokens_per_s": bc.batch_size * length / median, "repeats": bc.repeats,

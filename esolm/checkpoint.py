@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from esolm.config import ModelConfig
+from esolm.config import ModelConfig, renamed_family
 from esolm.data.tokenizers import read_tokenizer
 from esolm.io import atomic_path, safe_load, write_json, write_text_atomic
 from esolm.model.backbone import Backbone
@@ -58,7 +58,7 @@ def load_run(path: str | os.PathLike, ema: bool = True,
     if ckpt.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not an esolm model file (format {ckpt.get('format')!r}, "
                          f"expected {MODEL_FORMAT!r}); train one with `esolm train`")
-    model = Backbone(ModelConfig(**ckpt["config"]))
+    model = Backbone(ModelConfig.from_dict(ckpt["config"]))  # ``variant`` in files before the rename
     weights = ckpt["ema_weights"] if ema and ckpt.get("ema_weights") is not None else ckpt["weights"]
     model.load_state_dict(weights)
     return model.to(device).eval(), _tokenizer_of(ckpt, path)
@@ -86,7 +86,7 @@ def export(path: str | os.PathLike, out: str | os.PathLike) -> Path:
         save_file(weights, str(tmp), metadata={"format": EXPORT_FORMAT})
     write_json(out / "config.json", {"model_type": "esolm", "format": EXPORT_FORMAT,
                                      "weights": "ema" if ema else "live", "step": ckpt.get("step"),
-                                     **ckpt["config"]})
+                                     **renamed_family(ckpt["config"])})
     write_text_atomic(out / "tokenizer.json", _tokenizer_of(ckpt, path).to_str(pretty=True))
     write_text_atomic(out / "README.md", model_card(ckpt, path.parent))
     return out
@@ -103,15 +103,15 @@ def load_exported(folder: Path, device: str | torch.device = "cpu") -> tuple[Bac
     if cfg.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{config} is not an esolm export (format {cfg.get('format')!r})")
     fields = set(ModelConfig.__dataclass_fields__)
-    model = Backbone(ModelConfig(**{k: v for k, v in cfg.items() if k in fields}))
+    model = Backbone(ModelConfig(**{k: v for k, v in renamed_family(cfg).items() if k in fields}))
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model.to(device).eval(), read_tokenizer(folder / "tokenizer.json")
 
 
 def model_card(ckpt: dict, run: Path) -> str:
     """A short README: what the model is, how to load it, and the run's headline metrics."""
-    cfg = ckpt["config"]
-    lines = [f"# esolm {cfg['variant']} (alpha_0 = {cfg['alpha_0']})", "",
+    cfg = renamed_family(ckpt["config"])
+    lines = [f"# esolm {cfg['family']} (alpha_0 = {cfg['alpha_0']})", "",
              f"An esolm backbone ({cfg['d_model']}d, {cfg['n_layers']} layers, {cfg['n_heads']} heads, "
              f"length {cfg['length']}, vocabulary {cfg['vocab_size']}) trained {ckpt.get('step')} steps.", "",
              "```python", "import esolm", "model, tok = esolm.load('<this folder>')",

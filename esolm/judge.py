@@ -34,8 +34,8 @@ class Judge:
     """An esolm AR model and its tokenizer; ``score(texts)`` gives generative perplexity."""
 
     def __init__(self, model: Backbone, tokenizer: Tokenizer, name: str) -> None:
-        if model.config.variant != "ar":
-            raise ValueError(f"the judge must be an AR model, got variant {model.config.variant!r}")
+        if not model.config.spec.autoregressive:
+            raise ValueError(f"the judge must be an AR model, got family {model.config.family!r}")
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
 
     @classmethod

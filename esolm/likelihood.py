@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from esolm.model.attention import MaskSpec
 from esolm.model.backbone import Backbone
 from esolm.objectives import (
     ar_token_nll,
@@ -82,6 +81,7 @@ def order_log_prob(model: Backbone, x: Tensor, order: Tensor, chunk: int = 16,
                    progress: bool = False) -> Tensor:
     """Exact log p(x | order) in nats, [B]; padding excluded (pad positions are generated
     last, after every real token, so no real token conditions on them; they never count).
+    How it is computed is the family's (``model.config.spec.exact``).
 
     x, order: LongTensor[B, L]; order[b] lists positions in generation order.
     """
@@ -89,17 +89,34 @@ def order_log_prob(model: Backbone, x: Tensor, order: Tensor, chunk: int = 16,
     check_tokens(cfg, x)
     order = order.to(x.device)
     check_order(order, x)
-    valid = valid_tokens(cfg, x)
-    if cfg.variant == "ar":
-        if not torch.equal(order, left_to_right(*x.shape, x.device)):
-            raise ValueError("an AR model has an exact likelihood for the left-to-right order only")
-        return -(ar_token_nll(model, x) * valid).sum(1)
-    rank = torch.argsort(order, dim=1).float() / x.shape[1]  # generation step of each position
-    order = clean_first_order(valid, rank, rank, padding=~valid)  # real tokens as asked, pads last
-    if cfg.variant.startswith("eso"):
-        none = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        return -sequential_nll_for_order(model, x, valid, order, none).sum(1)
-    return -_per_position(model, x, valid, order, chunk, progress)
+    return cfg.spec.exact(model, x, order, valid_tokens(cfg, x), chunk, progress)
+
+
+def _pads_last(order: Tensor, valid: Tensor) -> Tensor:
+    """``order`` with the padding positions moved after every real token (real tokens as asked)."""
+    rank = torch.argsort(order, dim=1).float() / order.shape[1]  # generation step of each position
+    return clean_first_order(valid, rank, rank, padding=~valid)
+
+
+def exact_left_to_right(model: Backbone, x: Tensor, order: Tensor, valid: Tensor, chunk: int = 16,
+                        progress: bool = False) -> Tensor:
+    """AR: one causal pass, exact for the left-to-right order only."""
+    if not torch.equal(order, left_to_right(*x.shape, x.device)):
+        raise ValueError("an AR model has an exact likelihood for the left-to-right order only")
+    return -(ar_token_nll(model, x) * valid).sum(1)
+
+
+def exact_any_order(model: Backbone, x: Tensor, order: Tensor, valid: Tensor, chunk: int = 16,
+                    progress: bool = False) -> Tensor:
+    """Eso-LMs: one pass of the sequential-term machinery with every position masked."""
+    none = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    return -sequential_nll_for_order(model, x, valid, _pads_last(order, valid), none).sum(1)
+
+
+def exact_per_position(model: Backbone, x: Tensor, order: Tensor, valid: Tensor, chunk: int = 16,
+                       progress: bool = False) -> Tensor:
+    """MDLM / BD3-LM (bidirectional inside their context): one pass per generation step."""
+    return -_per_position(model, x, valid, _pads_last(order, valid), chunk, progress)
 
 
 def _per_position(model: Backbone, x: Tensor, valid: Tensor, order: Tensor, chunk: int,
@@ -108,7 +125,7 @@ def _per_position(model: Backbone, x: Tensor, valid: Tensor, order: Tensor, chun
     steps are stacked along the batch dimension of one call."""
     cfg = model.config
     B, L = x.shape
-    if cfg.variant == "bd3lm":
+    if cfg.spec.blocks:
         blocks = order // cfg.block_size
         if (blocks[:, 1:] < blocks[:, :-1]).any():
             raise ValueError("a BD3-LM order must finish each block before the next one starts")
@@ -130,12 +147,13 @@ def _per_position(model: Backbone, x: Tensor, valid: Tensor, order: Tensor, chun
 
 def _bidirectional_logits(model: Backbone, z: Tensor, x: Tensor, pos: Tensor, target: Tensor,
                           valid: Tensor) -> Tensor:
+    """Logits at ``target`` of one pass over z (the family's clean mask) or over [z ; x] (its
+    two-stream mask, when it has one)."""
     cfg = model.config
-    if cfg.variant == "mdlm":
-        return model(z, pos, MaskSpec("full", keep=key_padding(valid)), logits_for=target)
-    L = z.shape[1]
-    spec = MaskSpec("two_stream", block=cfg.block_size, half=L, inner="block_causal",
-                    keep=key_padding(torch.cat((valid, valid), 1)))
+    two_stream = cfg.spec.two_stream_mask
+    if two_stream is None:
+        return model(z, pos, cfg.spec.clean_mask(cfg, keep=key_padding(valid)), logits_for=target)
+    spec = two_stream(cfg, z.shape[1], keep=key_padding(torch.cat((valid, valid), 1)))
     return model(torch.cat((z, x), 1), torch.cat((pos, pos), 1), spec, logits_for=target)
 
 
@@ -150,22 +168,34 @@ def bd3lm_random_order(batch: int, length: int, block: int,
 IW_LAWS = ("sampler", "uniform")
 
 
-def draw_orders(model: Backbone, batch: int, length: int, law: str = "sampler",
-                generator: torch.Generator | None = None) -> Tensor:
-    """Orders [B, L] from the law of the importance-weighted bound. sampler (the paper's): the
-    sampler's order at NFE = L, a Binomial(L, alpha_0) random diffusion prefix, then left to
-    right; uniform: a uniformly random order. AR: left to right (its only order); BD3-LM:
-    blocks left to right, random inside each block (both laws)."""
-    if law not in IW_LAWS:
-        raise ValueError(f"law={law!r} is unknown: use one of {IW_LAWS}")
-    cfg = model.config
-    if cfg.variant == "ar":
-        return left_to_right(batch, length)
-    if cfg.variant == "bd3lm":
-        return bd3lm_random_order(batch, length, cfg.block_size, generator)
+def left_to_right_law(cfg, batch: int, length: int, law: str,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """AR: left to right, its only order (under every law)."""
+    return left_to_right(batch, length)
+
+
+def block_law(cfg, batch: int, length: int, law: str, generator: torch.Generator | None = None) -> Tensor:
+    """BD3-LM: blocks left to right, a uniformly random order inside each block (every law)."""
+    return bd3lm_random_order(batch, length, cfg.block_size, generator)
+
+
+def any_order_law(cfg, batch: int, length: int, law: str, generator: torch.Generator | None = None) -> Tensor:
+    """sampler: the sampler's order at NFE = L (a Binomial(L, alpha_0) random prefix, then left
+    to right); uniform: a uniformly random order."""
     if law == "sampler":
         return sampler_order(batch, length, cfg.alpha_0, generator)
     return random_order(batch, length, generator)
+
+
+def draw_orders(model: Backbone, batch: int, length: int, law: str = "sampler",
+                generator: torch.Generator | None = None) -> Tensor:
+    """Orders [B, L] from the law of the importance-weighted bound, as the family draws them
+    (``model.config.spec.order_law``). sampler (the paper's): the sampler's order at NFE = L;
+    uniform: a uniformly random order. AR has one order; BD3-LM is random inside its blocks."""
+    if law not in IW_LAWS:
+        raise ValueError(f"law={law!r} is unknown: use one of {IW_LAWS}")
+    cfg = model.config
+    return cfg.spec.order_law(cfg, batch, length, law, generator)
 
 
 @_in_inference

@@ -1,6 +1,7 @@
 """Training objectives (negative ELBO in nats) for every family, as plain functions.
 
-``loss(model, x)`` sums the NELBO terms of ``model.config.variant`` listed in ``TERMS``.
+``loss(model, x)`` sums the NELBO terms of the model's family (``model.config.spec.terms``,
+the family table in ``esolm.families``); each term takes its attention masks from the same record.
 All random draws (t, masks, permutations) are made for the *global* batch and sliced to
 this process's rows, so the per-token loss of a global batch does not depend on how it
 is split across processes (method.md section 5, property 7).
@@ -82,9 +83,10 @@ def valid_tokens(cfg: ModelConfig, x: Tensor) -> Tensor:
 
 def diffusion_rows(cfg: ModelConfig, global_batch: int) -> int:
     """How many rows of the global batch go to the diffusion term (method.md: batch split)."""
-    if cfg.variant == "ar" or cfg.alpha_0 == 0.0:
+    terms = cfg.spec.terms
+    if "diffusion" not in terms or cfg.alpha_0 == 0.0:
         return 0
-    if cfg.variant in ("mdlm", "bd3lm") or cfg.alpha_0 == 1.0:
+    if "sequential" not in terms or cfg.alpha_0 == 1.0:
         return global_batch
     if global_batch < 2:
         raise ValueError(f"a hybrid Eso-LM loss (alpha_0={cfg.alpha_0}) needs a global batch of at "
@@ -107,9 +109,10 @@ def draw(cfg: ModelConfig, batch: int, length: int, device: torch.device,
 
 
 def _noised(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> tuple[Tensor, Tensor, Tensor]:
-    """z_t ~ q(. | x, alpha_t) per row: (z_t, masked bool [B, L], NELBO weight [B, 1])."""
+    """z_t ~ q(. | x, alpha_t) per row: (z_t, masked bool [B, L], NELBO weight [B, 1]); the
+    families with a diffusion term but no sequential one have alpha_0 = 1."""
     cfg = model.config
-    a0 = cfg.alpha_0 if cfg.variant.startswith("eso") else 1.0
+    a0 = cfg.alpha_0
     masked = (d.u_mask >= alpha(d.t, a0, cfg.eps)[:, None]) & valid
     z = torch.where(masked, cfg.mask_token_id, x)
     if d.objective == "low_var":
@@ -126,43 +129,41 @@ def _natural(x: Tensor) -> Tensor:
     return torch.arange(x.shape[1], device=x.device).expand_as(x)
 
 
-def _mdlm_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
-    """MDLM: bidirectional attention over the natural order."""
+def mdlm_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
+    """MDLM: bidirectional attention (the family's clean mask) over the natural order."""
     z, masked, weight = _noised(model, x, valid, d)
-    nll = token_nll(model(z, _natural(x), MaskSpec("full", keep=key_padding(valid))), x)
+    spec = model.config.spec.clean_mask(model.config, keep=key_padding(valid))
+    nll = token_nll(model(z, _natural(x), spec), x)
     return (weight * nll * masked).sum()
 
 
-def _bd3lm_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
+def bd3lm_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
     """BD3-LM: the 2L ``[x_t ; x]`` sequence with the block-diffusion mask of block L'."""
     z, masked, weight = _noised(model, x, valid, d)
     L, pos = x.shape[1], _natural(x)
     keep = key_padding(torch.cat((valid, valid), 1))
-    spec = MaskSpec("two_stream", block=model.config.block_size, half=L, inner="block_causal", keep=keep)
+    spec = model.config.spec.two_stream_mask(model.config, L, keep=keep)
     logits = model(torch.cat((z, x), 1), torch.cat((pos, pos), 1), spec, logits_for=slice(0, L))
     return (weight * token_nll(logits, x) * masked).sum()
 
 
-def _eso_diffusion_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
+def eso_diffusion_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
     """Eso-LM diffusion term: clean first, then masks, each group in a random order; causal
     attention for (B), prefix attention (bidirectional among clean tokens) for (A)."""
     z, masked, weight = _noised(model, x, valid, d)
     order = clean_first_order(masked, d.u_perm, d.u_perm, padding=~valid)
-    if model.config.variant == "eso_b":
-        spec = MaskSpec("causal")
-    else:
-        spec = MaskSpec("prefix", n_clean=(~masked & valid).sum(1))
+    spec = model.config.spec.clean_mask(model.config, n_clean=(~masked & valid).sum(1))
     nll = token_nll(model(z.gather(1, order), order, spec), x.gather(1, order))
     return (weight * nll * masked.gather(1, order)).sum()
 
 
-def _sequential_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
+def sequential_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
     """Summed NLL of the positions masked in z_0, decoded left to right (method.md L_sequential)."""
     cfg = model.config
     B, L = x.shape
     masked = (d.u_mask >= cfg.alpha_0) & valid
     l2r = left_to_right_key(B, L, x.device)
-    order = clean_first_order(masked, d.u_perm if cfg.variant == "eso_b" else l2r, l2r, padding=~valid)
+    order = clean_first_order(masked, d.u_perm if cfg.spec.shuffle_clean else l2r, l2r, padding=~valid)
     return sequential_nll_for_order(model, x, masked, order, (~masked & valid).sum(1)).sum()
 
 
@@ -178,10 +179,7 @@ def sequential_nll_for_order(model: Backbone, x: Tensor, masked: Tensor, order: 
     cfg = model.config
     L = x.shape[1]
     z0 = torch.where(masked, cfg.mask_token_id, x)
-    if cfg.variant == "eso_b":
-        spec = MaskSpec("two_stream", half=L, inner="causal")
-    else:
-        spec = MaskSpec("two_stream", half=L, inner="prefix", n_clean=n_clean)
+    spec = cfg.spec.two_stream_mask(cfg, L, n_clean=n_clean)
     tokens = torch.cat((z0.gather(1, order), x.gather(1, order)), 1)
     logits = model(tokens, torch.cat((order, order), 1), spec, logits_for=slice(0, L))
     return token_nll(logits, x.gather(1, order)) * masked.gather(1, order)
@@ -195,13 +193,13 @@ def ar_token_nll(model: Backbone, x: Tensor) -> Tensor:
     return token_nll(model(torch.cat((bos, x[:, :-1]), 1), pos, MaskSpec("causal")), x)
 
 
-def _ar_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
+def ar_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
     return (ar_token_nll(model, x) * valid).sum()
 
 
 def loss(model: Backbone, x: Tensor, generator: torch.Generator | None = None, rank: int = 0,
          world_size: int = 1, objective: str = "nelbo") -> LossOutput:
-    """NELBO estimate (nats/token) of the batch ``x`` [B, L] under ``model``'s variant; with
+    """NELBO estimate (nats/token) of the batch ``x`` [B, L] under ``model``'s family; with
     ``objective="low_var"`` (alpha_0 = 1 only) the diffusion term drops its time weight."""
     cfg = model.config
     check_tokens(cfg, x)
@@ -211,7 +209,7 @@ def loss(model: Backbone, x: Tensor, generator: torch.Generator | None = None, r
     valid = valid_tokens(cfg, x)
     zero = torch.zeros((), device=x.device)
     parts = {"diffusion": (zero, zero), "sequential": (zero, zero)}
-    for name, fn in TERMS[cfg.variant].items():
+    for name, fn in cfg.spec.terms.items():
         rows = d.diffusion if name == "diffusion" else ~d.diffusion
         if rows.any():
             sub = Draws(d.t[rows], d.u_mask[rows], d.u_perm[rows], d.diffusion[rows], objective)
@@ -226,7 +224,7 @@ def check_objective(cfg: ModelConfig, objective: str) -> None:
         raise ValueError(f"objective={objective!r} is unknown: use one of {OBJECTIVES}")
     if objective == "low_var" and cfg.alpha_0 != 1.0:
         raise ValueError(f"objective='low_var' applies to alpha_0 = 1 models (mdlm, bd3lm, eso_* with "
-                         f"alpha_0: 1.0); {cfg.variant} has alpha_0={cfg.alpha_0}: use 'nelbo'")
+                         f"alpha_0: 1.0); {cfg.family} has alpha_0={cfg.alpha_0}: use 'nelbo'")
 
 
 def check_tokens(cfg: ModelConfig, x: Tensor) -> None:
@@ -236,7 +234,7 @@ def check_tokens(cfg: ModelConfig, x: Tensor) -> None:
                          f"of {x.dtype}")
     if x.shape[1] > cfg.length:
         raise ValueError(f"input length {x.shape[1]} exceeds the model's length={cfg.length}")
-    if cfg.variant == "bd3lm" and x.shape[1] % cfg.block_size:
+    if cfg.spec.blocks and x.shape[1] % cfg.block_size:
         raise ValueError(f"input length {x.shape[1]} is not a multiple of block_size={cfg.block_size}")
     allowed_max = cfg.vocab_size - 1 if cfg.pad_token_id is None else max(cfg.vocab_size - 1,
                                                                            cfg.pad_token_id)
@@ -248,11 +246,4 @@ def check_tokens(cfg: ModelConfig, x: Tensor) -> None:
 
 
 Term = Callable[[Backbone, Tensor, Tensor, Draws], Tensor]
-# variant -> the NELBO terms it has; each term returns the summed NLL of its rows
-TERMS: dict[str, dict[str, Term]] = {
-    "ar": {"sequential": _ar_nll},
-    "mdlm": {"diffusion": _mdlm_nll},
-    "bd3lm": {"diffusion": _bd3lm_nll},
-    "eso_a": {"diffusion": _eso_diffusion_nll, "sequential": _sequential_nll},
-    "eso_b": {"diffusion": _eso_diffusion_nll, "sequential": _sequential_nll},
-}
+"""A NELBO term: (model, x [B, L], valid [B, L], draws of these rows) -> summed NLL of its rows."""

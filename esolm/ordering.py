@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from esolm.config import ScheduleSettings, shuffle_mode
 from esolm.noise import alpha
 
 
@@ -30,11 +31,6 @@ def left_to_right_key(batch: int, length: int, device: torch.device) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- sampling schedule
-
-SCHEDULES = ("loglinear", "power")
-ORDERS = ("random", "block")
-SHUFFLES = ("none", "shared", "per_chunk")
-
 
 @dataclass(frozen=True)
 class Schedule:
@@ -77,17 +73,6 @@ def power_counts(n_diffusion: int, steps: int, gamma: float) -> list[int]:
     return [b - a for a, b in zip(done[:-1], done[1:])]
 
 
-def shuffle_mode(shuffle: bool | str | None) -> str:
-    """The block-order shuffle as one of ``SHUFFLES`` (``True`` is the reference's ``shared``)."""
-    if shuffle is True:
-        return "shared"
-    if shuffle is False or shuffle is None:
-        return "none"
-    if shuffle not in SHUFFLES:
-        raise ValueError(f"shuffle={shuffle!r} is unknown: use one of {SHUFFLES} (or true/false)")
-    return shuffle
-
-
 def block_steps(free: Tensor, n_diffusion: int, subcontexts: int, shuffle: bool | str,
                 generator: torch.Generator | None) -> tuple[Tensor, list[int]]:
     """Block-AR (subcontext) order over the free positions [B, F]: split them into
@@ -123,23 +108,30 @@ def _random_free_order(B: int, L: int, given: Tensor, generator: torch.Generator
     return torch.argsort(key, dim=1)[:, given.numel():]
 
 
-def make_schedule(batch: int, length: int, steps: int, alpha_0: float, *, order: str = "random",
-                  schedule: str = "loglinear", gamma: float = 1.0, subcontexts: int = 4,
-                  shuffle: bool | str = False, given: Tensor | None = None, eps: float = 1e-3,
+def make_schedule(batch: int, length: int, steps: int | None = None, alpha_0: float | None = None, *,
+                  settings: ScheduleSettings | None = None, order: str | None = None,
+                  schedule: str | None = None, gamma: float | None = None,
+                  subcontexts: int | None = None, shuffle: bool | str | None = None,
+                  given: Tensor | None = None, eps: float = 1e-3,
                   generator: torch.Generator | None = None) -> Schedule:
-    """Draw the generation order and tokens per step (on the CPU generator ``generator``)."""
-    validate_schedule(steps, alpha_0, order, schedule, gamma, subcontexts)
+    """Draw the generation order and tokens per step (on the CPU generator ``generator``) for
+    ``settings`` (defaults: ``ScheduleSettings()``), with any keyword given here replacing its
+    value. ``alpha_0`` must be a number here (the model's value is resolved by ``generate``)."""
+    s = (settings or ScheduleSettings()).replace(steps=steps, alpha_0=alpha_0, order=order, schedule=schedule,
+                                                 gamma=gamma, subcontexts=subcontexts, shuffle=shuffle)
+    if s.alpha_0 is None:
+        raise ValueError("make_schedule needs alpha_0: the fraction of positions decoded by diffusion")
     given = torch.zeros(0, dtype=torch.long) if given is None else given.cpu()
     n_free = length - given.numel()
     free = _random_free_order(batch, length, given, generator)
-    if order == "random" and schedule == "loglinear":
-        counts = loglinear_counts(n_free, steps, alpha_0, eps, generator)
+    if s.order == "random" and s.schedule == "loglinear":
+        counts = loglinear_counts(n_free, s.steps, s.alpha_0, eps, generator)
     else:
-        counts = power_counts(round(alpha_0 * n_free), steps, gamma)
+        counts = power_counts(round(s.alpha_0 * n_free), s.steps, s.gamma)
     n_diff = sum(counts)
-    if order == "block":
+    if s.order == "block":
         free = torch.sort(free, dim=1).values
-        diff, counts = block_steps(free, n_diff, subcontexts, shuffle, generator)
+        diff, counts = block_steps(free, n_diff, s.subcontexts, s.shuffle, generator)
     else:
         diff = free[:, :n_diff]
     taken = torch.zeros(batch, length, dtype=torch.bool)
@@ -150,19 +142,3 @@ def make_schedule(batch: int, length: int, steps: int, alpha_0: float, *, order:
     full = torch.cat((given.expand(batch, -1), diff, sequential), dim=1)
     counts = [c for c in counts if c] + [1] * sequential.shape[1]
     return Schedule(full, tuple(counts), given.numel(), n_diff)
-
-
-def validate_schedule(steps: int, alpha_0: float, order: str, schedule: str, gamma: float,
-                      subcontexts: int) -> None:
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} is invalid: use an integer >= 1")
-    if not 0.0 <= alpha_0 <= 1.0:
-        raise ValueError(f"alpha_0={alpha_0!r} is invalid: use a value in [0, 1]")
-    if order not in ORDERS:
-        raise ValueError(f"order={order!r} is unknown: use one of {ORDERS}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r} is unknown: use one of {SCHEDULES}")
-    if gamma <= 0:
-        raise ValueError(f"gamma={gamma!r} is invalid: use a value > 0")
-    if subcontexts < 1:
-        raise ValueError(f"subcontexts={subcontexts!r} is invalid: use an integer >= 1")

@@ -127,7 +127,7 @@ def profile_step(family: str = "eso_b", d_model: int = 128, n_layers: int = 4, n
     and thread CPU time)."""
     if family not in ("eso_b", "ar"):
         raise ValueError(f"profile family {family!r} must be eso_b or ar")
-    cfg = ModelConfig(variant=family, vocab_size=vocab_size, length=length, n_layers=n_layers,
+    cfg = ModelConfig(family=family, vocab_size=vocab_size, length=length, n_layers=n_layers,
                       d_model=d_model, n_heads=n_heads, dropout=0.0,
                       **({"alpha_0": 1.0} if family == "eso_b" else {}))
     torch.manual_seed(0)

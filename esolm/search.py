@@ -71,18 +71,23 @@ class SearchConfig:
             raise ValueError(f"search.space has unknown keys {sorted(unknown)}; use {sorted(DEFAULT_SPACE)}")
 
 
-def suggest(trial: optuna.Trial, space: dict, family: str) -> dict:
-    """Schedule parameters for one trial from the declared space (Eso-LMs also search alpha_0).
-    A block-order trial tunes its chunks and shuffle only: the chunks fix its steps, so
-    steps, schedule and gamma are not suggested for it."""
+def suggest(trial: optuna.Trial, space: dict, family_name: str) -> dict:
+    """Schedule settings (``ScheduleSettings`` fields) for one trial from the declared space,
+    over the dimensions that apply to the family (``search_dims`` of its record: alpha_0 for
+    Eso-LMs only, top_p alone for AR). A block-order trial tunes its chunks and shuffle only:
+    the chunks fix its steps, so steps, schedule and gamma are not suggested for it."""
+    from esolm.families import family
+
+    dims = family(family_name).search_dims
     p: dict[str, Any] = {}
-    if family.startswith("eso") and "alpha_0" in space:
+    if "alpha_0" in dims and "alpha_0" in space:
         p["alpha_0"] = trial.suggest_float("alpha_0", *space["alpha_0"])
-    p["order"] = trial.suggest_categorical("order", space.get("order", ["random"]))
-    if p["order"] == "block":
+    if "order" in dims:
+        p["order"] = trial.suggest_categorical("order", space.get("order", ["random"]))
+    if p.get("order") == "block":
         p["subcontexts"] = trial.suggest_int("subcontexts", *space.get("subcontexts", [4, 4]))
         p["shuffle"] = trial.suggest_categorical("shuffle", space.get("shuffle", [False]))
-    else:
+    elif "steps" in dims:
         lo, hi = space["steps"]
         p["steps"] = trial.suggest_int("steps", lo, hi, log=True)
         p["schedule"] = trial.suggest_categorical("schedule", space.get("schedule", ["loglinear"]))
@@ -92,18 +97,21 @@ def suggest(trial: optuna.Trial, space: dict, family: str) -> dict:
     return p
 
 
-Evaluate = Callable[[dict], dict]  # schedule params -> {"gen_ppl", "seconds", "nfe", "entropy"}
+Evaluate = Callable[[dict], dict]  # schedule settings (a partial dict) -> {"gen_ppl", "seconds", "nfe", "entropy"}
 
 
 def make_evaluator(model, judge, tokenizer, num_samples: int, seed: int, repeats: int) -> Evaluate:
-    """Sample with the given schedule (same seed each time), time it, and judge the samples."""
+    """Sample with the given schedule settings (a partial ``ScheduleSettings`` dict; same seed
+    each time), time it, and judge the samples."""
+    from esolm.config import ScheduleSettings
     from esolm.judge import unigram_entropy
     from esolm.sampling import generate
 
     def evaluate(params: dict) -> dict:
+        settings = ScheduleSettings.from_dict({**params, "seed": seed}, "search trial")
         times, g = [], None
         for _ in range(repeats):
-            g = generate(model, num_samples=num_samples, seed=seed, **params)
+            g = generate(model, num_samples=num_samples, settings=settings)
             times.append(g.seconds / num_samples)
         texts = tokenizer.decode_batch(g.tokens.tolist(), skip_special_tokens=False)
         ent = statistics.mean(unigram_entropy(ids) for ids in g.tokens.tolist())
@@ -331,7 +339,7 @@ def compare_with_default(evaluate: Evaluate, searched: list[dict], steps: tuple[
     against the searched front: hypervolumes and the gen-PPL gap at matched sampling time."""
     default = []
     for t in steps:
-        r = evaluate({"steps": t, "order": "random", "schedule": "loglinear"})
+        r = evaluate({"steps": t, "order": "random", "schedule": "loglinear"})  # other settings: defaults
         default.append({**r, "steps": t, "feasible": r["entropy"] >= floor})
     feas_default = [p for p in default if p["feasible"]]
     both = feas_default + searched
@@ -374,6 +382,17 @@ def plot_front(rows: list[dict], front: list[dict], default: list[dict], path: P
     plt.close(fig)
 
 
+def best_settings(best: dict | None) -> dict | None:
+    """The chosen trial's schedule as ``best.json`` stores it: every schedule field of
+    ``ScheduleSettings`` (defaults where the trial did not set one; no run fields such as the
+    seed), so that reading it back gives the same settings."""
+    from esolm.config import ScheduleSettings
+
+    if best is None:
+        return None
+    return ScheduleSettings.from_dict(best["params"], "search trial").to_dict(run=False)
+
+
 def write_outputs(sc: SearchConfig, rows: list[dict], comparison: dict, floor: float) -> dict:
     """trials.parquet, pareto.json, best.json and pareto.png under ``out_dir``."""
     import pandas as pd
@@ -388,7 +407,7 @@ def write_outputs(sc: SearchConfig, rows: list[dict], comparison: dict, floor: f
     best = choose(front, sc.time_budget)
     write_json(out / "pareto.json", {"variant": sc.variant, "entropy_floor": floor, "front": front,
                                      "comparison": comparison})
-    write_json(out / "best.json", {"variant": sc.variant, "schedule": best["params"] if best else None,
+    write_json(out / "best.json", {"variant": sc.variant, "schedule": best_settings(best),
                                    "gen_ppl": best["gen_ppl"] if best else None,
                                    "seconds": best["seconds"] if best else None, "time_budget": sc.time_budget})
     plot_front(rows, front, comparison.get("default", []), out / "pareto.png")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from esolm.config import CurveConfig, EvalConfig, ModelConfig, SampleConfig
+from esolm.config import CurveConfig, EvalConfig, ModelConfig, SampleConfig, ScheduleSettings, renamed_family
 from esolm.io import write_json, write_text_atomic
 from esolm.params import build, section
 
@@ -34,7 +34,7 @@ def model_config(params: dict, name: str, meta: dict) -> ModelConfig:
     variants = section(params, "variants")
     if name not in variants:
         raise ValueError(f"unknown variant {name!r}; params.yaml defines {sorted(variants)}")
-    values = {**section(params, "model"), **variants[name]}
+    values = {**section(params, "model"), **renamed_family(variants[name] or {})}
     values.update(vocab_size=meta["vocab_size"], length=meta["length"], pad_token_id=meta.get("pad_id"))
     return build(ModelConfig, values, f"variants.{name}")
 
@@ -45,6 +45,8 @@ JUDGE_KEYS = ("name", "model", "train")
 def judge_params(params: dict) -> tuple[dict, str]:
     """(params in which the judge is the only variant, its name): an AR model on the shared
     model and train sections with the ``judge:`` section's overrides (larger, longer)."""
+    from esolm.families import JUDGE_FAMILY
+
     jc = dict(section(params, "judge"))
     unknown = sorted(set(jc) - set(JUDGE_KEYS))
     if unknown:
@@ -52,7 +54,7 @@ def judge_params(params: dict) -> tuple[dict, str]:
     name = jc.get("name", "judge")
     if name in section(params, "variants"):
         raise ValueError(f"judge.name={name!r} is also a variant: the judge must never be a contestant")
-    out = {**params, "variants": {name: {"variant": "ar"}},
+    out = {**params, "variants": {name: {"family": JUDGE_FAMILY}},
            "model": {**section(params, "model"), **(jc.get("model") or {})},
            "train": {**section(params, "train"), **(jc.get("train") or {})}}
     return out, name
@@ -91,17 +93,16 @@ def _ppl(nats: float) -> float:
 def evaluate_split(model, batches: list, ev: dict, bytes_per_token: float, progress: bool) -> dict:
     """Every likelihood metric of one split (method.md section 5)."""
     from esolm.likelihood import (
-        bd3lm_random_order,
+        draw_orders,
         exact_per_token,
         iw_log_prob,
         left_to_right,
         nelbo_per_token,
         ratio_summary,
-        sampler_order,
     )
     from esolm.objectives import valid_tokens
 
-    cfg = model.config
+    cfg, spec = model.config, model.config.spec
     gen = torch.Generator().manual_seed(ev["seed"])
     nelbo = nelbo_per_token(model, batches, ev["nelbo_draws"], gen, progress)
     exact = batches[: ev["exact_batches"]]
@@ -110,18 +111,13 @@ def evaluate_split(model, batches: list, ev: dict, bytes_per_token: float, progr
     l2r = exact_per_token(model, exact, lambda b, n, g: left_to_right(b, n), gen, progress)
     out.update(exact_l2r_nats=l2r["nats_per_token"], exact_l2r_ppl=_ppl(l2r["nats_per_token"]),
                exact_l2r_stderr=l2r["stderr"], tokens=l2r["tokens"])
-    if cfg.variant != "ar":
-        if cfg.variant == "bd3lm":
-            fn = lambda b, n, g: bd3lm_random_order(b, n, cfg.block_size, g)
-        else:
-            fn = lambda b, n, g: sampler_order(b, n, cfg.alpha_0, g)
-        smp = exact_per_token(model, exact, fn, gen, progress)
+    if spec.sampler_metric:
+        smp = exact_per_token(model, exact, lambda b, n, g: draw_orders(model, b, n, "sampler", g), gen, progress)
         out.update(exact_sampler_nats=smp["nats_per_token"], exact_sampler_ppl=_ppl(smp["nats_per_token"]),
                    exact_sampler_stderr=smp["stderr"])
     for k in ev["iw_orders"]:  # the paper's bound (sampler-law orders), then uniform orders
-        for law, name in (("sampler", f"iw{k}"), ("uniform", f"iw{k}_uniform")):
-            if law == "uniform" and cfg.variant in ("ar", "bd3lm"):
-                continue  # one law only: AR has one order, BD3-LM random inside blocks
+        for law in spec.iw_laws:  # AR has one order, BD3-LM is random inside blocks: one law
+            name = f"iw{k}" if law == "sampler" else f"iw{k}_{law}"
             rows = [v for x in exact for v in (-iw_log_prob(model, x, k, gen, law=law)).double().cpu().tolist()]
             iw = ratio_summary(rows, [n for x in exact for n in valid_tokens(cfg, x).sum(1).cpu().tolist()])
             out[f"{name}_nats"], out[f"{name}_stderr"] = iw["nats_per_token"], iw["stderr"]
@@ -144,7 +140,7 @@ def evaluate_stage(params: dict, name: str, progress: bool) -> dict:
     if model.config.vocab_size != meta["vocab_size"]:
         raise ValueError(f"runs/{name}/model.ckpt has vocabulary {model.config.vocab_size} but "
                          f"{ddir} has {meta['vocab_size']}: retrain on these shards")
-    result = {"variant": name, "family": model.config.variant, "alpha_0": model.config.alpha_0}
+    result = {"variant": name, "family": model.config.family, "alpha_0": model.config.alpha_0}
     targets = [(split, ddir, split) for split in ev["splits"]]
     targets += [(f"zero_shot:{Path(z).name}", Path(z), "test") for z in ev["zero_shot"]]
     for key, folder, split in targets:
@@ -163,82 +159,101 @@ def evaluate_stage(params: dict, name: str, progress: bool) -> dict:
     return result
 
 
-def best_schedule(out_dir: Path) -> dict:
-    """The schedule chosen by the search (``sample.schedule=best``), with defaults filled in."""
+def best_schedule(out_dir: Path) -> ScheduleSettings:
+    """The schedule chosen by the search (``sample.schedule=best``): ``out_dir/best.json``,
+    read back into the settings it was written from (an unknown key names the closest)."""
     path = out_dir / "best.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the schedule search first (esolm search)")
     chosen = json.loads(path.read_text()).get("schedule")
     if not chosen:
         raise ValueError(f"{path} holds no feasible schedule; lower search.entropy_floor_frac or add trials")
-    return {"order": "random", "schedule": "loglinear", "gamma": 1.0, "subcontexts": 4, "shuffle": False,
-            **chosen}
+    return ScheduleSettings.from_dict(chosen, f"{path} schedule")
 
 
 def sample_config(params: dict) -> SampleConfig:
     """The typed ``sample:`` section, with the searched schedule filled in for ``schedule: best``."""
     sc = build(SampleConfig, dict(section(params, "sample")), "sample")
     if sc.schedule == "best":
-        best = best_schedule(Path(section(params, "search")["out_dir"]))
-        sc = replace(sc, **{k: v for k, v in best.items() if k in asdict(sc)})
+        sc = sc.with_schedule(best_schedule(Path(section(params, "search")["out_dir"])))
     return sc
 
 
-def sample_stage(params: dict, name: str, progress: bool) -> dict:
+def settings_for(sc: ScheduleSettings, model) -> ScheduleSettings:
+    """The schedule settings of ``sc`` for ``model``: a sampling alpha_0 applies to the families
+    whose alpha_0 is free (Eso-LMs); the others keep the value they imply."""
+    s = sc.settings()
+    return s if model.config.spec.fixed_alpha_0 is None else replace(s, alpha_0=None)
 
+
+def judge_of(params: dict, spec: str, device: torch.device):
+    """The judge ``spec`` (``sample.judge``), never one of the contestants under ``variants``."""
+    from esolm.judge import load_judge
+
+    return load_judge(spec, Path("runs"), device, contestants=tuple(section(params, "variants")))
+
+
+def judged_samples(model, tok, judge, settings: ScheduleSettings, num_samples: int, progress: bool) -> dict:
+    """Sample, decode and judge: the Generation, texts, ids, per-sample entropies and the
+    judge's scores (generative perplexity and per-sample NLL)."""
+    from esolm.judge import unigram_entropy
+    from esolm.sampling import generate
+
+    g = generate(model, num_samples=num_samples, settings=settings, progress=progress)
+    ids = g.tokens.tolist()
+    texts = tok.decode_batch(ids, skip_special_tokens=False)
+    entropies = [unigram_entropy(r) for r in ids]
+    return {"generation": g, "texts": texts, "ids": ids, "entropies": entropies,
+            "entropy": sum(entropies) / len(entropies), "scores": judge.score(texts)}
+
+
+def sample_stage(params: dict, name: str, progress: bool) -> dict:
     from esolm.checkpoint import load_run
     from esolm.device import pick_device
-    from esolm.judge import load_judge, unigram_entropy
-    from esolm.sampling import generate
 
     sc = sample_config(params)
     device = pick_device(sc.device)
-    path = run_dir(name) / "model.ckpt"
-    model, tok = load_run(path, device=device)
-    extra = {"alpha_0": sc.alpha_0} if sc.alpha_0 is not None and model.config.variant.startswith("eso") else {}
-    g = generate(model, num_samples=sc.num_samples, progress=progress, **sc.schedule_kwargs(), **extra)
-    texts = tok.decode_batch(g.tokens.tolist(), skip_special_tokens=False)
-    judge = load_judge(sc.judge, Path("runs"), device, contestants=tuple(section(params, "variants")))
-    scores = judge.score(texts)
-    entropies = [unigram_entropy(ids) for ids in g.tokens.tolist()]
+    model, tok = load_run(run_dir(name) / "model.ckpt", device=device)
+    judge = judge_of(params, sc.judge, device)
+    r = judged_samples(model, tok, judge, settings_for(sc, model), sc.num_samples, progress)
+    g, scores = r["generation"], r["scores"]
     settings = g.settings  # what ran (the block order fixes its own steps)
     rows = [{"index": i, "text": t, "ids": ids, "entropy": e, "judge_nll": n, "settings": settings}
-            for i, (t, ids, e, n) in enumerate(zip(texts, g.tokens.tolist(), entropies,
+            for i, (t, ids, e, n) in enumerate(zip(r["texts"], r["ids"], r["entropies"],
                                                    scores["per_sample_nll"]))]
-    write_text_atomic(run_dir(name) / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    summary = {"variant": name, "family": model.config.variant, "nfe": g.nfe, "seconds": g.seconds,
+    write_text_atomic(run_dir(name) / "samples.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    summary = {"variant": name, "family": model.config.family, "nfe": g.nfe, "seconds": g.seconds,
                "seconds_per_sample": g.seconds / sc.num_samples,
                "tokens_per_s": g.tokens.numel() / g.seconds, "kv_cache": g.kv_cache,
-               "gen_ppl": scores["gen_ppl"], "entropy": sum(entropies) / len(entropies),
+               "gen_ppl": scores["gen_ppl"], "entropy": r["entropy"],
                "judge": judge.name, "schedule": settings, "num_samples": sc.num_samples}
     write_json(run_dir(name) / "generation.json", summary)
-    return {**summary, "texts": texts}
+    return {**summary, "texts": r["texts"]}
 
 
 def curve_stage(params: dict, name: str, progress: bool) -> dict:
     """runs/<name>/curve.json: generative perplexity, entropy, NFE and seconds per sample of
-    ``name`` at each T of ``curve.steps`` (the sample section's other settings; the same judge)."""
+    ``name`` at each T of ``curve.steps`` (the sample section's other settings, a random order
+    and the log-linear schedule; the same judge)."""
     from esolm.checkpoint import load_run
     from esolm.device import pick_device
-    from esolm.judge import load_judge, unigram_entropy
-    from esolm.sampling import generate
 
     cc = build(CurveConfig, dict(section(params, "curve")), "curve")
     sc = build(SampleConfig, dict(section(params, "sample")), "sample")
+    sc = replace(sc, order="random", schedule="loglinear")  # a sample.schedule of best plays no part
     device = pick_device(sc.device)
     model, tok = load_run(run_dir(name) / "model.ckpt", device=device)
-    judge = load_judge(sc.judge, Path("runs"), device, contestants=tuple(section(params, "variants")))
-    grid = (model.config.length,) if model.config.variant == "ar" else cc.steps
+    judge = judge_of(params, sc.judge, device)
+    ar = model.config.spec.autoregressive  # one point: NFE = L
     points = []
-    for steps in grid:
-        kwargs = {**sc.schedule_kwargs(), "steps": steps, "order": "random", "schedule": "loglinear"}
-        g = generate(model, num_samples=cc.num_samples, progress=progress, **kwargs)
-        ids = g.tokens.tolist()
-        points.append({"steps": None if model.config.variant == "ar" else steps, "nfe": g.nfe,
+    for steps in (model.config.length,) if ar else cc.steps:
+        r = judged_samples(model, tok, judge, replace(settings_for(sc, model), steps=steps), cc.num_samples,
+                           progress)
+        g = r["generation"]
+        points.append({"steps": None if ar else steps, "nfe": g.nfe,
                        "seconds_per_sample": g.seconds / cc.num_samples,
-                       "gen_ppl": judge.score(tok.decode_batch(ids, skip_special_tokens=False))["gen_ppl"],
-                       "entropy": sum(unigram_entropy(r) for r in ids) / len(ids)})
-    out = {"variant": name, "family": model.config.variant, "alpha_0": model.config.alpha_0,
+                       "gen_ppl": r["scores"]["gen_ppl"], "entropy": r["entropy"]})
+    out = {"variant": name, "family": model.config.family, "alpha_0": model.config.alpha_0,
            "judge": judge.name, "num_samples": cc.num_samples, "top_p": sc.top_p, "points": points}
     write_json(run_dir(name) / "curve.json", out)
     return out
@@ -251,9 +266,8 @@ def prompted_samples(params: dict, name: str, prompt: str | None, infill: str | 
 
     sc = sample_config(params)
     model, tok = load(run_dir(name) / "model.ckpt", device=pick_device(sc.device))
-    extra = {"alpha_0": sc.alpha_0} if sc.alpha_0 is not None and model.config.variant.startswith("eso") else {}
     return generate_text(model, tok, prompt=prompt, infill=infill, num_samples=sc.num_samples,
-                         **sc.schedule_kwargs(), **extra)
+                         settings=settings_for(sc, model))
 
 
 def search_config(params: dict):
@@ -280,12 +294,11 @@ def _search_setup(params: dict, device: torch.device):
     """(model, judge, tokenizer, entropy floor) for the schedule search."""
     from esolm.checkpoint import load_run
     from esolm.data import load_split
-    from esolm.judge import load_judge, unigram_entropy
+    from esolm.judge import unigram_entropy
 
     sc = search_config(params)
     model, tok = load_run(run_dir(sc.variant) / "model.ckpt", device=device)
-    judge_spec = build(SampleConfig, dict(section(params, "sample")), "sample").judge
-    judge = load_judge(judge_spec, Path("runs"), device, contestants=tuple(section(params, "variants")))
+    judge = judge_of(params, build(SampleConfig, dict(section(params, "sample")), "sample").judge, device)
     floor = sc.entropy_floor
     if floor <= 0:
         rows = load_split(data_dir(params), "valid")[:64].tolist()
@@ -318,7 +331,7 @@ def join_search(params: dict, progress: bool = False, threads: int = 0, shared: 
         study.sampler.reseed_rng()
     model, judge, tok, floor = _search_setup(params, device)
     evaluate = make_evaluator(model, judge, tok, sc.num_samples, sc.seed, sc.repeats)
-    return work(study, objective_for(evaluate, sc.space, model.config.variant, floor), progress)
+    return work(study, objective_for(evaluate, sc.space, model.config.family, floor), progress)
 
 
 def search_trials(params: dict, n_trials: int | None = None, progress: bool = False, workers: int = 1,

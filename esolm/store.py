@@ -131,7 +131,8 @@ def _variant_rows(rid: str, name: str, run: Path) -> dict[str, list[dict]]:
     if (run / "train.json").exists():
         s = json.loads((run / "train.json").read_text())
         like = json.loads((run / "likelihood.json").read_text()) if (run / "likelihood.json").exists() else {}
-        out["variants"] = [{"run_id": rid, "variant": name, "family": s.get("variant"),
+        family = s.get("family", s.get("variant"))  # variant: a train.json written before the rename
+        out["variants"] = [{"run_id": rid, "variant": name, "family": family,
                             "alpha_0": like.get("alpha_0"), "steps": s["steps"], "tokens": s["tokens"],
                             "final_train_loss": s["final_train_loss"],
                             "final_valid_loss": s["final_valid_loss"], "wall_s": s["wall_s"],

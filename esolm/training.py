@@ -170,7 +170,7 @@ def global_per_token(out: LossOutput, world_size: int) -> tuple[Tensor, Tensor]:
 
 
 class LitModel(pl.LightningModule):
-    """The Backbone, its EMA copy and the training objective of its variant."""
+    """The Backbone, its EMA copy and the training objective of its family."""
 
     def __init__(self, cfg: ModelConfig, tc: TrainConfig) -> None:
         super().__init__()
@@ -399,7 +399,7 @@ def _finish(module: LitModel, trainer: pl.Trainer, tc: TrainConfig, data_dir: Pa
     summary = {"steps": trainer.global_step, "tokens": trainer.global_step * tc.batch_size * module.cfg.length,
                "final_train_loss": rows[-1]["loss"] if rows else None,
                "final_valid_loss": float(val) if val is not None else None,
-               "wall_s": seconds, "tokens_per_s": _mean_rate(rows), "variant": module.cfg.variant,
+               "wall_s": seconds, "tokens_per_s": _mean_rate(rows), "family": module.cfg.family,
                "objective": tc.objective, "init": "adaLN-Zero (modulations and output layer zero)",
                "ema": {"decay": tc.ema, "warmup": "min(decay, (1 + n) / (10 + n))"} if tc.ema else None}
     if trainer.is_global_zero:

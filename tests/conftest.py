@@ -27,7 +27,7 @@ def sharp_model(variant: str = "eso_b", std: float = 0.18, dtype=torch.float32, 
     at std 0.18 a 2-layer model has about 0.7 nats/token of entropy over 3 tokens (std 0.3
     makes it nearly deterministic, which would let normalisation checks pass vacuously)."""
     torch.manual_seed(seed)
-    base = dict(variant=variant, vocab_size=7, length=16, n_layers=2, d_model=32, n_heads=4,
+    base = dict(family=variant, vocab_size=7, length=16, n_layers=2, d_model=32, n_heads=4,
                 dropout=0.0, cond_dim=32)
     base.update(kw)
     model = build_model(ModelConfig(**base)).to(dtype)
@@ -65,7 +65,7 @@ def trained_project(tmp: Path) -> Path:
     p = yaml.safe_load((root / "params.yaml").read_text())
     p["data"].update(dataset="tiny", source=f"files:{corpus}/*.txt", tokenizer="bpe:300", length=16)
     p["model"].update(d_model=32, n_heads=4, cond_dim=32)
-    p["variants"] = {"ar": {"variant": "ar"}, "eso_b_a05": {"variant": "eso_b", "alpha_0": 0.5, "batch_split": 0.5}}
+    p["variants"] = {"ar": {"family": "ar"}, "eso_b_a05": {"family": "eso_b", "alpha_0": 0.5, "batch_split": 0.5}}
     p["train"].update(steps=4, batch_size=8, val_every=2, ckpt_every=2, log_every=2, warmup_steps=1)
     p["search"].update(num_samples=2, default_steps=[2], sampler="tpe", space={"steps": [2, 8]})
     p["judge"]["train"] = {"steps": 4}

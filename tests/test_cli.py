@@ -129,7 +129,7 @@ def test_query_is_read_only_and_prints_text_verbatim(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["x;touch pwned", "a b", "../up", "-dash", "$(id)"])
 def test_variant_names_that_could_run_commands_are_refused(tmp_path, name):
     params = yaml.safe_load(Path("params.yaml").read_text())
-    params["variants"][name] = {"variant": "ar"}
+    params["variants"][name] = {"family": "ar"}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ValueError, match="variant name .* is invalid: use letters, digits"):
         load_params(tmp_path / "p.yaml")

@@ -62,3 +62,27 @@ def test_the_committed_dvc_lock_is_fresh_against_the_committed_code():
                 if stale_deps:
                     stale.setdefault(stage, []).extend(stale_deps)
     assert not stale, f"dvc.lock is stale (run dvc repro and commit dvc.lock and reports/): {stale}"
+
+
+def test_the_sample_stage_lists_the_best_schedule_file_it_reads(tmp_path, monkeypatch):
+    """``sample.schedule: best`` reads reports/search/best.json: every file the sample section
+    reads must be a dep of the sample stage (DVC has no conditional deps: it is listed always)."""
+    import json
+
+    from esolm.params import load_params
+    from esolm.stages import sample_config
+
+    params = load_params(ROOT / "params.yaml", ["sample.schedule=best"])
+    best = tmp_path / params["search"]["out_dir"] / "best.json"
+    best.parent.mkdir(parents=True)
+    best.write_text(json.dumps({"schedule": {"steps": 8, "order": "random"}}))
+    read: list[Path] = []
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (read.append(self), real(self, *a, **k))[1])
+    monkeypatch.chdir(tmp_path)
+    assert sample_config(params).steps == 8
+    monkeypatch.undo()
+    deps = _stages()["sample"]["deps"]
+    assert read and all(covered(p.as_posix(), deps) for p in read), (read, deps)
+    search_outs = [next(iter(o)) if isinstance(o, dict) else o for o in _stages()["search"]["outs"]]
+    assert all(p.as_posix() in search_outs for p in read)  # produced by the search stage: an edge, no cycle

@@ -33,7 +33,7 @@ def run(args: list[str], repo: Path) -> str:
 def two_variant_study(repo: Path, corpus: Path) -> None:
     tiny_params(repo, corpus)
     p = yaml.safe_load((repo / "params.yaml").read_text())
-    p["variants"] = {"ar": {"variant": "ar"}, "eso_b_a05": {"variant": "eso_b", "alpha_0": 0.5, "batch_split": 0.5}}
+    p["variants"] = {"ar": {"family": "ar"}, "eso_b_a05": {"family": "eso_b", "alpha_0": 0.5, "batch_split": 0.5}}
     p["search"].update(variant="eso_b_a05", n_trials=2)
     p["bench"].update(families=["eso_b", "ar"])
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))

@@ -100,7 +100,7 @@ def test_ar_padding_does_not_change_the_loss_of_real_tokens(gen):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_each_variant_is_finite_reaches_every_parameter_and_learns(variant):
     torch.manual_seed(0)
-    cfg = ModelConfig(variant=variant, vocab_size=12, length=16, n_layers=2, d_model=32, n_heads=4,
+    cfg = ModelConfig(family=variant, vocab_size=12, length=16, n_layers=2, d_model=32, n_heads=4,
                       cond_dim=32, dropout=0.0, alpha_0=0.5 if variant.startswith("eso") else None)
     model = build_model(cfg)
     # tiny repetitive batch: two kinds of constant rows. (A position-dependent pattern is a poor
@@ -132,12 +132,12 @@ def test_each_variant_is_finite_reaches_every_parameter_and_learns(variant):
 
 
 @pytest.mark.parametrize("kw,field", [
-    (dict(variant="gpt"), "variant"), (dict(attn_backend="fastest"), "attn_backend"),
+    (dict(family="gpt"), "family"), (dict(attn_backend="fastest"), "attn_backend"),
     (dict(d_model=30, n_heads=4), "d_model"), (dict(alpha_0=1.5), "alpha_0"),
     (dict(alpha_0=-0.1), "alpha_0"), (dict(alpha_0=0.5, batch_split=1.0), "batch_split"),
     (dict(alpha_0=0.5, batch_split=0.0), "batch_split"),
-    (dict(variant="bd3lm", block_size=5, length=32), "block_size"),
-    (dict(variant="ar", alpha_0=0.5), "alpha_0"), (dict(n_layers=0), "n_layers"),
+    (dict(family="bd3lm", block_size=5, length=32), "block_size"),
+    (dict(family="ar", alpha_0=0.5), "alpha_0"), (dict(n_layers=0), "n_layers"),
 ])
 def test_bad_config_is_a_clear_error(kw, field):
     with pytest.raises(ValueError, match=field):

@@ -28,8 +28,8 @@ def tiny_params(repo: Path, corpus: Path) -> None:
     p = yaml.safe_load((repo / "params.yaml").read_text())
     p["data"].update(source=f"files:{corpus}/*.txt", tokenizer="bpe:300", length=16)
     p["model"].update(d_model=32, n_heads=4, cond_dim=32)
-    p["variants"] = {"ar": {"variant": "ar"}, "mdlm": {"variant": "mdlm"},
-                     "eso_b_a05": {"variant": "eso_b", "alpha_0": 0.5, "batch_split": 0.5}}
+    p["variants"] = {"ar": {"family": "ar"}, "mdlm": {"family": "mdlm"},
+                     "eso_b_a05": {"family": "eso_b", "alpha_0": 0.5, "batch_split": 0.5}}
     p["train"].update(steps=20, batch_size=8, val_every=10, ckpt_every=10, log_every=5, warmup_steps=2)
     p["evaluate"].update(batch_size=4, nelbo_batches=2, exact_batches=1, nelbo_draws=2)
     p["sample"].update(num_samples=4, steps=4)

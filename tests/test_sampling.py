@@ -168,7 +168,7 @@ def test_order_and_token_noise_are_independent():
 
     from esolm import ModelConfig, build_model
 
-    model = build_model(ModelConfig(variant="eso_b", vocab_size=8, length=16, alpha_0=1.0, n_layers=1,
+    model = build_model(ModelConfig(family="eso_b", vocab_size=8, length=16, alpha_0=1.0, n_layers=1,
                                     d_model=16, n_heads=2, cond_dim=16)).eval()
     with torch.no_grad():  # the training init (adaLN-Zero) predicts exactly uniformly
         logits = model(torch.zeros(1, 16, dtype=torch.long), torch.arange(16)[None], CAUSAL_SPEC)

@@ -27,8 +27,8 @@ def project(tmp_path_factory):
     p["data"].update(dataset="tiny", source=f"files:{corpus}/*.txt", tokenizer="bpe:300", length=16,
                      out_dir=str(tmp / "data"), cache_dir=str(tmp / "raw"))
     p["model"].update(d_model=32, n_heads=4, cond_dim=32)
-    p["variants"] = {"ar": {"variant": "ar"}, "mdlm": {"variant": "mdlm"},
-                     "eso_b_a05": {"variant": "eso_b", "alpha_0": 0.5, "batch_split": 0.5}}
+    p["variants"] = {"ar": {"family": "ar"}, "mdlm": {"family": "mdlm"},
+                     "eso_b_a05": {"family": "eso_b", "alpha_0": 0.5, "batch_split": 0.5}}
     p["train"].update(steps=10, batch_size=8, val_every=5, ckpt_every=5, log_every=5, warmup_steps=2)
     p["evaluate"].update(batch_size=4, nelbo_batches=2, exact_batches=1, nelbo_draws=2, iw_orders=[1, 2])
     p["sample"].update(num_samples=4, steps=4)

@@ -28,7 +28,7 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _cfg(shards: Path, variant: str) -> ModelConfig:
-    return ModelConfig(variant=variant, vocab_size=read_meta(shards)["vocab_size"], length=16, d_model=32,
+    return ModelConfig(family=variant, vocab_size=read_meta(shards)["vocab_size"], length=16, d_model=32,
                        n_layers=2, n_heads=4, cond_dim=32, dropout=0.1,
                        alpha_0=0.5 if variant.startswith("eso") else None)
 

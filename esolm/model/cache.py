@@ -47,11 +47,6 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {self.length} cached + {n_new} new tokens exceed "
                              f"its capacity {self.capacity}; allocate a larger cache")
 
-    def reset(self) -> None:
-        self.length = 0
-        if self.pos is not None:
-            self.pos.zero_()
-
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

@@ -1,6 +1,10 @@
-"""One sampling loop per family. Each takes the model, the initial tokens ``x`` [B, L]
-(mask id wherever a token is to be generated), its schedule and a ``Decoder``, fills ``x``
-in place and returns the number of forward passes it ran.
+"""One sampling loop per family (the ``sample`` of its record in ``esolm.families``), one
+signature for all: ``loop(model, x, plan, dec, kv_cache, graphs=False, n_given=0) -> NFE``.
+Each takes the model, the initial tokens ``x`` [B, L] (mask id wherever a token is to be
+generated), the family's plan (its schedule; AR has none), a ``Decoder``, whether to cache,
+whether cached steps may run as CUDA graphs (where the family has static steps) and the
+number of given (prompt) tokens; it fills ``x`` in place and returns the forward passes run.
+Attention masks come from the family's record (``model.config.spec``).
 
 Eso-LM (B): one KV cache for both phases; each step feeds only the previous step's tokens
 (committed to the cache) and the masks decoded now (scratch), method.md section 4.
@@ -25,7 +29,7 @@ from esolm.ordering import Schedule
 from esolm.sampling.decode import sample_tokens
 from esolm.sampling.graphs import StaticSteps
 
-CAUSAL = MaskSpec("causal")
+CAUSAL = MaskSpec("causal")  # Eso-LM (A)'s sequential phase: causal past its clean prefix
 
 
 @dataclass
@@ -52,8 +56,9 @@ def _static(model: Backbone, cache: KVCache | None, cond, graphs: bool) -> Stati
 
 
 def eso_b(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bool,
-          graphs: bool = False) -> int:
+          graphs: bool = False, n_given: int = 0) -> int:
     """graphs: cached steps over a static cache, as CUDA graphs on a GPU (``StaticSteps``)."""
+    mask = model.config.spec.clean_mask(model.config)
     order = sched.order.to(x.device)
     cache = model.new_cache(x.shape[0]) if kv_cache else None
     cond = model.conditioning()
@@ -66,17 +71,21 @@ def eso_b(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: b
             logits = static(x.gather(1, feed), feed, prev, prev)
         elif cache is not None:
             feed = order[:, start - prev:start + k]
-            logits = model(x.gather(1, feed), feed, CAUSAL, cache=cache, commit=prev,
+            logits = model(x.gather(1, feed), feed, mask, cache=cache, commit=prev,
                            logits_for=slice(prev, None), cond=cond)
         else:
             feed = order[:, :start + k]
-            logits = model(x.gather(1, feed), feed, CAUSAL, logits_for=slice(start, None), cond=cond)
+            logits = model(x.gather(1, feed), feed, mask, logits_for=slice(start, None), cond=cond)
         dec(x, cur, logits)
         start, prev = start + k, k
     return len(sched.counts)
 
 
-def eso_a(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bool) -> int:
+def eso_a(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bool,
+          graphs: bool = False, n_given: int = 0) -> int:
+    """The diffusion phase under the family's clean (prefix) mask; the sequential phase
+    cached and causal once the clean tokens fill the cache."""
+    cfg = model.config
     order = sched.order.to(x.device)
     B = x.shape[0]
     n_clean_end = sched.n_given + sched.n_diffusion  # clean tokens when the sequential phase starts
@@ -92,7 +101,7 @@ def eso_a(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: b
                            logits_for=slice(1, None), cond=cond)
         else:  # diffusion step, the first sequential step (it fills the cache), or uncached
             feed = order[:, :start + k]
-            spec = MaskSpec("prefix", n_clean=torch.full((B,), n_clean, device=x.device))
+            spec = cfg.spec.clean_mask(cfg, n_clean=torch.full((B,), n_clean, device=x.device))
             commit = start if cache is not None and start == n_clean_end else 0
             logits = model(x.gather(1, feed), feed, spec, cache=cache if commit else None,
                            commit=commit, logits_for=slice(start, None), cond=cond)
@@ -101,14 +110,15 @@ def eso_a(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: b
     return len(sched.counts)
 
 
-def mdlm(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bool) -> int:
+def mdlm(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bool,
+         graphs: bool = False, n_given: int = 0) -> int:
     """Full recompute each step (no cache exists for bidirectional attention). Empty steps
     were dropped from the schedule, so every forward follows a change; logits are computed
     only for the positions decoded this step (no B x L x V tensors)."""
     order = sched.order.to(x.device)
     B, L = x.shape
     pos = torch.arange(L, device=x.device).expand(B, L)
-    full = MaskSpec("full")
+    full = model.config.spec.clean_mask(model.config)
     cond = model.conditioning()
     start = sched.n_given
     for k in sched.counts:
@@ -118,12 +128,13 @@ def mdlm(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bo
     return len(sched.counts)
 
 
-def bd3lm(model: Backbone, x: Tensor, blocks: list[Schedule], dec: Decoder, kv_cache: bool) -> int:
+def bd3lm(model: Backbone, x: Tensor, blocks: list[Schedule], dec: Decoder, kv_cache: bool,
+          graphs: bool = False, n_given: int = 0) -> int:
     """Blocks of L' left to right, MDLM inside the block (its own schedule), exact KV cache
     of earlier blocks; a finished block is committed by the next block's first forward."""
     B = x.shape[0]
     size = model.config.block_size
-    spec = MaskSpec("block_causal", block=size)
+    spec = model.config.spec.clean_mask(model.config)
     cache = model.new_cache(B) if kv_cache else None
     cond = model.conditioning()
     positions = torch.arange(model.config.length, device=x.device).expand(B, -1)
@@ -142,8 +153,8 @@ def bd3lm(model: Backbone, x: Tensor, blocks: list[Schedule], dec: Decoder, kv_c
     return nfe
 
 
-def ar(model: Backbone, x: Tensor, n_given: int, dec: Decoder, kv_cache: bool,
-       graphs: bool = False) -> int:
+def ar(model: Backbone, x: Tensor, plan: None, dec: Decoder, kv_cache: bool,
+       graphs: bool = False, n_given: int = 0) -> int:
     """Left to right with a standard KV cache; the input at position i is x_{i-1} (BOS = mask id).
     graphs: cached steps over a static cache, as CUDA graphs on a GPU (``StaticSteps``)."""
     B, L = x.shape
@@ -151,6 +162,7 @@ def ar(model: Backbone, x: Tensor, n_given: int, dec: Decoder, kv_cache: bool,
     cache = model.new_cache(B) if kv_cache else None
     cond = model.conditioning()
     static = _static(model, cache, cond, graphs)
+    mask = model.config.spec.clean_mask(model.config)
     pos = torch.arange(L, device=x.device).expand(B, L)
     for i in range(n_given, L):
         first = cache.length if cache is not None else 0
@@ -158,7 +170,7 @@ def ar(model: Backbone, x: Tensor, n_given: int, dec: Decoder, kv_cache: bool,
         if static is not None:
             logits = static(inp[:, first:i + 1], pos[:, first:i + 1], n, n - 1)
         else:
-            logits = model(inp[:, first:i + 1], pos[:, first:i + 1], CAUSAL, cache=cache,
+            logits = model(inp[:, first:i + 1], pos[:, first:i + 1], mask, cache=cache,
                            commit=n, logits_for=slice(-1, None), cond=cond)
         dec(x, pos[:, i:i + 1], logits)
         if i + 1 < L:

@@ -74,7 +74,7 @@ def _tiny_repo(tmp: Path) -> Path:
     subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
     tiny_params(repo, write_txt_corpus(tmp / "docs", n_docs=40))
     p = yaml.safe_load((repo / "params.yaml").read_text())
-    p["variants"] = {"ar": {"variant": "ar"}}
+    p["variants"] = {"ar": {"family": "ar"}}
     p["search"]["variant"] = "ar"
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     return repo

@@ -239,7 +239,7 @@ def test_train_compile_true_matches_eager_loss_and_gradients(gen):
     from esolm.config import ModelConfig
     from esolm.training import LitModel, TrainConfig
 
-    cfg = ModelConfig(variant="eso_b", vocab_size=7, length=16, n_layers=2, d_model=32, n_heads=4,
+    cfg = ModelConfig(family="eso_b", vocab_size=7, length=16, n_layers=2, d_model=32, n_heads=4,
                       cond_dim=32, dropout=0.0, alpha_0=0.5)
     module = LitModel(cfg, TrainConfig(steps=1, batch_size=4, compile=True))
     randomize(module.model, 0.18)  # every weight non-zero: equalities must not hold trivially

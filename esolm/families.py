@@ -16,6 +16,7 @@ those modules imports this one (``ModelConfig.spec`` imports it on first use).
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -23,11 +24,10 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
-from esolm import likelihood, objectives
+from esolm import objectives
 from esolm.config import ModelConfig, ScheduleSettings
 from esolm.model.attention import MaskSpec
 from esolm.ordering import Schedule, make_schedule
-from esolm.sampling import loops
 
 Plan = Schedule | list[Schedule] | None
 MaskFn = Callable[..., MaskSpec]  # (cfg, n_clean=None, keep=None) or (cfg, half, n_clean=None, keep=None)
@@ -38,6 +38,24 @@ OrderLaw = Callable[[ModelConfig, int, int, str, torch.Generator | None], Tensor
 
 ALL_DIMS = frozenset(("steps", "alpha_0", "order", "subcontexts", "shuffle", "schedule", "gamma", "top_p"))
 JUDGE_FAMILY = "ar"  # the judge of generative perplexity scores left to right
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A function named ``"module:name"``, imported on its first call. The sampling loops and the
+    likelihood functions are named this way so that importing the table does not import them:
+    ``esolm.codedeps`` follows imports, and a stage that only trains must not depend on (and be
+    rerun by edits to) the sampler. Every stage that calls one of them imports its module itself
+    (``esolm.sampling``, ``esolm.likelihood``); ``tests/test_families.py`` checks every name resolves."""
+
+    target: str
+
+    def resolve(self) -> Callable:
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        return self.resolve()(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -152,24 +170,30 @@ AR = Family(
     name="ar", label="AR", color="k", fixed_alpha_0=0.0, default_alpha_0=0.0, blocks=False,
     autoregressive=True, kv_cache=True, shuffle_clean=False,
     terms=MappingProxyType({"sequential": objectives.ar_nll}),
-    clean_mask=_causal, two_stream_mask=None, plan=_prefix_only, sample=loops.ar,
-    exact=likelihood.exact_left_to_right, order_law=likelihood.left_to_right_law, iw_laws=("sampler",),
+    clean_mask=_causal, two_stream_mask=None, plan=_prefix_only,
+    sample=Ref("esolm.sampling.loops:ar"),
+    exact=Ref("esolm.likelihood:exact_left_to_right"),
+    order_law=Ref("esolm.likelihood:left_to_right_law"), iw_laws=("sampler",),
     sampler_metric=False, search_dims=frozenset({"top_p"}))
 
 MDLM = Family(
     name="mdlm", label="MDLM", color="tab:red", fixed_alpha_0=1.0, default_alpha_0=1.0, blocks=False,
     autoregressive=False, kv_cache=False, shuffle_clean=False,
     terms=MappingProxyType({"diffusion": objectives.mdlm_nll}),
-    clean_mask=_full, two_stream_mask=None, plan=_one_schedule, sample=loops.mdlm,
-    exact=likelihood.exact_per_position, order_law=likelihood.any_order_law, iw_laws=("sampler", "uniform"),
+    clean_mask=_full, two_stream_mask=None, plan=_one_schedule,
+    sample=Ref("esolm.sampling.loops:mdlm"),
+    exact=Ref("esolm.likelihood:exact_per_position"),
+    order_law=Ref("esolm.likelihood:any_order_law"), iw_laws=("sampler", "uniform"),
     sampler_metric=True, search_dims=_NOT_ALPHA)
 
 BD3LM = Family(
     name="bd3lm", label="BD3-LM", color="tab:green", fixed_alpha_0=1.0, default_alpha_0=1.0, blocks=True,
     autoregressive=False, kv_cache=True, shuffle_clean=False,
     terms=MappingProxyType({"diffusion": objectives.bd3lm_nll}),
-    clean_mask=_block_causal, two_stream_mask=_two_stream_blocks, plan=_block_schedules, sample=loops.bd3lm,
-    exact=likelihood.exact_per_position, order_law=likelihood.block_law, iw_laws=("sampler",),
+    clean_mask=_block_causal, two_stream_mask=_two_stream_blocks, plan=_block_schedules,
+    sample=Ref("esolm.sampling.loops:bd3lm"),
+    exact=Ref("esolm.likelihood:exact_per_position"),
+    order_law=Ref("esolm.likelihood:block_law"), iw_laws=("sampler",),
     sampler_metric=True, search_dims=_NOT_ALPHA)
 
 _ESO_TERMS = MappingProxyType({"diffusion": objectives.eso_diffusion_nll, "sequential": objectives.sequential_nll})
@@ -177,15 +201,19 @@ _ESO_TERMS = MappingProxyType({"diffusion": objectives.eso_diffusion_nll, "seque
 ESO_A = Family(
     name="eso_a", label="Eso-LM (A)", color="tab:purple", fixed_alpha_0=None, default_alpha_0=0.25,
     blocks=False, autoregressive=False, kv_cache=True, shuffle_clean=False, terms=_ESO_TERMS,
-    clean_mask=_prefix, two_stream_mask=_two_stream_prefix, plan=_one_schedule, sample=loops.eso_a,
-    exact=likelihood.exact_any_order, order_law=likelihood.any_order_law, iw_laws=("sampler", "uniform"),
+    clean_mask=_prefix, two_stream_mask=_two_stream_prefix, plan=_one_schedule,
+    sample=Ref("esolm.sampling.loops:eso_a"),
+    exact=Ref("esolm.likelihood:exact_any_order"),
+    order_law=Ref("esolm.likelihood:any_order_law"), iw_laws=("sampler", "uniform"),
     sampler_metric=True, search_dims=ALL_DIMS)
 
 ESO_B = Family(
     name="eso_b", label="Eso-LM (B)", color="tab:blue", fixed_alpha_0=None, default_alpha_0=0.25,
     blocks=False, autoregressive=False, kv_cache=True, shuffle_clean=True, terms=_ESO_TERMS,
-    clean_mask=_causal, two_stream_mask=_two_stream_causal, plan=_one_schedule, sample=loops.eso_b,
-    exact=likelihood.exact_any_order, order_law=likelihood.any_order_law, iw_laws=("sampler", "uniform"),
+    clean_mask=_causal, two_stream_mask=_two_stream_causal, plan=_one_schedule,
+    sample=Ref("esolm.sampling.loops:eso_b"),
+    exact=Ref("esolm.likelihood:exact_any_order"),
+    order_law=Ref("esolm.likelihood:any_order_law"), iw_laws=("sampler", "uniform"),
     sampler_metric=True, search_dims=ALL_DIMS)
 
 FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (AR, MDLM, BD3LM, ESO_A, ESO_B)})

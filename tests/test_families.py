@@ -153,3 +153,25 @@ def test_the_sample_section_is_schedule_settings_with_best_filled_in(tmp_path, m
     assert sc.settings() == ScheduleSettings(steps=9, top_p=0.8, seed=5)
     with pytest.raises(ValueError, match="sample.num_sample; did you mean 'num_samples'"):
         build(SampleConfig, {"num_sample": 2}, "sample")
+
+
+def test_every_named_function_of_the_table_resolves():
+    from esolm.families import FAMILIES, Ref
+
+    for fam in FAMILIES.values():
+        for field in ("sample", "exact", "order_law"):
+            ref = getattr(fam, field)
+            assert isinstance(ref, Ref), (fam.name, field)
+            assert callable(ref.resolve()), (fam.name, field, ref.target)
+
+
+def test_training_does_not_depend_on_the_sampler_or_the_likelihood_code():
+    """The table names its loops and likelihood functions, so an edit to the sampler does not
+    rerun (and invalidate) training; sampling and evaluation still depend on them."""
+    from esolm.codedeps import compact, stage_code
+
+    train = compact(stage_code("train"))
+    assert "esolm/families.py" in train
+    assert not [d for d in train if d.startswith(("esolm/sampling", "esolm/likelihood"))], train
+    assert "esolm/sampling" in compact(stage_code("sample"))
+    assert "esolm/likelihood.py" in compact(stage_code("evaluate"))

@@ -7,7 +7,7 @@ OFFLINE := DVC_NO_ANALYTICS=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 \
            PREFECT_SERVER_ANALYTICS_ENABLED=false MPLBACKEND=Agg \
            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
 
-.PHONY: setup run test test-all clean
+.PHONY: setup run reference test test-all clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,25 @@ run: setup
 	$(OFFLINE) PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
 	@sed -n '1,14p' reports/report.md
 	@echo "full report: reports/index.html; SQL: $(VENV)/bin/esolm query \"SELECT * FROM sampling\""
+
+# The reference study (preset cpu-study, <= 2 h on 2 cores): run on a clone of the committed HEAD,
+# its report copied into reports/reference/ with the command, revision and wall time (RUN.md).
+REF ?= $(CURDIR)/.reference
+REF_ENV := $(OFFLINE) PYTHONPATH=$(REF) PATH=$(CURDIR)/$(VENV)/bin:$$PATH
+reference: setup
+	rm -rf $(REF) && git clone -q $(CURDIR) $(REF)
+	if [ -d data/raw ]; then mkdir -p $(REF)/data && cp -r data/raw $(REF)/data/; fi
+	cd $(REF) && $(REF_ENV) esolm preset cpu-study
+	cd $(REF) && start=$$(date +%s) && $(REF_ENV) dvc repro && echo $$(( $$(date +%s) - start )) > wall_s
+	rm -rf reports/reference && mkdir -p reports/reference
+	cp -r $(REF)/reports/report.md $(REF)/reports/index.html $(REF)/reports/table1.csv $(REF)/reports/figures reports/reference/
+	{ echo "# How this reference study was made"; echo; \
+	  echo "- command: \`make reference\` (preset cpu-study; \`esolm preset cpu-study\` then \`dvc repro\` on a clone)"; \
+	  echo "- git revision: $$(git -C $(REF) rev-parse HEAD)"; \
+	  echo "- wall time of dvc repro: $$(cat $(REF)/wall_s) s"; \
+	  echo "- machine: $$(nproc) CPU cores, $$(uname -sm), torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	  echo "- finished: $$(date -u +%Y-%m-%dT%H:%MZ)"; } > reports/reference/RUN.md
+	@cat reports/reference/RUN.md
 
 test: setup
 	$(OFFLINE) $(PY) -m pytest -q

@@ -144,3 +144,40 @@ def test_train_prints_its_summary_on_rank_zero_only(monkeypatch, capsys, rank, p
     assert main(["train", "--variant", "ar", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert ('"steps": 3' in out) is prints
+
+
+def test_choosing_a_preset_copies_its_variants_for_dvc(tmp_path):
+    """dvc.yaml expands one stage per top-level variant: `esolm preset` must copy the preset's
+    variants there, keep the rest of the file (comments too), and the verbs must then see the
+    same variants as with --set preset=..."""
+    from pathlib import Path
+
+    from esolm.cli import main
+    from esolm.params import load_params, yaml_load
+
+    src = Path("params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(src)
+    assert main(["preset", "cpu-study", "--params", str(path)]) == 0
+    text = path.read_text()
+    chosen = yaml_load(text)
+    assert chosen["preset"] == "cpu-study"
+    expected = yaml_load(src)["presets"]["cpu-study"]["variants"]
+    assert chosen["variants"] == expected
+    assert list(load_params(path)["variants"]) == list(expected)
+    assert load_params(path)["variants"] == load_params("params.yaml", ["preset=cpu-study"])["variants"]
+    assert "# Every tunable of the study" in text  # comments kept
+    assert {k for k in chosen if k != "variants" and k != "preset"} == \
+        {k for k in yaml_load(src) if k != "variants" and k != "preset"}
+
+
+def test_an_unknown_preset_names_the_closest(tmp_path, capsys):
+    from pathlib import Path
+
+    from esolm.cli import main
+
+    path = tmp_path / "params.yaml"
+    path.write_text(Path("params.yaml").read_text())
+    assert main(["preset", "cpu-stdy", "--params", str(path)]) == 2
+    assert "did you mean 'cpu-study'" in capsys.readouterr().err
+    assert path.read_text() == Path("params.yaml").read_text()  # untouched

@@ -130,6 +130,59 @@ def write_table1(db: Path, rid: str, path: Path) -> int:
     return len(rows)
 
 
+ORDERING_HEADERS = ["the paper's ordering", "metric", "values (PPL)", "margin (s.e.)", "holds here"]
+
+
+def orderings(db: Path, rid: str, split: str = "test") -> tuple[list[str], list[tuple]]:
+    """Which of the paper's Table 1 orderings hold in this run, each with its margin in
+    standard errors: (1) AR < Eso-LM (B) with alpha_0 ascending, (2) exact <= NELBO per
+    diffusion model, (3) MDLM < Eso-LM (B) alpha_0 = 1. The margin is the difference of the
+    log perplexities (nats/token) over the standard error of that difference, the two
+    standard errors combined as if independent (the same test rows score every model, so this
+    is conservative); positive means the ordering holds, above 2 it holds clearly."""
+    _, rows = query("SELECT l.variant, v.family, v.alpha_0, l.metric, l.value FROM likelihood l "
+                    "JOIN variants v ON v.run_id = l.run_id AND v.variant = l.variant "
+                    "WHERE l.run_id = ? AND l.split = ?", db, [rid, split])
+    info = {r[0]: (r[1], r[2]) for r in rows}
+    val = {(r[0], r[3]): r[4] for r in rows}
+
+    def get(variant: str, base: str) -> tuple[float, float] | None:
+        if info[variant][0] == "ar" and base in ("exact_sampler", "nelbo"):
+            base = "exact_l2r"  # AR: one order, and its NELBO is its exact likelihood
+        ppl, se = val.get((variant, f"{base}_ppl")), val.get((variant, f"{base}_stderr"))
+        if ppl is None or (isinstance(ppl, float) and math.isnan(ppl)):
+            return None
+        return ppl, (0.0 if se is None or math.isnan(se) else se)
+
+    def row(claim: str, lo: str, hi: str, base: str, hi_base: str | None = None) -> tuple | None:
+        a, b = get(lo, base), get(hi, hi_base or base)
+        if a is None or b is None:
+            return None
+        gap = math.log(b[0]) - math.log(a[0])
+        se = math.hypot(a[1], b[1])
+        margin = gap / se if se > 0 else (math.inf if gap > 0 else -math.inf if gap < 0 else 0.0)
+        verdict = "yes" if margin > 2 else "yes, within noise" if margin > 0 else \
+            "no, within noise" if margin > -2 else "no"
+        label = base.replace("_", " ") + ("" if hi_base is None else f" vs {hi_base}")
+        return (claim, label, f"{a[0]:.1f} vs {b[0]:.1f}", f"{margin:+.1f}", verdict)
+
+    out = []
+    chain = [v for v in info if info[v][0] == "ar"] + sorted(
+        (v for v in info if info[v][0] == "eso_b" and info[v][1] is not None), key=lambda v: info[v][1])
+    for lo, hi in zip(chain, chain[1:]):
+        for base in ("exact_sampler", "nelbo"):
+            out.append(row(f"{lo} < {hi}", lo, hi, base))
+    for v in sorted(info):
+        if info[v][0] != "ar":
+            out.append(row(f"{v}: exact <= NELBO", v, v, "exact_sampler", "nelbo"))
+    ones = [v for v in info if info[v][0] == "eso_b" and info[v][1] == 1.0]
+    for m in (v for v in info if info[v][0] == "mdlm"):
+        for e in ones:
+            for base in ("exact_sampler", "nelbo"):
+                out.append(row(f"{m} < {e}", m, e, base))
+    return ORDERING_HEADERS, [r for r in out if r is not None]
+
+
 def runs_table(db: Path) -> tuple[list[str], list[tuple]]:
     """Every run in the database as a row (its test exact perplexity per variant): the
     comparison of experiments, straight from DuckDB."""
@@ -294,7 +347,9 @@ def write_report(db: Path = DEFAULT_DB, rid: str = "", out: Path = Path("reports
                        "ORDER BY variant, sample_index", db, [rid, n_samples])
     judged = judge_line(db, rid)
     shown_cols, shown = display(cols, rows)
-    tables = [("The paper's Table 1 (test perplexity on LM1B and OpenWebText: the paper's numbers, "
+    tables = [("Which of the paper's orderings hold here (test split; margin = gap in nats over its "
+               "standard error)", *orderings(db, rid)),
+              ("The paper's Table 1 (test perplexity on LM1B and OpenWebText: the paper's numbers, "
                "not ours)", *PAPER_TABLE1), ("Runs in the database (test exact PPL, left to right)",
                                                *runs_table(db))]
     md = [(f"# esolm report\n\nRun `{rid}`. Test split; PPL = perplexity per token; exact = exact "

@@ -124,6 +124,7 @@ def test_search_then_sample_with_the_best_schedule_then_report(project):
     assert "| unigram | unigram |" in md and "NELBO PPL (± s.e.)" in md and "the paper's numbers" in md
     assert "e+0" not in md.split("## ")[0]  # readable numbers in the headline table
     assert f"| {rid} | pipeline |" in md  # the runs in the database, one row each
+    assert "Which of the paper's orderings hold here" in md and "| ar < eso_b_a05 |" in md
     import csv
 
     table1 = list(csv.DictReader((project / "reports" / "table1.csv").open()))

@@ -30,6 +30,7 @@ from esolm.device import is_accelerator, synchronize
 from esolm.model.backbone import Backbone
 from esolm.profiling import random_weights
 from esolm.sampling import generate
+from esolm.sampling.graphs import check_step_mode
 
 # bench row name -> (family, overrides)
 FAMILIES: dict[str, tuple[str, dict]] = {
@@ -58,7 +59,8 @@ class BenchConfig:
     """Defaults: the d = 128 / 4-layer / V = 512 backbone (large enough that a decode step is
     not pure dispatch, small enough for CPU). threads: CPU threads (0: torch's default).
     dtype: weights and activations (logits and Gumbel noise stay float32 / float64).
-    cuda_graphs: Eso-LM (B) and AR decode over a static cache as CUDA graphs (GPU only)."""
+    step_mode: how the cached decode steps of Eso-LM (B) and AR run (``graphs.STEP_MODES``:
+    dynamic, static, compile, cuda_graphs); every family of one run uses the same mode."""
 
     families: tuple[str, ...] = tuple(FAMILIES)
     lengths: tuple[int, ...] = (256, 1024)
@@ -73,7 +75,7 @@ class BenchConfig:
     dtype: str = "float32"
     threads: int = 0
     mdlm_max_steps: int = 0
-    cuda_graphs: bool = False
+    step_mode: str = "dynamic"
     seed: int = 0
     preset: str = ""
 
@@ -87,6 +89,7 @@ class BenchConfig:
             raise ValueError(f"bench.dtype={self.dtype!r} is unknown; use one of {tuple(DTYPES)}")
         if self.preset not in PRESETS:
             raise ValueError(f"bench.preset={self.preset!r} is unknown; use one of {tuple(PRESETS)}")
+        check_step_mode(self.step_mode)
         if self.threads < 0 or self.mdlm_max_steps < 0:
             raise ValueError("bench.threads and bench.mdlm_max_steps must be >= 0")
 
@@ -174,7 +177,7 @@ def _setup(bc: BenchConfig, family: str, length: int, nfe: str | int,
         scale, steps = steps / bc.mdlm_max_steps, bc.mdlm_max_steps
     for i in range(bc.warmup):
         generate(model, num_samples=bc.batch_size, steps=min(steps, WARMUP_STEPS), schedule="power",
-                 seed=bc.seed + 1000 + i, cuda_graphs=bc.cuda_graphs)
+                 seed=bc.seed + 1000 + i, step_mode=bc.step_mode)
     return model, steps, scale
 
 
@@ -197,7 +200,7 @@ def time_cell(bc: BenchConfig, families: tuple[str, ...], length: int, nfe: str 
             c0 = time.process_time()
             with PeakMemory(device) as mem:
                 g = generate(model, num_samples=bc.batch_size, steps=steps, schedule="power",
-                             seed=bc.seed + i, cuda_graphs=bc.cuda_graphs)
+                             seed=bc.seed + i, step_mode=bc.step_mode)
             cpu[f].append((time.process_time() - c0) * scale)
             wall[f].append(g.seconds * scale)
             nfes[f].append(round(g.nfe * scale))

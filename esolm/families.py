@@ -32,7 +32,7 @@ from esolm.ordering import Schedule, make_schedule
 Plan = Schedule | list[Schedule] | None
 MaskFn = Callable[..., MaskSpec]  # (cfg, n_clean=None, keep=None) or (cfg, half, n_clean=None, keep=None)
 PlanFn = Callable[[ModelConfig, int, ScheduleSettings, Tensor, torch.Generator], Plan]
-SampleLoop = Callable[..., int]  # (model, x, plan, dec, kv_cache, graphs, n_given) -> forward passes
+SampleLoop = Callable[..., int]  # (model, x, plan, dec, kv_cache, step_mode, n_given) -> forward passes
 ExactFn = Callable[..., Tensor]  # (model, x, order, valid, chunk, progress) -> log p(x | order) [B]
 OrderLaw = Callable[[ModelConfig, int, int, str, torch.Generator | None], Tensor]
 
@@ -89,7 +89,7 @@ class Family:
     plan: PlanFn
     """The sampling schedule of a batch: (cfg, batch, settings, given positions, generator)."""
     sample: SampleLoop
-    """The sampling loop; one signature for all: (model, x, plan, dec, kv_cache, graphs, n_given)."""
+    """The sampling loop; one signature for all: (model, x, plan, dec, kv_cache, step_mode, n_given)."""
     exact: ExactFn
     """Exact log p(x | order): (model, x, order, valid, chunk, progress) -> [B] nats."""
     order_law: OrderLaw

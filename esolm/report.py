@@ -140,6 +140,8 @@ def orderings(db: Path, rid: str, split: str = "test") -> tuple[list[str], list[
     log perplexities (nats/token) over the standard error of that difference, the two
     standard errors combined as if independent (the same test rows score every model, so this
     is conservative); positive means the ordering holds, above 2 it holds clearly."""
+    from esolm.families import AR, ESO_B, MDLM  # the paper's claims name these families
+
     _, rows = query("SELECT l.variant, v.family, v.alpha_0, l.metric, l.value FROM likelihood l "
                     "JOIN variants v ON v.run_id = l.run_id AND v.variant = l.variant "
                     "WHERE l.run_id = ? AND l.split = ?", db, [rid, split])
@@ -147,7 +149,7 @@ def orderings(db: Path, rid: str, split: str = "test") -> tuple[list[str], list[
     val = {(r[0], r[3]): r[4] for r in rows}
 
     def get(variant: str, base: str) -> tuple[float, float] | None:
-        if info[variant][0] == "ar" and base in ("exact_sampler", "nelbo"):
+        if info[variant][0] == AR.name and base in ("exact_sampler", "nelbo"):
             base = "exact_l2r"  # AR: one order, and its NELBO is its exact likelihood
         ppl, se = val.get((variant, f"{base}_ppl")), val.get((variant, f"{base}_stderr"))
         if ppl is None or (isinstance(ppl, float) and math.isnan(ppl)):
@@ -167,16 +169,16 @@ def orderings(db: Path, rid: str, split: str = "test") -> tuple[list[str], list[
         return (claim, label, f"{a[0]:.1f} vs {b[0]:.1f}", f"{margin:+.1f}", verdict)
 
     out = []
-    chain = [v for v in info if info[v][0] == "ar"] + sorted(
-        (v for v in info if info[v][0] == "eso_b" and info[v][1] is not None), key=lambda v: info[v][1])
+    chain = [v for v in info if info[v][0] == AR.name] + sorted(
+        (v for v in info if info[v][0] == ESO_B.name and info[v][1] is not None), key=lambda v: info[v][1])
     for lo, hi in zip(chain, chain[1:]):
         for base in ("exact_sampler", "nelbo"):
             out.append(row(f"{lo} < {hi}", lo, hi, base))
     for v in sorted(info):
-        if info[v][0] != "ar":
+        if info[v][0] != AR.name:
             out.append(row(f"{v}: exact <= NELBO", v, v, "exact_sampler", "nelbo"))
-    ones = [v for v in info if info[v][0] == "eso_b" and info[v][1] == 1.0]
-    for m in (v for v in info if info[v][0] == "mdlm"):
+    ones = [v for v in info if info[v][0] == ESO_B.name and info[v][1] == 1.0]
+    for m in (v for v in info if info[v][0] == MDLM.name):
         for e in ones:
             for base in ("exact_sampler", "nelbo"):
                 out.append(row(f"{m} < {e}", m, e, base))

@@ -219,10 +219,11 @@ class Backbone(nn.Module):
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], start, commit)
             h = block(h, mods[i], rope, spec, layer_cache)
-        if cache is not None:
-            cache.length += commit
+        if cache is not None:  # a static cache's host-side length is kept by its caller (StaticSteps)
             if cache.pos is not None:
                 cache.pos.add_(commit)
+            else:
+                cache.length += commit
         if isinstance(logits_for, Tensor):  # LongTensor[B, k] of token indices
             h = h.gather(1, logits_for.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         else:
@@ -236,10 +237,11 @@ class Backbone(nn.Module):
     @staticmethod
     def _static_slots(cache: KVCache, spec: MaskSpec, n: int) -> tuple[Tensor, MaskSpec]:
         """Slots pos + [0, n) of n tokens in a static cache and their causal mask over the
-        whole buffer ([n, capacity]: key j visible iff j <= the query's slot)."""
+        whole buffer ([n, capacity]: key j visible iff j <= the query's slot). No host-side
+        value is read here (the caller checks the room), so a compiled step never recompiles
+        as the cache fills."""
         if spec.kind != "causal" or spec.keep is not None:
             raise ValueError(f"a static KV cache serves causal decode steps only, not {spec.kind!r}")
-        cache.check_room(n)
         slots = cache.pos + cache.slots[:n]
         return slots, replace(spec, dense=cache.slots[None, :] <= slots[:, None])
 

@@ -15,6 +15,7 @@ from esolm.model.backbone import Backbone
 from esolm.ordering import Schedule
 from esolm.sampling import loops
 from esolm.sampling.decode import nucleus_filter, sample_tokens
+from esolm.sampling.graphs import check_step_mode
 from esolm.seeds import stream_generator
 
 __all__ = ["Generation", "ScheduleSettings", "generate", "nucleus_filter", "sample_tokens"]
@@ -56,7 +57,7 @@ def generate(model: Backbone, num_samples: int = 8, steps: int | None = None, al
              schedule: str | None = None, gamma: float | None = None, subcontexts: int | None = None,
              shuffle: bool | str | None = None, settings: ScheduleSettings | None = None,
              batch_size: int | None = None, record_logits: bool = False,
-             progress: bool = False, cuda_graphs: bool = False) -> Generation:
+             progress: bool = False, cuda_graphs: bool = False, step_mode: str = "dynamic") -> Generation:
     """Sample ``num_samples`` sequences of the model's length.
 
     settings: the schedule and decode settings (``ScheduleSettings``: its fields document each
@@ -66,10 +67,12 @@ def generate(model: Backbone, num_samples: int = 8, steps: int | None = None, al
     ``Generation.settings`` records what was used. prompt: position -> id, kept and prefilled
     in the first forward. Empty steps cost none. The schedule and the token noise come from
     independent streams derived from the seed. The family's record
-    (``model.config.spec``) gives the plan and the loop. cuda_graphs: Eso-LM (B) and AR decode
-    over a static KV cache, each step shape captured once as a CUDA graph on a GPU (elsewhere
-    the same static steps run eagerly).
+    (``model.config.spec``) gives the plan and the loop. step_mode: how the cached decode steps
+    of Eso-LM (B) and AR run (``graphs.STEP_MODES``): dynamic (default), static, compile
+    (``torch.compile`` per step shape) or cuda_graphs (each step shape captured once as a CUDA
+    graph on a GPU; elsewhere static). cuda_graphs=True is step_mode="cuda_graphs".
     """
+    step_mode = check_step_mode("cuda_graphs" if cuda_graphs else step_mode)
     cfg, spec = model.config, model.config.spec
     s = (settings or ScheduleSettings()).settings().replace(
         steps=steps, alpha_0=alpha_0, order=order, kv_cache=kv_cache, top_p=top_p, seed=seed,
@@ -97,7 +100,7 @@ def generate(model: Backbone, num_samples: int = 8, steps: int | None = None, al
             dec.on_step = bar.update
             synchronize(device)
             t0 = time.perf_counter()
-            nfe += _run(model, x, plan, dec, s.kv_cache, given.numel(), cuda_graphs)
+            nfe += _run(model, x, plan, dec, s.kv_cache, given.numel(), step_mode)
             synchronize(device)
             seconds += time.perf_counter() - t0
             bar.close()
@@ -145,5 +148,5 @@ def _n_steps(sched: Schedule | list[Schedule] | None, free: int) -> int:
 
 @torch.inference_mode()  # lighter than no_grad per operator; x is filled in place
 def _run(model: Backbone, x: Tensor, plan, dec: loops.Decoder, kv_cache: bool, n_given: int,
-         graphs: bool = False) -> int:
-    return model.config.spec.sample(model, x, plan, dec, kv_cache, graphs, n_given)
+         step_mode: str = "dynamic") -> int:
+    return model.config.spec.sample(model, x, plan, dec, kv_cache, step_mode, n_given)

@@ -1,8 +1,8 @@
 """One sampling loop per family (the ``sample`` of its record in ``esolm.families``), one
-signature for all: ``loop(model, x, plan, dec, kv_cache, graphs=False, n_given=0) -> NFE``.
+signature for all: ``loop(model, x, plan, dec, kv_cache, step_mode, n_given=0) -> NFE``.
 Each takes the model, the initial tokens ``x`` [B, L] (mask id wherever a token is to be
 generated), the family's plan (its schedule; AR has none), a ``Decoder``, whether to cache,
-whether cached steps may run as CUDA graphs (where the family has static steps) and the
+how cached steps run where the family has static steps (``graphs.STEP_MODES``) and the
 number of given (prompt) tokens; it fills ``x`` in place and returns the forward passes run.
 Attention masks come from the family's record (``model.config.spec``).
 
@@ -51,18 +51,18 @@ class Decoder:
             self.on_step()
 
 
-def _static(model: Backbone, cache: KVCache | None, cond, graphs: bool) -> StaticSteps | None:
-    return StaticSteps(model, cache, cond, graphs=True) if graphs and cache is not None else None
+def _static(model: Backbone, cache: KVCache | None, cond, step_mode: str) -> StaticSteps | None:
+    return StaticSteps(model, cache, cond, step_mode) if step_mode != "dynamic" and cache is not None else None
 
 
 def eso_b(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bool,
-          graphs: bool = False, n_given: int = 0) -> int:
-    """graphs: cached steps over a static cache, as CUDA graphs on a GPU (``StaticSteps``)."""
+          step_mode: str = "dynamic", n_given: int = 0) -> int:
+    """step_mode: how cached steps run (``graphs.STEP_MODES``: static, compiled or CUDA graphs)."""
     mask = model.config.spec.clean_mask(model.config)
     order = sched.order.to(x.device)
     cache = model.new_cache(x.shape[0]) if kv_cache else None
     cond = model.conditioning()
-    static = _static(model, cache, cond, graphs)
+    static = _static(model, cache, cond, step_mode)
     start = prev = sched.n_given  # order[:start] is decoded; its last ``prev`` are not cached yet
     for k in sched.counts:
         cur = order[:, start:start + k]
@@ -82,7 +82,7 @@ def eso_b(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: b
 
 
 def eso_a(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bool,
-          graphs: bool = False, n_given: int = 0) -> int:
+          step_mode: str = "dynamic", n_given: int = 0) -> int:
     """The diffusion phase under the family's clean (prefix) mask; the sequential phase
     cached and causal once the clean tokens fill the cache."""
     cfg = model.config
@@ -111,7 +111,7 @@ def eso_a(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: b
 
 
 def mdlm(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bool,
-         graphs: bool = False, n_given: int = 0) -> int:
+         step_mode: str = "dynamic", n_given: int = 0) -> int:
     """Full recompute each step (no cache exists for bidirectional attention). Empty steps
     were dropped from the schedule, so every forward follows a change; logits are computed
     only for the positions decoded this step (no B x L x V tensors)."""
@@ -129,7 +129,7 @@ def mdlm(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bo
 
 
 def bd3lm(model: Backbone, x: Tensor, blocks: list[Schedule], dec: Decoder, kv_cache: bool,
-          graphs: bool = False, n_given: int = 0) -> int:
+          step_mode: str = "dynamic", n_given: int = 0) -> int:
     """Blocks of L' left to right, MDLM inside the block (its own schedule), exact KV cache
     of earlier blocks; a finished block is committed by the next block's first forward."""
     B = x.shape[0]
@@ -154,14 +154,14 @@ def bd3lm(model: Backbone, x: Tensor, blocks: list[Schedule], dec: Decoder, kv_c
 
 
 def ar(model: Backbone, x: Tensor, plan: None, dec: Decoder, kv_cache: bool,
-       graphs: bool = False, n_given: int = 0) -> int:
+       step_mode: str = "dynamic", n_given: int = 0) -> int:
     """Left to right with a standard KV cache; the input at position i is x_{i-1} (BOS = mask id).
-    graphs: cached steps over a static cache, as CUDA graphs on a GPU (``StaticSteps``)."""
+    step_mode: how cached steps run (``graphs.STEP_MODES``: static, compiled or CUDA graphs)."""
     B, L = x.shape
     inp = torch.cat((torch.full((B, 1), model.config.mask_token_id, device=x.device), x[:, :-1]), 1)
     cache = model.new_cache(B) if kv_cache else None
     cond = model.conditioning()
-    static = _static(model, cache, cond, graphs)
+    static = _static(model, cache, cond, step_mode)
     mask = model.config.spec.clean_mask(model.config)
     pos = torch.arange(L, device=x.device).expand(B, L)
     for i in range(n_given, L):

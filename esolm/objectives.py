@@ -227,6 +227,16 @@ def check_objective(cfg: ModelConfig, objective: str) -> None:
                          f"alpha_0: 1.0); {cfg.family} has alpha_0={cfg.alpha_0}: use 'nelbo'")
 
 
+def training_objective(cfg: ModelConfig, objective: str) -> str:
+    """The objective a model of ``cfg`` trains on when the study asks for ``objective``
+    (``train.objective``): ``low_var`` reaches the alpha_0 = 1 models only (MDLM, BD3-LM and
+    Eso-LMs with alpha_0 = 1, as in the authors' alpha_0 = 1 runs); a model with a sequential
+    part (AR, Eso-LMs with alpha_0 < 1) trains on the NELBO."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is unknown: use one of {OBJECTIVES}")
+    return objective if cfg.alpha_0 == 1.0 else "nelbo"
+
+
 def check_tokens(cfg: ModelConfig, x: Tensor) -> None:
     """Clear errors for inputs the model cannot take."""
     if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):

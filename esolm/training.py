@@ -30,7 +30,7 @@ from esolm.config import ModelConfig
 from esolm.data.batches import Batches
 from esolm.io import atomic_save, read_jsonl, run_lock, safe_load, write_text_atomic
 from esolm.model.backbone import Backbone
-from esolm.objectives import OBJECTIVES, LossOutput, check_objective, loss
+from esolm.objectives import OBJECTIVES, LossOutput, loss, training_objective
 from esolm.seeds import derive_seed, stream_generator
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -174,7 +174,7 @@ class LitModel(pl.LightningModule):
 
     def __init__(self, cfg: ModelConfig, tc: TrainConfig) -> None:
         super().__init__()
-        check_objective(cfg, tc.objective)
+        self.objective = training_objective(cfg, tc.objective)
         self.cfg, self.tc = cfg, tc
         torch.manual_seed(tc.seed)
         self.model = Backbone(cfg)
@@ -202,7 +202,7 @@ class LitModel(pl.LightningModule):
         torch.manual_seed(derive_seed(self.tc.seed, "train", "dropout", micro_step, self.global_rank))
         gen = stream_generator(self.tc.seed, "train", "draws", micro_step)
         out = loss(self.net, batch, generator=gen, rank=self.global_rank,
-                   world_size=self.trainer.world_size, objective=self.tc.objective)
+                   world_size=self.trainer.world_size, objective=self.objective)
         objective, value = global_per_token(out, self.trainer.world_size)
         if not torch.isfinite(value):
             last = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
@@ -328,7 +328,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fres
           progress: bool = True, callbacks: list[pl.Callback] | None = None) -> dict:
     """Train (or resume) one variant; writes checkpoints/ (last.ckpt and the working curve, the
     resumable state), then model.ckpt, train.jsonl and train.json (the stage's outputs)."""
-    check_objective(cfg, tc.objective)  # before any file is touched
+    training_objective(cfg, tc.objective)  # before any file is touched
 
     run_dir.mkdir(parents=True, exist_ok=True)
     primary = os.environ.get("LOCAL_RANK", "0") == "0"  # DDP children share rank 0's lock
@@ -400,7 +400,7 @@ def _finish(module: LitModel, trainer: pl.Trainer, tc: TrainConfig, data_dir: Pa
                "final_train_loss": rows[-1]["loss"] if rows else None,
                "final_valid_loss": float(val) if val is not None else None,
                "wall_s": seconds, "tokens_per_s": _mean_rate(rows), "family": module.cfg.family,
-               "objective": tc.objective, "init": "adaLN-Zero (modulations and output layer zero)",
+               "objective": module.objective, "init": "adaLN-Zero (modulations and output layer zero)",
                "ema": {"decay": tc.ema, "warmup": "min(decay, (1 + n) / (10 + n))"} if tc.ema else None}
     if trainer.is_global_zero:
         atomic_save({"format": MODEL_FORMAT, "config": module.cfg.to_dict(), "step": trainer.global_step,

@@ -232,3 +232,16 @@ def test_low_var_objective_drops_the_time_weight():
         loss(sharp_model("eso_b", alpha_0=0.5), x, objective="low_var")
     with pytest.raises(ValueError, match="objective='elbo' is unknown"):
         loss(model, x, objective="elbo")
+
+
+def test_the_low_var_objective_of_a_study_reaches_the_alpha_0_1_models_only():
+    from esolm.objectives import training_objective
+
+    for family, kw, expected in [("mdlm", {}, "low_var"), ("bd3lm", {}, "low_var"),
+                                 ("eso_b", dict(alpha_0=1.0), "low_var"), ("eso_b", dict(alpha_0=0.5), "nelbo"),
+                                 ("eso_a", dict(alpha_0=0.25), "nelbo"), ("ar", {}, "nelbo")]:
+        cfg = sharp_model(family, **kw).config
+        assert training_objective(cfg, "low_var") == expected, family
+        assert training_objective(cfg, "nelbo") == "nelbo"
+    with pytest.raises(ValueError, match="unknown"):
+        training_objective(cfg, "elbo")

@@ -14,7 +14,7 @@ def db(tmp_path):
     variants = [("ar", "ar", 0.0), ("b1", "eso_b", 1.0), ("b05", "eso_b", 0.5), ("mdlm", "mdlm", 1.0)]
     con.executemany("INSERT INTO variants (run_id, variant, family, alpha_0) VALUES ('r', ?, ?, ?)", variants)
     # (variant, metric base, ppl, stderr in nats)
-    values = [("ar", "exact_l2r", 20.0, 0.01),
+    values = [("ar", "exact_l2r", 20.0, 0.01), ("b1", "exact_l2r", 30.0, 0.01),
               ("b05", "exact_sampler", 30.0, 0.01), ("b05", "nelbo", 33.0, 0.01),
               ("b1", "exact_sampler", 29.0, 0.05), ("b1", "nelbo", 36.0, 0.01),
               ("mdlm", "exact_sampler", 25.0, 0.01), ("mdlm", "nelbo", 24.0, 0.2)]
@@ -41,6 +41,7 @@ def test_orderings_state_each_claim_with_its_margin_in_standard_errors(db):
     # exact <= NELBO per diffusion model; MDLM's NELBO is below its exact value here
     assert by[("mdlm: exact <= NELBO", "exact sampler vs nelbo")][4] == "no, within noise"
     assert by[("b1: exact <= NELBO", "exact sampler vs nelbo")][4] == "yes"
+    assert by[("b1: exact <= NELBO", "exact l2r vs nelbo")][4] == "yes"
     assert ("ar: exact <= NELBO", "exact sampler vs nelbo") not in by  # AR has one order
     assert by[("mdlm < b1", "nelbo")][4] == "yes"
     assert len(cols) == len(rows[0]) == 5

@@ -138,24 +138,22 @@ def orderings(db: Path, rid: str, split: str = "test") -> tuple[list[str], list[
     standard errors: (1) AR < Eso-LM (B) with alpha_0 ascending, (2) exact (left to right and in
     the sampler's order) <= NELBO per diffusion model, (3) MDLM < Eso-LM (B) alpha_0 = 1. The
     margin is the difference of the log perplexities (nats/token) over the standard error of
-    that difference, the two
-    standard errors combined as if independent (the same test rows score every model, so this
+    that difference, the two standard errors combined as if independent (the same test rows score every model, so this
     is conservative); positive means the ordering holds, above 2 it holds clearly."""
     from esolm.families import AR, ESO_B, MDLM  # the paper's claims name these families
 
-    _, rows = query("SELECT l.variant, v.family, v.alpha_0, l.metric, l.value FROM likelihood l "
-                    "JOIN variants v ON v.run_id = l.run_id AND v.variant = l.variant "
-                    "WHERE l.run_id = ? AND l.split = ?", db, [rid, split])
-    info = {r[0]: (r[1], r[2]) for r in rows}
-    val = {(r[0], r[3]): r[4] for r in rows}
+    rows = [r for r in table1_rows(db, rid) if r["split"] == split]
+    info = {r["variant"]: (r["family"], r["alpha_0"]) for r in rows}
+    val = {(r["variant"], r["metric"]): (r["value"], r["stderr"]) for r in rows}
 
     def get(variant: str, base: str) -> tuple[float, float] | None:
+        """(perplexity, standard error in nats) of one metric; table1_rows holds it in PPL."""
         if info[variant][0] == AR.name and base in ("exact_sampler", "nelbo"):
             base = "exact_l2r"  # AR: one order, and its NELBO is its exact likelihood
-        ppl, se = val.get((variant, f"{base}_ppl")), val.get((variant, f"{base}_stderr"))
-        if ppl is None or (isinstance(ppl, float) and math.isnan(ppl)):
+        ppl, se = val.get((variant, f"{base}_ppl"), (None, None))
+        if ppl is None or math.isnan(ppl):
             return None
-        return ppl, (0.0 if se is None or math.isnan(se) else se)
+        return ppl, (0.0 if se is None else se / ppl)
 
     def row(claim: str, lo: str, hi: str, base: str, hi_base: str | None = None) -> tuple | None:
         a, b = get(lo, base), get(hi, hi_base or base)

@@ -67,7 +67,7 @@ def trained_project(tmp: Path) -> Path:
     p["model"].update(d_model=32, n_heads=4, cond_dim=32)
     p["variants"] = {"ar": {"family": "ar"}, "eso_b_a05": {"family": "eso_b", "alpha_0": 0.5, "batch_split": 0.5}}
     p["train"].update(steps=4, batch_size=8, val_every=2, ckpt_every=2, log_every=2, warmup_steps=1)
-    p["search"].update(num_samples=2, default_steps=[2], sampler="tpe", space={"steps": [2, 8]})
+    p["search"].update(variant="eso_b_a05", num_samples=2, default_steps=[2], sampler="tpe", space={"steps": [2, 8]})
     p["judge"]["train"] = {"steps": 4}
     (tmp / "params.yaml").write_text(yaml.safe_dump(p))
     env = {**os.environ, "PYTHONPATH": str(root)}

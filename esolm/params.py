@@ -94,6 +94,7 @@ def load_params(path: str | Path = "params.yaml", sets: list[str] | None = None)
         merge(params, presets[name] or {})
     params = apply_sets(params, [s for s in sets if s.split("=", 1)[0].strip() != "preset"])
     check_names(params.get("variants") or {})
+    check_search_variant(params)
     return params
 
 
@@ -137,6 +138,18 @@ def check_names(variants: dict) -> None:
         if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name):
             raise ValueError(f"variant name {name!r} is invalid: use letters, digits, '_' and '-' "
                              "(starting with a letter or digit)")
+
+
+def check_search_variant(params: dict) -> None:
+    """``search.variant`` is one of ``variants:`` (the search stage reads its trained model): a
+    variant removed from the study while the search still names it fails here, not after the
+    trainings."""
+    variants = params.get("variants") or {}
+    chosen = (params.get("search") or {}).get("variant")
+    if variants and chosen is not None and chosen not in variants:
+        raise ValueError(f"search.variant={chosen!r} is not a variant of this study"
+                         + _closest(str(chosen), list(variants)).replace("valid keys", "variants")
+                         + " (set search.variant to one of them)")
 
 
 def section(params: dict, name: str) -> dict:

@@ -128,6 +128,19 @@ def test_query_is_read_only_and_prints_text_verbatim(tmp_path, capsys):
     assert target.read_text() == "the report" and not (tmp_path / "e").exists()
 
 
+def test_a_search_variant_outside_the_study_is_a_clear_error(tmp_path):
+    """Dropping a variant while search.variant still names it fails when params load (every
+    verb), naming the closest variant, instead of at the search stage after the trainings."""
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["search"]["variant"] = "eso_b_a05x"
+    params["variants"]["eso_b_a05"] = {"family": "eso_b", "alpha_0": 0.5, "batch_split": 0.5}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ValueError, match=r"search.variant='eso_b_a05x' is not a variant .*did you mean 'eso_b_a05'"):
+        load_params(tmp_path / "p.yaml")
+    assert load_params(tmp_path / "p.yaml", ["search.variant=eso_b_a05"])["search"]["variant"] == "eso_b_a05"
+    assert main(["sample", "--params", str(tmp_path / "p.yaml"), "--variant", "ar"]) == 2
+
+
 @pytest.mark.parametrize("name", ["x;touch pwned", "a b", "../up", "-dash", "$(id)"])
 def test_variant_names_that_could_run_commands_are_refused(tmp_path, name):
     params = yaml.safe_load(Path("params.yaml").read_text())

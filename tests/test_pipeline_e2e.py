@@ -36,7 +36,7 @@ def tiny_params(repo: Path, corpus: Path) -> None:
     p["judge"]["train"] = {"steps": 30}
     p["curve"] = {"steps": [2, 4], "num_samples": 2}
     p["bench"].update(lengths=[16], repeats=1, warmup=0, families=["eso_b", "mdlm", "ar"])
-    p["search"].update(n_trials=3, num_samples=2, default_steps=[2, 4], space={"steps": [2, 8]})
+    p["search"].update(variant="eso_b_a05", n_trials=3, num_samples=2, default_steps=[2, 4], space={"steps": [2, 8]})
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 
 

@@ -34,7 +34,7 @@ def project(tmp_path_factory):
     p["sample"].update(num_samples=4, steps=4)
     p["judge"]["train"] = {"steps": 12}
     p["curve"] = {"steps": [2, 4], "num_samples": 2}
-    p["search"].update(n_trials=3, num_samples=2, default_steps=[2, 4], space={"steps": [2, 8]},
+    p["search"].update(variant="eso_b_a05", n_trials=3, num_samples=2, default_steps=[2, 4], space={"steps": [2, 8]},
                        out_dir=str(tmp / "search"))
     (tmp / "params.yaml").write_text(yaml.safe_dump(p))
     prepare(DataConfig.from_dict(p["data"]), progress=False)

@@ -300,19 +300,29 @@ def fig_speedup(db: Path, rid: str, path: Path) -> bool:
 
 
 def fig_training(db: Path, rid: str, path: Path) -> bool:
-    _, rows = query("SELECT variant, step, loss FROM training WHERE run_id = ? ORDER BY variant, step",
-                    db, [rid])
+    """Training loss per step, one panel per objective: the NELBO and, when ``train.objective``
+    is ``low_var``, the alpha_0 = 1 models' low_var loss (weight 1 per masked token: a different
+    scale, not a bound), so that no curve is read on another's axis."""
+    _, rows = query("SELECT t.variant, t.step, t.loss, coalesce(v.objective, 'nelbo') FROM training t "
+                    "LEFT JOIN variants v ON v.run_id = t.run_id AND v.variant = t.variant "
+                    "WHERE t.run_id = ? ORDER BY t.variant, t.step", db, [rid])
     if not rows:
         return False
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for variant in sorted({r[0] for r in rows}):
-        pts = [(s, v) for n, s, v in rows if n == variant]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=variant)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training NELBO (nats/token)")
-    ax.legend(fontsize=7)
+    objectives = sorted({r[3] for r in rows}, key=lambda o: o != "nelbo")  # the NELBO first
+    fig, axes = plt.subplots(1, len(objectives), figsize=(5.5 * len(objectives), 3.6), squeeze=False)
+    for ax, objective in zip(axes[0], objectives):
+        for variant in sorted({r[0] for r in rows if r[3] == objective}):
+            pts = [(s, v) for n, s, v, _ in rows if n == variant]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=variant)
+        ax.set_xlabel("step")
+        ax.set_ylabel(TRAINING_LOSS_LABELS.get(objective, f"training loss, {objective} (nats/token)"))
+        ax.legend(fontsize=7)
     return _save(plt, fig, path)
+
+
+TRAINING_LOSS_LABELS = {"nelbo": "training NELBO (nats/token)",
+                        "low_var": "training loss, low_var (nats/token; not a bound)"}
 
 
 def _save(plt, fig, path: Path) -> bool:

@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS throughput (
     run_id VARCHAR, family VARCHAR, length BIGINT, nfe_budget VARCHAR, nfe BIGINT,
     batch_size BIGINT, median_s DOUBLE, tokens_per_s DOUBLE, device VARCHAR,
     PRIMARY KEY (run_id, family, length, nfe_budget));
+ALTER TABLE variants ADD COLUMN IF NOT EXISTS objective VARCHAR;
 ALTER TABLE throughput ADD COLUMN IF NOT EXISTS median_cpu_s DOUBLE;
 ALTER TABLE throughput ADD COLUMN IF NOT EXISTS d_model BIGINT;
 ALTER TABLE throughput ADD COLUMN IF NOT EXISTS n_layers BIGINT;
@@ -136,7 +137,8 @@ def _variant_rows(rid: str, name: str, run: Path) -> dict[str, list[dict]]:
                             "alpha_0": like.get("alpha_0"), "steps": s["steps"], "tokens": s["tokens"],
                             "final_train_loss": s["final_train_loss"],
                             "final_valid_loss": s["final_valid_loss"], "wall_s": s["wall_s"],
-                            "tokens_per_s": s["tokens_per_s"]}]
+                            "tokens_per_s": s["tokens_per_s"],
+                            "objective": s.get("objective", "nelbo")}]  # older train.json: the NELBO
     out["training"] = [{"run_id": rid, "variant": name, "step": r["step"], "loss": r["loss"], "lr": r["lr"],
                         "grad_norm": r["grad_norm"], "tokens_per_s": r["tokens_per_s"]}
                        for r in _rows_jsonl(run / "train.jsonl")]
@@ -176,7 +178,7 @@ def _baseline_rows(rid: str, params: dict) -> dict[str, list[dict]]:
         return {}
     return {"variants": [{"run_id": rid, "variant": "unigram", "family": "unigram", "alpha_0": None,
                           "steps": 0, "tokens": 0, "final_train_loss": None, "final_valid_loss": None,
-                          "wall_s": 0.0, "tokens_per_s": None}],
+                          "wall_s": 0.0, "tokens_per_s": None, "objective": None}],
             "likelihood": [{"run_id": rid, "variant": "unigram", "split": split, "metric": "exact_l2r_ppl",
                             "value": value} for split, value in uni.items()]}
 

@@ -45,3 +45,37 @@ def test_orderings_state_each_claim_with_its_margin_in_standard_errors(db):
     assert ("ar: exact <= NELBO", "exact sampler vs nelbo") not in by  # AR has one order
     assert by[("mdlm < b1", "nelbo")][4] == "yes"
     assert len(cols) == len(rows[0]) == 5
+
+
+def test_training_figure_puts_each_objective_on_its_own_axis(tmp_path, monkeypatch):
+    """low_var losses (alpha_0 = 1 under train.objective=low_var) are on another scale than the
+    NELBO: the objective is ingested from train.json and each gets its own panel and label."""
+    import json
+
+    from esolm import report
+    from esolm.store import connect, ingest
+
+    for name, objective, loss in [("ar", "nelbo", 3.5), ("mdlm", "low_var", 2.4), ("old", None, 4.0)]:
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        summary = {"family": "ar" if name == "ar" else "mdlm", "steps": 2, "tokens": 64,
+                   "final_train_loss": loss, "final_valid_loss": 4.0, "wall_s": 1.0, "tokens_per_s": 64.0}
+        if objective:  # "old": a train.json written before the objective was recorded
+            summary["objective"] = objective
+        (run / "train.json").write_text(json.dumps(summary))
+        (run / "train.jsonl").write_text("".join(
+            json.dumps({"step": s, "loss": loss, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 64.0}) + "\n"
+            for s in (1, 2)))
+    db = tmp_path / "results.duckdb"
+    params = {"variants": {"ar": {}, "mdlm": {}, "old": {}}, "data": {"out_dir": str(tmp_path / "none")}}
+    ingest(params, tmp_path / "runs", tmp_path / "reports", db, rid="r")
+    con = connect(db)
+    assert dict(con.execute("SELECT variant, objective FROM variants").fetchall()) == {
+        "ar": "nelbo", "mdlm": "low_var", "old": "nelbo"}
+    con.close()
+    figs = []
+    monkeypatch.setattr(report, "_save", lambda plt, fig, path: figs.append(fig) or True)
+    assert report.fig_training(db, "r", tmp_path / "training.png")
+    panels = {ax.get_ylabel(): sorted(line.get_label() for line in ax.get_lines()) for ax in figs[0].axes}
+    assert panels == {"training NELBO (nats/token)": ["ar", "old"],
+                      "training loss, low_var (nats/token; not a bound)": ["mdlm"]}

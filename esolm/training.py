@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,17 +375,42 @@ def _fit(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fresh
     module = LitModel(cfg, tc)
     module.fingerprint = fp
     logs = [JsonlLog(_working_log(run_dir), tc, cfg.length), *(callbacks or [])]
-    trainer = trainer_for(tc, run_dir, progress, logs)
-    rank = trainer.global_rank
-    module.train_data = MicroBatches(Batches(data_dir, "train", tc.micro, seed=tc.seed, rank=rank,
-                                             world_size=tc.world_size))
-    loader = DataLoader(module.train_data, batch_size=None)
-    t0 = time.perf_counter()
-    resume = last if last.exists() and not fresh else None
-    trainer.fit(module, loader, _val_loader(data_dir, tc, rank), ckpt_path=resume)
-    seconds = time.perf_counter() - t0
+    with lightning_notices(progress):
+        trainer = trainer_for(tc, run_dir, progress, logs)
+        rank = trainer.global_rank
+        module.train_data = MicroBatches(Batches(data_dir, "train", tc.micro, seed=tc.seed, rank=rank,
+                                                 world_size=tc.world_size))
+        loader = DataLoader(module.train_data, batch_size=None)
+        t0 = time.perf_counter()
+        resume = last if last.exists() and not fresh else None
+        trainer.fit(module, loader, _val_loader(data_dir, tc, rank), ckpt_path=resume)
+        seconds = time.perf_counter() - t0
     trainer.save_checkpoint(last, weights_only=False)
     return _finish(module, trainer, tc, data_dir, run_dir, seconds)
+
+
+# Lightning's warnings that ask nothing of our users: checkpoints/ is ours (the resumable state
+# and the working curve live there), and the pytree deprecation is inside Lightning itself.
+LIGHTNING_NOISE = (r"Checkpoint directory .* exists and is not empty",
+                   r".*isinstance\(treespec, LeafSpec\)")
+
+
+@contextlib.contextmanager
+def lightning_notices(progress: bool) -> Iterator[None]:
+    """Lightning without its noise: the warnings above never; and with ``progress`` off (the
+    stages' ``--quiet``) none of its informational lines (accelerator found, logger tip, why
+    ``fit`` stopped). Its warnings and errors still show."""
+    log = logging.getLogger("lightning.pytorch")
+    level = log.level
+    with warnings.catch_warnings():
+        for pattern in LIGHTNING_NOISE:
+            warnings.filterwarnings("ignore", message=pattern)
+        if not progress:
+            log.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            log.setLevel(level)
 
 
 def _working_log(run_dir: Path) -> Path:

@@ -324,3 +324,23 @@ def test_export_round_trip_gives_the_same_logits(shards, tmp_path, monkeypatch):
     (out / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="is not an esolm export"):
         esolm.load(out)
+
+
+def test_a_quiet_training_prints_none_of_lightnings_notices(shards, tmp_path, caplog):
+    """--quiet (progress off): no 'GPU available', no logger tip; and never the warnings about
+    our own checkpoints/ folder or Lightning's internal deprecations. Not quiet: the notices show."""
+    import logging
+    import warnings
+
+    cfg, short = _cfg(shards, "ar"), TC.__class__(**{**TC.__dict__, "steps": 4, "val_every": 2, "ckpt_every": 2})
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train(cfg, short, shards, tmp_path / "q", progress=False)
+        train(cfg, short, shards, tmp_path / "q", fresh=True, progress=False)  # checkpoints/ exists
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("lightning")]
+    noise = [str(w.message) for w in seen if "exists and is not empty" in str(w.message)
+             or "LeafSpec" in str(w.message)]
+    assert not noise
+    train(cfg, short, shards, tmp_path / "loud", progress=True)
+    assert any("GPU available" in r.getMessage() for r in caplog.records)

@@ -21,13 +21,17 @@ def diffusion_weight(t: Tensor, alpha_0: float, eps: float = 1e-3) -> Tensor:
     return -alpha_prime(alpha_0, eps) / (1.0 - alpha(t, alpha_0, eps)).clamp_min(1e-8)
 
 
-def antithetic_times(n: int, generator: torch.Generator | None = None, eps: float = 1e-3) -> Tensor:
-    """Stratified t in [eps, 1] for n rows, as the reference: row i draws its own
-    u_i ~ U[0, 1) inside stratum i, t_i = eps + (1 - eps) * (i + u_i) / n. Never t near 0,
-    where the NELBO weight -alpha'_t / (1 - alpha_t) of alpha_0 = 1 grows like 1 / t."""
+def antithetic_times(n: int, generator: torch.Generator | None = None, eps: float = 1e-3,
+                     t_max: float = 1.0) -> Tensor:
+    """Stratified t in [eps, t_max] for n rows, as the reference (t_max = 1): row i draws its own
+    u_i ~ U[0, 1) inside stratum i, t_i = eps + (t_max - eps) * (i + u_i) / n. Never t near 0,
+    where the NELBO weight -alpha'_t / (1 - alpha_t) of alpha_0 = 1 grows like 1 / t.
+    ``t_max`` < 1 serves the masking warm-up of training (``train.mask_warmup_steps``) only."""
+    if not eps < t_max <= 1.0:
+        raise ValueError(f"t_max={t_max!r} is invalid: use a largest time in (eps={eps}, 1]")
     u = torch.rand(n, generator=generator, device=_gen_device(generator))
     strata = (torch.arange(n, device=u.device) + u) / max(n, 1)
-    return eps + (1.0 - eps) * strata
+    return eps + (t_max - eps) * strata
 
 
 def _gen_device(generator: torch.Generator | None) -> torch.device:

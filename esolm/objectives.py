@@ -95,12 +95,14 @@ def diffusion_rows(cfg: ModelConfig, global_batch: int) -> int:
 
 
 def draw(cfg: ModelConfig, batch: int, length: int, device: torch.device,
-         generator: torch.Generator | None, rank: int = 0, world_size: int = 1) -> Draws:
-    """Draws for the global batch of ``batch * world_size`` rows, sliced to this rank's rows."""
+         generator: torch.Generator | None, rank: int = 0, world_size: int = 1,
+         t_max: float = 1.0) -> Draws:
+    """Draws for the global batch of ``batch * world_size`` rows, sliced to this rank's rows;
+    t is stratified over [eps, t_max] (``t_max`` < 1 only in the masking warm-up of training)."""
     g_batch = batch * world_size
     n_diff = diffusion_rows(cfg, g_batch)
     t = torch.zeros(g_batch)
-    t[:n_diff] = antithetic_times(n_diff, generator, cfg.eps).cpu()
+    t[:n_diff] = antithetic_times(n_diff, generator, cfg.eps, t_max).cpu()
     u_mask = uniform((g_batch, length), generator, device)
     u_perm = uniform((g_batch, length), generator, device)
     rows = slice(rank * batch, (rank + 1) * batch)
@@ -198,14 +200,16 @@ def ar_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
 
 
 def loss(model: Backbone, x: Tensor, generator: torch.Generator | None = None, rank: int = 0,
-         world_size: int = 1, objective: str = "nelbo") -> LossOutput:
+         world_size: int = 1, objective: str = "nelbo", t_max: float = 1.0) -> LossOutput:
     """NELBO estimate (nats/token) of the batch ``x`` [B, L] under ``model``'s family; with
-    ``objective="low_var"`` (alpha_0 = 1 only) the diffusion term drops its time weight."""
+    ``objective="low_var"`` (alpha_0 = 1 only) the diffusion term drops its time weight.
+    ``t_max`` < 1 draws the diffusion times from [eps, t_max] only: the masking warm-up of
+    training (``esolm.training.mask_ceiling``); the estimate is then not the NELBO."""
     cfg = model.config
     check_tokens(cfg, x)
     check_objective(cfg, objective)
     B, L = x.shape
-    d = replace(draw(cfg, B, L, x.device, generator, rank, world_size), objective=objective)
+    d = replace(draw(cfg, B, L, x.device, generator, rank, world_size, t_max), objective=objective)
     valid = valid_tokens(cfg, x)
     zero = torch.zeros((), device=x.device)
     parts = {"diffusion": (zero, zero), "sequential": (zero, zero)}

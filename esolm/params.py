@@ -26,9 +26,10 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-def _closest(key: str, options: list[str]) -> str:
+def _closest(key: str, options: list[str], noun: str = "valid keys") -> str:
+    """'; did you mean X?' for a near miss, else the list of ``noun`` there are."""
     match = difflib.get_close_matches(key, options, n=1)
-    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {sorted(options)}"
+    return f"; did you mean {match[0]!r}?" if match else f"; {noun}: {sorted(options)}"
 
 
 def parse_set(item: str) -> tuple[list[str], Any]:
@@ -148,7 +149,7 @@ def check_search_variant(params: dict) -> None:
     chosen = (params.get("search") or {}).get("variant")
     if variants and chosen is not None and chosen not in variants:
         raise ValueError(f"search.variant={chosen!r} is not a variant of this study"
-                         + _closest(str(chosen), list(variants)).replace("valid keys", "variants")
+                         + _closest(str(chosen), list(variants), "variants")
                          + " (set search.variant to one of them)")
 
 

@@ -302,8 +302,10 @@ def fig_speedup(db: Path, rid: str, path: Path) -> bool:
 def fig_training(db: Path, rid: str, path: Path) -> bool:
     """Training loss per step, one panel per objective: the NELBO and, when ``train.objective``
     is ``low_var``, the alpha_0 = 1 models' low_var loss (weight 1 per masked token: a different
-    scale, not a bound), so that no curve is read on another's axis."""
-    _, rows = query("SELECT t.variant, t.step, t.loss, coalesce(v.objective, 'nelbo') FROM training t "
+    scale, not a bound), so that no curve is read on another's axis. The steps of a masking
+    warm-up (``train.mask_warmup_steps``: fewer masked tokens, so a lower loss) are shaded."""
+    _, rows = query("SELECT t.variant, t.step, t.loss, coalesce(v.objective, 'nelbo'), "
+                    "coalesce(t.t_max, 1.0) FROM training t "
                     "LEFT JOIN variants v ON v.run_id = t.run_id AND v.variant = t.variant "
                     "WHERE t.run_id = ? ORDER BY t.variant, t.step", db, [rid])
     if not rows:
@@ -313,8 +315,11 @@ def fig_training(db: Path, rid: str, path: Path) -> bool:
     fig, axes = plt.subplots(1, len(objectives), figsize=(5.5 * len(objectives), 3.6), squeeze=False)
     for ax, objective in zip(axes[0], objectives):
         for variant in sorted({r[0] for r in rows if r[3] == objective}):
-            pts = [(s, v) for n, s, v, _ in rows if n == variant]
+            pts = [(s, v) for n, s, v, _, _ in rows if n == variant]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=variant)
+        warm = [r[1] for r in rows if r[3] == objective and r[4] < 1.0]
+        if warm:
+            ax.axvspan(0, max(warm), color="0.85", zorder=0, label="masking warm-up (t_max < 1)")
         ax.set_xlabel("step")
         ax.set_ylabel(TRAINING_LOSS_LABELS.get(objective, f"training loss, {objective} (nats/token)"))
         ax.legend(fontsize=7)

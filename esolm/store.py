@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS throughput (
     batch_size BIGINT, median_s DOUBLE, tokens_per_s DOUBLE, device VARCHAR,
     PRIMARY KEY (run_id, family, length, nfe_budget));
 ALTER TABLE variants ADD COLUMN IF NOT EXISTS objective VARCHAR;
+ALTER TABLE training ADD COLUMN IF NOT EXISTS t_max DOUBLE;
 ALTER TABLE throughput ADD COLUMN IF NOT EXISTS median_cpu_s DOUBLE;
 ALTER TABLE throughput ADD COLUMN IF NOT EXISTS d_model BIGINT;
 ALTER TABLE throughput ADD COLUMN IF NOT EXISTS n_layers BIGINT;
@@ -140,7 +141,8 @@ def _variant_rows(rid: str, name: str, run: Path) -> dict[str, list[dict]]:
                             "tokens_per_s": s["tokens_per_s"],
                             "objective": s.get("objective", "nelbo")}]  # older train.json: the NELBO
     out["training"] = [{"run_id": rid, "variant": name, "step": r["step"], "loss": r["loss"], "lr": r["lr"],
-                        "grad_norm": r["grad_norm"], "tokens_per_s": r["tokens_per_s"]}
+                        "grad_norm": r["grad_norm"], "tokens_per_s": r["tokens_per_s"],
+                        "t_max": r.get("t_max", 1.0)}  # older train.jsonl: no masking warm-up
                        for r in _rows_jsonl(run / "train.jsonl")]
     if (run / "likelihood.json").exists():
         like = json.loads((run / "likelihood.json").read_text())

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from esolm.checkpoint import MODEL_FORMAT, tokenizer_record
-from esolm.config import ModelConfig
+from esolm.config import INITS, ModelConfig
 from esolm.data.batches import Batches
 from esolm.io import atomic_save, read_jsonl, run_lock, safe_load, write_text_atomic
 from esolm.model.backbone import Backbone
@@ -54,6 +54,13 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.0
     objective: str = "nelbo"
+    mask_warmup_steps: int = 0
+    """Optimizer steps over which the largest diffusion time t of training rises linearly from
+    ``mask_warmup_start`` to 1 (``mask_ceiling``): fewer masks early, so a diffusion model learns
+    to read its context before it faces mostly masked rows. 0: no warm-up (the reference).
+    Validation, evaluation and sampling always use t in [eps, 1]."""
+    mask_warmup_start: float = 0.3
+    """The largest diffusion time at step 0 of the warm-up, in [0.01, 1]."""
     precision: str = "auto"
     compile: bool = False
     val_every: int = 100
@@ -75,6 +82,12 @@ class TrainConfig:
             raise ValueError(f"train.lr_schedule={self.lr_schedule!r} is unknown: use one of {LR_SCHEDULES}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"train.objective={self.objective!r} is unknown: use one of {OBJECTIVES}")
+        if not isinstance(self.mask_warmup_steps, int) or self.mask_warmup_steps < 0:
+            raise ValueError(f"train.mask_warmup_steps={self.mask_warmup_steps!r} is invalid: use an "
+                             "integer >= 0 (0 disables the masking warm-up)")
+        if not 0.01 <= self.mask_warmup_start <= 1.0:
+            raise ValueError(f"train.mask_warmup_start={self.mask_warmup_start!r} is invalid: use the "
+                             "largest diffusion time at the start of the warm-up, in [0.01, 1]")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"train.ema={self.ema!r} is invalid: use a decay in [0, 1) (0 disables EMA)")
         if self.strategy not in ("auto", "ddp", "fsdp", "ddp_spawn"):
@@ -106,6 +119,14 @@ def lr_factor(step: int, tc: TrainConfig) -> float:
         return 1.0
     progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps))
     return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def mask_ceiling(step: int, tc: TrainConfig) -> float:
+    """The largest diffusion time t drawn at optimizer step ``step``: ``mask_warmup_start``
+    rising linearly to 1 over ``mask_warmup_steps`` steps, then 1 (always 1 without a warm-up)."""
+    if step >= tc.mask_warmup_steps:
+        return 1.0
+    return tc.mask_warmup_start + (1.0 - tc.mask_warmup_start) * step / tc.mask_warmup_steps
 
 
 def _step_of(path: Path) -> str:
@@ -203,8 +224,8 @@ class LitModel(pl.LightningModule):
         micro_step = self.global_step * self.tc.accumulate + batch_idx % self.tc.accumulate
         torch.manual_seed(derive_seed(self.tc.seed, "train", "dropout", micro_step, self.global_rank))
         gen = stream_generator(self.tc.seed, "train", "draws", micro_step)
-        out = loss(self.net, batch, generator=gen, rank=self.global_rank,
-                   world_size=self.trainer.world_size, objective=self.objective)
+        out = loss(self.net, batch, generator=gen, rank=self.global_rank, world_size=self.trainer.world_size,
+                   objective=self.objective, t_max=mask_ceiling(self.global_step, self.tc))
         objective, value = global_per_token(out, self.trainer.world_size)
         if not torch.isfinite(value):
             last = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
@@ -268,6 +289,7 @@ class JsonlLog(pl.Callback):
         row = {"step": step, "loss": sum(module.losses) / len(module.losses),
                "lr": trainer.optimizers[0].param_groups[0]["lr"],
                "grad_norm": module.last.get("grad_norm", float("nan")),
+               "t_max": mask_ceiling(step - 1, self.tc),
                "tokens_per_s": tokens / max(now - self.t_last, 1e-9)}
         module.losses.clear()
         self.t_last, self.step_last = now, step
@@ -427,8 +449,10 @@ def _finish(module: LitModel, trainer: pl.Trainer, tc: TrainConfig, data_dir: Pa
                "final_train_loss": rows[-1]["loss"] if rows else None,
                "final_valid_loss": float(val) if val is not None else None,
                "wall_s": seconds, "tokens_per_s": _mean_rate(rows), "family": module.cfg.family,
-               "objective": module.objective, "init": "adaLN-Zero (modulations and output layer zero)",
-               "ema": {"decay": tc.ema, "warmup": "min(decay, (1 + n) / (10 + n))"} if tc.ema else None}
+               "objective": module.objective, "init": INITS[module.cfg.init],
+               "ema": {"decay": tc.ema, "warmup": "min(decay, (1 + n) / (10 + n))"} if tc.ema else None,
+               "mask_warmup": {"steps": tc.mask_warmup_steps, "start": tc.mask_warmup_start}
+               if tc.mask_warmup_steps and "diffusion" in module.cfg.spec.terms else None}
     if trainer.is_global_zero:
         atomic_save({"format": MODEL_FORMAT, "config": module.cfg.to_dict(), "step": trainer.global_step,
                      "weights": module.model.state_dict(),

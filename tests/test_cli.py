@@ -67,6 +67,13 @@ def test_paper_presets_follow_the_reference_recipe():
     expected = {"tiny-cpu": "low_var", "owt-small": "low_var", "lm1b-small": "nelbo", "cpu-study": "nelbo"}
     for preset, objective in expected.items():
         assert load_params("params.yaml", [f"preset={preset}"])["train"]["objective"] == objective, preset
+    # the paper presets and the committed reference study keep the reference's init and t draw;
+    # the embedded study alone adds the Normal init and the masking warm-up
+    for preset in ("owt-small", "lm1b-small", "cpu-study"):
+        p = load_params("params.yaml", [f"preset={preset}"])
+        assert (p["model"]["init"], p["train"]["mask_warmup_steps"]) == ("adaln_zero", 0), preset
+    p = load_params("params.yaml")
+    assert (p["model"]["init"], p["train"]["mask_warmup_steps"]) == ("normal", 200)
 
 
 def test_numbers_in_exponent_form_are_numbers(tmp_path):
@@ -138,6 +145,8 @@ def test_a_search_variant_outside_the_study_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"search.variant='eso_b_a05x' is not a variant .*did you mean 'eso_b_a05'"):
         load_params(tmp_path / "p.yaml")
     assert load_params(tmp_path / "p.yaml", ["search.variant=eso_b_a05"])["search"]["variant"] == "eso_b_a05"
+    with pytest.raises(ValueError, match=r"search.variant='zzz' is not a variant .*; variants: \['ar', "):
+        load_params(tmp_path / "p.yaml", ["search.variant=zzz"])  # no near miss: the list, by its name
     assert main(["sample", "--params", str(tmp_path / "p.yaml"), "--variant", "ar"]) == 2
 
 

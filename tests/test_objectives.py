@@ -216,6 +216,31 @@ def test_time_draws_are_stratified_in_eps_to_one():
     assert float(w.max()) <= 1.0 / 1e-3 + 1e-6
 
 
+def test_a_masking_warm_up_draws_times_below_its_ceiling_only():
+    """t_max < 1 (train.mask_warmup_steps) stratifies t over [eps, t_max], so fewer tokens are
+    masked; t_max = 1 is the reference's draw bit for bit; a ceiling at or below eps is an error."""
+    from esolm.noise import alpha, antithetic_times
+    from esolm.objectives import draw
+
+    def g():
+        return torch.Generator().manual_seed(0)
+
+    assert torch.equal(antithetic_times(64, g(), 1e-3, 1.0), antithetic_times(64, g(), 1e-3))
+    t = antithetic_times(64, g(), 1e-3, 0.3)
+    assert float(t.min()) >= 1e-3 and float(t.max()) <= 0.3
+    assert torch.equal(((t - 1e-3) / (0.3 - 1e-3) * 64).floor().long(), torch.arange(64))
+    with pytest.raises(ValueError, match=r"t_max=0.0005 is invalid.*\(eps=0.001, 1\]"):
+        antithetic_times(4, g(), 1e-3, 5e-4)
+    model = sharp_model("mdlm")
+    x = torch.randint(0, 7, (32, 16), generator=g())
+    assert torch.equal(loss(model, x, generator=g()).per_token, loss(model, x, generator=g(), t_max=1.0).per_token)
+    for t_max, lo, hi in [(0.3, 0.1, 0.2), (1.0, 0.4, 0.6)]:  # E[masked fraction] = E[t] = t_max / 2
+        d = draw(model.config, 32, 16, x.device, g(), t_max=t_max)
+        assert float(d.t.max()) <= t_max
+        masked = (d.u_mask >= alpha(d.t, 1.0, model.config.eps)[:, None]).float().mean()
+        assert lo < float(masked) < hi, (t_max, float(masked))
+
+
 def test_low_var_objective_drops_the_time_weight():
     model = sharp_model("mdlm")
     x = torch.randint(0, 7, (1, 16), generator=torch.Generator().manual_seed(0))

@@ -64,8 +64,9 @@ def test_training_figure_puts_each_objective_on_its_own_axis(tmp_path, monkeypat
             summary["objective"] = objective
         (run / "train.json").write_text(json.dumps(summary))
         (run / "train.jsonl").write_text("".join(
-            json.dumps({"step": s, "loss": loss, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 64.0}) + "\n"
-            for s in (1, 2)))
+            json.dumps({"step": s, "loss": loss, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 64.0,
+                        **({"t_max": 0.5 if s == 1 else 1.0} if name == "mdlm" else {})}) + "\n"
+            for s in (1, 2)))  # mdlm: a masking warm-up over its first step; ar, old: no t_max
     db = tmp_path / "results.duckdb"
     params = {"variants": {"ar": {}, "mdlm": {}, "old": {}}, "data": {"out_dir": str(tmp_path / "none")}}
     ingest(params, tmp_path / "runs", tmp_path / "reports", db, rid="r")
@@ -79,3 +80,10 @@ def test_training_figure_puts_each_objective_on_its_own_axis(tmp_path, monkeypat
     panels = {ax.get_ylabel(): sorted(line.get_label() for line in ax.get_lines()) for ax in figs[0].axes}
     assert panels == {"training NELBO (nats/token)": ["ar", "old"],
                       "training loss, low_var (nats/token; not a bound)": ["mdlm"]}
+    def span(patch):  # x extent in data units (a Polygon before matplotlib 3.9, a Rectangle since)
+        box = patch.get_path().transformed(patch.get_patch_transform()).get_extents()
+        return patch.get_label(), box.x0, box.x1
+
+    shaded = {ax.get_ylabel(): [span(p) for p in ax.patches] for ax in figs[0].axes}
+    assert shaded == {"training NELBO (nats/token)": [],
+                      "training loss, low_var (nats/token; not a bound)": [("masking warm-up (t_max < 1)", 0, 1)]}

@@ -156,7 +156,9 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(shards, tm
 
 @pytest.mark.parametrize("kw,match", [(dict(steps=0), "steps"), (dict(lr_schedule="linear"), "lr_schedule"),
                                       (dict(batch_size=10, micro_batch_size=4), "multiple"),
-                                      (dict(ema=1.0), "ema"), (dict(strategy="deepspeed"), "strategy")])
+                                      (dict(ema=1.0), "ema"), (dict(strategy="deepspeed"), "strategy"),
+                                      (dict(mask_warmup_steps=-1), "mask_warmup_steps=-1 is invalid"),
+                                      (dict(mask_warmup_start=0.0), r"mask_warmup_start=0.0 is invalid.*\[0.01, 1\]")])
 def test_bad_train_config_is_a_clear_error(kw, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kw)
@@ -344,3 +346,31 @@ def test_a_quiet_training_prints_none_of_lightnings_notices(shards, tmp_path, ca
     assert not noise
     train(cfg, short, shards, tmp_path / "loud", progress=True)
     assert any("GPU available" in r.getMessage() for r in caplog.records)
+
+
+def test_the_masking_warm_up_reaches_every_training_step_and_the_records(shards, tmp_path, monkeypatch):
+    """train.mask_warmup_steps: each training step's loss draws t below ``mask_ceiling`` (0.3
+    rising to 1), validation always over [eps, 1]; train.jsonl and train.json say so."""
+    from esolm import training
+    from esolm.training import mask_ceiling
+
+    tc = TrainConfig(**{**TC.__dict__, "steps": 20, "mask_warmup_steps": 10, "mask_warmup_start": 0.3})
+    assert [mask_ceiling(s, tc) for s in (0, 5, 10, 50)] == pytest.approx([0.3, 0.65, 1.0, 1.0], abs=1e-12)
+    assert mask_ceiling(0, TC) == 1.0  # no warm-up: the reference's draw
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("t_max", "validation"))
+        return real(*args, **kwargs)
+
+    real = training.loss
+    monkeypatch.setattr(training, "loss", spy)
+    summary = train(_cfg(shards, "mdlm"), tc, shards, tmp_path / "mdlm", progress=False)
+    assert [c for c in seen if c != "validation"] == [mask_ceiling(s, tc) for s in range(20)]
+    assert "validation" in seen
+    assert summary["mask_warmup"] == {"steps": 10, "start": 0.3}
+    rows = [json.loads(r) for r in (tmp_path / "mdlm" / "train.jsonl").read_text().splitlines()]
+    assert [r["t_max"] for r in rows] == [mask_ceiling(9, tc), 1.0]
+    seen.clear()
+    ar = train(_cfg(shards, "ar"), tc, shards, tmp_path / "ar", progress=False)
+    assert ar["mask_warmup"] is None  # no diffusion term, nothing masked

@@ -186,12 +186,15 @@ class Backbone(nn.Module):
         weights and zero biases, then adaLN-Zero: every adaLN modulation (of the blocks and of
         the output layer) and the output layer itself start at zero, so every block starts as
         the identity and every prediction is uniform at step 0. Tests that check equalities
-        must randomise all weights themselves: on this init they would hold trivially."""
+        must randomise all weights themselves: on this init they would hold trivially. With
+        ``init: normal`` (``config.INITS``) nothing is zeroed after the Normal draw."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+        if self.config.init == "normal":
+            return
         for module in (*(b.modulation for b in self.blocks), self.modulation_out, self.head):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)

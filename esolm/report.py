@@ -361,7 +361,7 @@ def write_report(db: Path = DEFAULT_DB, rid: str = "", out: Path = Path("reports
         figs.append(("Schedule search: Pareto front vs the default schedule", copy))
     _, samples = query("SELECT variant, sample_index, text FROM generations WHERE run_id = ? AND sample_index < ? "
                        "ORDER BY variant, sample_index", db, [rid, n_samples])
-    judged = judge_line(db, rid)
+    judged = " ".join(filter(None, (judge_line(db, rid), recipe_line(db, rid))))
     shown_cols, shown = display(cols, rows)
     tables = [("Which of the paper's orderings hold here (test split; margin = gap in nats over its "
                "standard error)", *orderings(db, rid)),
@@ -379,6 +379,30 @@ def write_report(db: Path = DEFAULT_DB, rid: str = "", out: Path = Path("reports
     write_table1(db, rid, out / "table1.csv")
     write_text_atomic(out / "index.html", _html(rid, shown_cols, shown, figs, samples, judged, tables))
     return {"columns": cols, "rows": rows, "figures": [str(p) for _, p in figs]}
+
+
+def recipe_line(db: Path, rid: str, runs: Path = Path("runs")) -> str:
+    """How the contestants were trained (init, objective, masking warm-up), from their train.json."""
+    _, names = query("SELECT variant FROM variants WHERE run_id = ? AND family != 'unigram' ORDER BY variant",
+                     db, [rid])
+    inits, objectives, warmups = set(), {}, {}
+    for (name,) in names:
+        path = runs / str(name) / "train.json"
+        if not path.exists():
+            continue
+        s = json.loads(path.read_text())
+        inits.add(s.get("init", "unrecorded"))
+        objectives.setdefault(s.get("objective", "nelbo"), []).append(name)
+        if s.get("mask_warmup"):
+            w = s["mask_warmup"]
+            warmups.setdefault((w["start"], w["steps"]), []).append(name)
+    if not inits:
+        return ""
+    obj = "; ".join(f"{o} ({', '.join(v)})" for o, v in sorted(objectives.items()))
+    warm = "; ".join(f"the largest diffusion time rose from {a:g} to 1 over the first {n} steps "
+                     f"({', '.join(v)})" for (a, n), v in sorted(warmups.items()))
+    return (f"Training: init {' / '.join(sorted(inits))}; objective {obj}; masking warm-up: "
+            f"{warm or 'none'}. Validation and every likelihood here draw t over [eps, 1].")
 
 
 def judge_line(db: Path, rid: str, runs: Path = Path("runs")) -> str:

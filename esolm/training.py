@@ -198,6 +198,7 @@ class LitModel(pl.LightningModule):
     def __init__(self, cfg: ModelConfig, tc: TrainConfig) -> None:
         super().__init__()
         self.objective = training_objective(cfg, tc.objective)
+        self.masks = "diffusion" in cfg.spec.terms and cfg.alpha_0 > 0  # a diffusion term draws t
         self.cfg, self.tc = cfg, tc
         torch.manual_seed(tc.seed)
         self.model = Backbone(cfg)
@@ -209,6 +210,10 @@ class LitModel(pl.LightningModule):
         self.fingerprint = ""
         self.last: dict[str, float] = {}
         self.losses: list[float] = []
+
+    def t_max(self, step: int) -> float:
+        """The largest diffusion time of optimizer step ``step`` (1 for a model that masks nothing)."""
+        return mask_ceiling(step, self.tc) if self.masks else 1.0
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # train() resumes only a checkpoint whose fingerprint (config, data, code) matches
@@ -225,7 +230,7 @@ class LitModel(pl.LightningModule):
         torch.manual_seed(derive_seed(self.tc.seed, "train", "dropout", micro_step, self.global_rank))
         gen = stream_generator(self.tc.seed, "train", "draws", micro_step)
         out = loss(self.net, batch, generator=gen, rank=self.global_rank, world_size=self.trainer.world_size,
-                   objective=self.objective, t_max=mask_ceiling(self.global_step, self.tc))
+                   objective=self.objective, t_max=self.t_max(self.global_step))
         objective, value = global_per_token(out, self.trainer.world_size)
         if not torch.isfinite(value):
             last = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
@@ -289,7 +294,7 @@ class JsonlLog(pl.Callback):
         row = {"step": step, "loss": sum(module.losses) / len(module.losses),
                "lr": trainer.optimizers[0].param_groups[0]["lr"],
                "grad_norm": module.last.get("grad_norm", float("nan")),
-               "t_max": mask_ceiling(step - 1, self.tc),
+               "t_max": module.t_max(step - 1),
                "tokens_per_s": tokens / max(now - self.t_last, 1e-9)}
         module.losses.clear()
         self.t_last, self.step_last = now, step
@@ -452,7 +457,7 @@ def _finish(module: LitModel, trainer: pl.Trainer, tc: TrainConfig, data_dir: Pa
                "objective": module.objective, "init": INITS[module.cfg.init],
                "ema": {"decay": tc.ema, "warmup": "min(decay, (1 + n) / (10 + n))"} if tc.ema else None,
                "mask_warmup": {"steps": tc.mask_warmup_steps, "start": tc.mask_warmup_start}
-               if tc.mask_warmup_steps and "diffusion" in module.cfg.spec.terms else None}
+               if tc.mask_warmup_steps and module.masks else None}
     if trainer.is_global_zero:
         atomic_save({"format": MODEL_FORMAT, "config": module.cfg.to_dict(), "step": trainer.global_step,
                      "weights": module.model.state_dict(),

@@ -61,7 +61,9 @@ def test_training_figure_puts_each_objective_on_its_own_axis(tmp_path, monkeypat
         summary = {"family": "ar" if name == "ar" else "mdlm", "steps": 2, "tokens": 64,
                    "final_train_loss": loss, "final_valid_loss": 4.0, "wall_s": 1.0, "tokens_per_s": 64.0}
         if objective:  # "old": a train.json written before the objective was recorded
-            summary["objective"] = objective
+            summary.update(objective=objective, init="Normal(0, 0.02) weights, zero biases")
+        if name == "mdlm":
+            summary["mask_warmup"] = {"steps": 200, "start": 0.3}
         (run / "train.json").write_text(json.dumps(summary))
         (run / "train.jsonl").write_text("".join(
             json.dumps({"step": s, "loss": loss, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 64.0,
@@ -85,5 +87,10 @@ def test_training_figure_puts_each_objective_on_its_own_axis(tmp_path, monkeypat
         return patch.get_label(), box.x0, box.x1
 
     shaded = {ax.get_ylabel(): [span(p) for p in ax.patches] for ax in figs[0].axes}
+    # the report's intro says how they were trained ("old" recorded no init)
+    assert report.recipe_line(db, "r", tmp_path / "runs") == (
+        "Training: init Normal(0, 0.02) weights, zero biases / unrecorded; objective low_var (mdlm); "
+        "nelbo (ar, old); masking warm-up: the largest diffusion time rose from 0.3 to 1 over the first "
+        "200 steps (mdlm). Validation and every likelihood here draw t over [eps, 1].")
     assert shaded == {"training NELBO (nats/token)": [],
                       "training loss, low_var (nats/token; not a bound)": [("masking warm-up (t_max < 1)", 0, 1)]}

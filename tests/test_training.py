@@ -373,4 +373,6 @@ def test_the_masking_warm_up_reaches_every_training_step_and_the_records(shards,
     assert [r["t_max"] for r in rows] == [mask_ceiling(9, tc), 1.0]
     seen.clear()
     ar = train(_cfg(shards, "ar"), tc, shards, tmp_path / "ar", progress=False)
-    assert ar["mask_warmup"] is None  # no diffusion term, nothing masked
+    assert ar["mask_warmup"] is None  # no diffusion term, nothing masked: no warm-up anywhere
+    assert {c for c in seen if c != "validation"} == {1.0}
+    assert [json.loads(r)["t_max"] for r in (tmp_path / "ar" / "train.jsonl").read_text().splitlines()] == [1.0, 1.0]

@@ -74,6 +74,10 @@ def test_paper_presets_follow_the_reference_recipe():
         assert (p["model"]["init"], p["train"]["mask_warmup_steps"]) == ("adaln_zero", 0), preset
     p = load_params("params.yaml")
     assert (p["model"]["init"], p["train"]["mask_warmup_steps"]) == ("normal", 200)
+    # the embedded study evaluates the report's split only; the reference keeps both and L' = 16
+    ref = load_params("params.yaml", ["preset=cpu-study"])
+    assert p["evaluate"]["splits"] == ["test"] and ref["evaluate"]["splits"] == ["valid", "test"]
+    assert "bd3lm_l16" in ref["bench"]["families"] and "bd3lm_l16" not in p["bench"]["families"]
 
 
 def test_numbers_in_exponent_form_are_numbers(tmp_path):

@@ -30,7 +30,8 @@ def project(tmp_path_factory):
     p["variants"] = {"ar": {"family": "ar"}, "mdlm": {"family": "mdlm"},
                      "eso_b_a05": {"family": "eso_b", "alpha_0": 0.5, "batch_split": 0.5}}
     p["train"].update(steps=10, batch_size=8, val_every=5, ckpt_every=5, log_every=5, warmup_steps=2)
-    p["evaluate"].update(batch_size=4, nelbo_batches=2, exact_batches=1, nelbo_draws=2, iw_orders=[1, 2])
+    p["evaluate"].update(splits=["valid", "test"], batch_size=4, nelbo_batches=2, exact_batches=1, nelbo_draws=2,
+                         iw_orders=[1, 2])
     p["sample"].update(num_samples=4, steps=4)
     p["judge"]["train"] = {"steps": 12}
     p["curve"] = {"steps": [2, 4], "num_samples": 2}

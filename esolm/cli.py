@@ -28,7 +28,7 @@ def cmd_bench(args: argparse.Namespace, params: dict) -> None:
     values.pop("device", None)
     bc = build(BenchConfig, values, "bench")
     if args.profile:
-        return _profile(bc)
+        return _profile(bc, device)
     rows = run_bench(bc, device, progress=not args.quiet)
     write_json(out, rows)
     plot_bench(rows, str(out.with_suffix(".png")))
@@ -43,10 +43,11 @@ def cmd_bench(args: argparse.Namespace, params: dict) -> None:
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
-def _profile(bc) -> None:
-    """One cached decode step of Eso-LM (B) and of AR at the bench's size (CPU)."""
+def _profile(bc, device) -> None:
+    """One cached decode step of Eso-LM (B) and of AR at the bench's size, dtype and device."""
     import torch
 
+    from esolm.bench import DTYPES
     from esolm.profiling import profile_step
 
     bc = bc.resolved()
@@ -54,12 +55,14 @@ def _profile(bc) -> None:
         torch.set_num_threads(bc.threads)
     for family in ("eso_b", "ar"):
         r = profile_step(family, bc.d_model, bc.n_layers, bc.n_heads, bc.vocab_size,
-                         length=max(bc.lengths), fill=max(bc.lengths) // 2)
+                         length=max(bc.lengths), fill=max(bc.lengths) // 2, device=device,
+                         dtype=DTYPES[bc.dtype])
         print(f"{family}: {r['ops_per_step']} operators per step ({r['ops_per_layer']} per layer, "
               f"{r['ops_per_step_all']} counting nested ones), {r['ms_per_step']:.3f} ms per step, "
               f"{r['ms_per_layer']:.3f} ms per layer (CPU time {r['cpu_ms_per_step']:.3f} and "
               f"{r['cpu_ms_per_layer']:.3f}) (d={r['d_model']}, {r['n_layers']} layers, "
-              f"V={r['vocab_size']}, cache {r['fill']} of {r['length']}, {r['threads']} threads)")
+              f"V={r['vocab_size']}, cache {r['fill']} of {r['length']}, {r['dtype']} on {r['device']}, "
+              f"{r['threads']} CPU threads)")
 
 
 def cmd_train(args: argparse.Namespace, params: dict) -> None:

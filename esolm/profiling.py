@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from esolm.config import ModelConfig
+from esolm.device import synchronize
 from esolm.model.attention import MaskSpec
 from esolm.model.backbone import Backbone
 from esolm.sampling.decode import sample_tokens
@@ -88,14 +89,19 @@ def count_ops(fn: Callable[[], None]) -> tuple[int, int]:
 
 def time_layers(model: Backbone, fn: Callable[[], None], repeats: int) -> dict[str, float]:
     """Median ms per step and per block over ``repeats`` calls after warm-up, by wall clock
-    and by this thread's CPU time (on a shared CPU the latter ignores time spent descheduled)."""
+    and by this thread's CPU time (on a shared CPU the latter ignores time spent descheduled).
+    On a GPU every clock reading waits for the queued work first (``synchronize``), so the
+    times are the device's, not the launch's; the waits themselves add a little per layer."""
+    device = next(model.parameters()).device
     spans: dict[str, list[float]] = {"wall": [], "cpu": []}
     marks: dict[int, tuple[float, float]] = {}
 
     def pre(module: nn.Module, args: object) -> None:
+        synchronize(device)
         marks[id(module)] = (time.perf_counter(), time.thread_time())
 
     def post(module: nn.Module, args: object, out: object) -> None:
+        synchronize(device)
         w, c = marks[id(module)]
         spans["wall"].append(time.perf_counter() - w)
         spans["cpu"].append(time.thread_time() - c)
@@ -107,8 +113,10 @@ def time_layers(model: Backbone, fn: Callable[[], None], repeats: int) -> dict[s
                                                  b.register_forward_hook(post))]
     try:
         for _ in range(repeats):
+            synchronize(device)
             w, c = time.perf_counter(), time.thread_time()
             fn()
+            synchronize(device)
             steps["wall"].append(time.perf_counter() - w)
             steps["cpu"].append(time.thread_time() - c)
     finally:
@@ -121,25 +129,29 @@ def time_layers(model: Backbone, fn: Callable[[], None], repeats: int) -> dict[s
 
 def profile_step(family: str = "eso_b", d_model: int = 128, n_layers: int = 4, n_heads: int = 4,
                  vocab_size: int = 512, length: int = 1024, fill: int = 512,
-                 repeats: int = 200) -> dict:
-    """One cached decode step of ``family`` (eso_b or ar) at cache length ``fill``: operator
-    counts per step and per layer (top-level), median ms per step and per layer (wall clock
-    and thread CPU time)."""
+                 repeats: int = 200, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> dict:
+    """One cached decode step of ``family`` (eso_b or ar) at cache length ``fill`` on ``device``
+    with weights in ``dtype``: operator counts per step and per layer (top-level), median ms per
+    step and per layer (wall clock and thread CPU time, synchronised on GPUs)."""
+    device = torch.device(device)
     if family not in ("eso_b", "ar"):
         raise ValueError(f"profile family {family!r} must be eso_b or ar")
     cfg = ModelConfig(family=family, vocab_size=vocab_size, length=length, n_layers=n_layers,
                       d_model=d_model, n_heads=n_heads, dropout=0.0,
                       **({"alpha_0": 1.0} if family == "eso_b" else {}))
     torch.manual_seed(0)
-    model = random_weights(Backbone(cfg)).eval()
+
+    def built(c: ModelConfig) -> Backbone:
+        return random_weights(Backbone(c)).to(device=device, dtype=dtype).eval()
+
+    model = built(cfg)
     fn = decode_step_fn(model, family, fill)
     fn()
     top, total = count_ops(fn)
-    one = Backbone(cfg.replace(n_layers=1))
-    top1, _ = count_ops(decode_step_fn(random_weights(one).eval(), family, fill))
-    two = Backbone(cfg.replace(n_layers=2))
-    top2, _ = count_ops(decode_step_fn(random_weights(two).eval(), family, fill))
+    top1, _ = count_ops(decode_step_fn(built(cfg.replace(n_layers=1)), family, fill))
+    top2, _ = count_ops(decode_step_fn(built(cfg.replace(n_layers=2)), family, fill))
     return {"family": family, "d_model": d_model, "n_layers": n_layers, "vocab_size": vocab_size,
             "length": length, "fill": fill, "ops_per_step": top, "ops_per_step_all": total,
             "ops_per_layer": top2 - top1, **time_layers(model, fn, repeats),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "device": str(device), "dtype": str(dtype)[6:]}

@@ -87,3 +87,18 @@ def test_bench_rows_are_ingested_with_their_settings_into_old_and_new_databases(
     assert got == [("new", "eso_b", 32, 2 * 2 * 16 * 32 * 4, None), ("new", "mdlm", 32, 0, 4),
                    ("old", "eso_b", None, None, None)]
     assert fig_speedup(db, "new", tmp_path / "speedup.png")
+
+
+def test_profile_runs_on_the_chosen_device_and_dtype_and_waits_for_it(monkeypatch):
+    """``--profile`` ignored ``--device`` (always the CPU) and read clocks without waiting for
+    queued GPU work: now the model is built on the given device and dtype, and every clock
+    reading follows a ``synchronize`` of that device."""
+    import esolm.profiling as prof
+
+    waited = []
+    monkeypatch.setattr(prof, "synchronize", lambda device: waited.append(device))
+    r = prof.profile_step("ar", d_model=32, n_layers=2, n_heads=4, vocab_size=11, length=32, fill=16,
+                          repeats=4, device="cpu", dtype=torch.bfloat16)
+    assert r["device"] == "cpu" and r["dtype"] == "bfloat16"
+    # before and after every timed step (4) and around each of its 2 blocks
+    assert len(waited) >= 4 * 2 + 4 * 2 * 2 and set(map(str, waited)) == {"cpu"}

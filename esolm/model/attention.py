@@ -134,6 +134,8 @@ def prebuild(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.devi
     if backend == "flex" or _is_plain(spec, n_q, n_kv):
         return spec
     block = _tail_block(spec, n_q, n_kv)
+    if block == 1 and backend in ("sdpa", "flash") and (n_q == 1 or is_accelerator(device)):
+        return spec  # a causal decode step: attention() needs no mask for it (``_causal_tail_sdpa``)
     if block:
         return replace(spec, dense=tail_mask(block, n_q, n_kv, device))
     return replace(spec, dense=dense_mask(spec, batch, n_q, n_kv, device))
@@ -224,16 +226,46 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> Tensor:
     return flex_attention(q, k, v, block_mask=block_mask)
 
 
-def _flash(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> Tensor | None:
-    """flash_attn for full/causal masks; None means: fall back to sdpa."""
-    if not _is_plain(spec, q.shape[-2], k.shape[-2]) or q.dtype not in (torch.float16, torch.bfloat16):
+def _flash_attn_func():
+    """flash-attn's ``flash_attn_func`` when the package is installed, else None."""
+    try:
+        from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+    except ImportError:
         return None
-    from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+    return flash_attn_func
 
-    out = flash_attn_func(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=spec.kind == "causal"
-    )
-    return out.transpose(1, 2)
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> Tensor | None:
+    """A FlashAttention kernel where the mask allows it: full, aligned causal, and the causal
+    tail of a cached decode step (the queries are the last n_q keys; the causal diagonal is
+    then aligned bottom-right). flash-attn when installed (its causal mask is bottom-right
+    aligned), else SDPA's own flash kernel. None means: not a flash case, use sdpa."""
+    n_q, n_kv = q.shape[-2], k.shape[-2]
+    if q.dtype not in (torch.float16, torch.bfloat16) or not is_accelerator(q.device) or spec.dense is not None:
+        return None
+    tail = _tail_block(spec, n_q, n_kv) == 1
+    if not (_is_plain(spec, n_q, n_kv) or tail):
+        return None
+    causal = spec.kind == "causal" and n_q > 1  # one query at the tail sees every key
+    func = _flash_attn_func()
+    if func is not None:
+        return func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
+    if not sdpa_flash_available():
+        return None
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if causal and n_q != n_kv:
+        return _causal_tail_sdpa(q, k, v)  # CausalBias dispatches to the flash kernel itself
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def _causal_tail_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention of the last n_q of n_kv keys without a dense mask (bottom-right
+    aligned causal bias: flash or memory-efficient kernels on a GPU)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[-2], k.shape[-2]))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, backend: str = "sdpa") -> Tensor:
@@ -263,6 +295,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, backend: str = "s
     if backend == "sdpa":
         if _is_plain(spec, n_q, n_kv):
             return F.scaled_dot_product_attention(q, k, v, is_causal=spec.kind == "causal")
+        if spec.dense is None and _tail_block(spec, n_q, n_kv) == 1:  # a cached causal decode step
+            if n_q == 1:  # the one query is the last key: it sees every key, no mask at all
+                return F.scaled_dot_product_attention(q, k, v)
+            if is_accelerator(q.device):
+                return _causal_tail_sdpa(q, k, v)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=_dense(spec, q.shape[0], n_q, n_kv, q.device)
         )
@@ -271,6 +308,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, backend: str = "s
         allowed = None if plain_full else _dense(spec, q.shape[0], n_q, n_kv, q.device)
         return _math(q, k, v, allowed)
     raise ValueError(f"attention backend {backend!r} is unknown; use one of {BACKENDS}")
+
+
+def varying_shape_kernels():
+    """SDPA's kernels for calls whose sequence lengths change from one call to the next (every
+    cached decode step, a growing prefix): all but cuDNN's. cuDNN attention builds an execution
+    plan per new shape, about 70 ms each on an H200 (reports/gpu/probe/probe.jsonl: an AR decode step
+    at L = 2048 took 80-85 ms on first sight of its length with cuDNN, 10.8 ms without), so a
+    dynamic decode, with a new length every step, paid it every step. A no-op on CPUs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 _WARNED: set[str] = set()
@@ -283,8 +331,20 @@ def _warn_once(message: str) -> None:
 
 
 def flash_available() -> bool:
-    try:
-        import flash_attn  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether the flash-attn package is installed."""
+    return _flash_attn_func() is not None
+
+
+def sdpa_flash_available() -> bool:
+    """Whether this torch build has SDPA's FlashAttention kernel (CUDA builds)."""
+    probe = getattr(torch.backends.cuda, "is_flash_attention_available", None)
+    return bool(probe()) if probe is not None else False
+
+
+def check_backend(backend: str, device: torch.device | None = None) -> None:
+    """At model construction: one warning when ``flash`` has no FlashAttention kernel here
+    (neither the flash-attn package nor SDPA's flash kernel); it then runs as sdpa."""
+    if backend == "flash" and not flash_available() and not sdpa_flash_available():
+        _warn_once("attn_backend 'flash': neither the flash-attn package nor SDPA's flash kernel is "
+                   "available in this torch build; attention runs as sdpa (install esolm[flash] "
+                   "or a CUDA build of torch)")

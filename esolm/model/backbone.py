@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from esolm.config import ModelConfig
-from esolm.model.attention import MaskSpec, attention, prebuild
+from esolm.model.attention import MaskSpec, attention, check_backend, prebuild
 from esolm.model.cache import KVCache
 
 
@@ -57,6 +57,15 @@ class Rotary(nn.Module):
         flat = positions.reshape(-1)
         shape = (B, N, 1, 1, self.head_dim)
         return c.index_select(0, flat).view(shape), s.index_select(0, flat).view(shape)
+
+
+def compute_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """The dtype the matmuls produce on ``device``: autocast's when autocast is on there (bf16
+    training), else ``stored`` (the weights' dtype). Rotary tables and the KV cache use it, so
+    that q, k and v reach attention in one dtype and a bf16 cache takes half the memory."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return stored
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -179,6 +188,7 @@ class Backbone(nn.Module):
         self.modulation_out = nn.Linear(cfg.cond_dim, 2 * cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.n_embed)
         self._frozen_mods: Conditioning | None = None  # set only inside inference()
+        check_backend(cfg.attn_backend)
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -208,7 +218,7 @@ class Backbone(nn.Module):
             cond = self._constant_modulations(tokens.device) if t is None else self._modulations(t)
         mods, (shift, scale) = cond
         h = self.embed(tokens)  # no dropout on the token embedding (as the reference)
-        rope = self.rotary(positions, h.dtype)
+        rope = self.rotary(positions, compute_dtype(h.device, h.dtype))
         n = tokens.shape[1]
         start: int | Tensor = 0
         if cache is not None and cache.pos is not None:
@@ -291,8 +301,9 @@ class Backbone(nn.Module):
             self.train(was_training)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        """A static KV cache for ``batch`` rows and ``max_len`` tokens (default: the model length)."""
+        """A static KV cache for ``batch`` rows and ``max_len`` tokens (default: the model length),
+        in the compute dtype (``compute_dtype``: bf16 under bf16 autocast)."""
         p = next(self.parameters())
         cfg = self.config
         return KVCache.allocate(cfg.n_layers, batch, cfg.n_heads, max_len or cfg.length,
-                                cfg.head_dim, p.device, p.dtype)
+                                cfg.head_dim, p.device, compute_dtype(p.device, p.dtype))

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from esolm.config import ScheduleSettings
 from esolm.device import synchronize
+from esolm.model.attention import varying_shape_kernels
 from esolm.model.backbone import Backbone
 from esolm.ordering import Schedule
 from esolm.sampling import loops
@@ -89,7 +90,7 @@ def generate(model: Backbone, num_samples: int = 8, steps: int | None = None, al
     dec = loops.Decoder(stream_generator(s.seed, "sample", "tokens", device=device), s.top_p, record_logits)
     batch_size = batch_size or num_samples
     out, schedules, nfe, seconds = [], [], 0, 0.0
-    with model.inference():
+    with model.inference(), varying_shape_kernels():
         for first in range(0, num_samples, batch_size):
             B = min(batch_size, num_samples - first)
             plan = spec.plan(cfg, B, s, given, cpu_gen)

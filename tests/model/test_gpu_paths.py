@@ -252,3 +252,109 @@ def test_train_compile_true_matches_eager_loss_and_gradients(gen):
 
     for got, ref in zip(run(module.net), run(module.model)):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- first GPU run (reports/gpu)
+
+def _decode_specs():
+    """Masks the flash backend serves: full, aligned causal, and cached causal tails."""
+    return [(MaskSpec("full"), 12, 12), (MaskSpec("causal"), 12, 12),
+            (MaskSpec("causal", q_offset=11), 1, 12), (MaskSpec("causal", q_offset=9), 3, 12),
+            (MaskSpec("block_causal", block=2, q_offset=8), 4, 12)]
+
+
+@pytest.mark.parametrize("sdpa_flash", [True, False])
+def test_flash_backend_without_flash_attn_runs_like_math(monkeypatch, sdpa_flash, gen):
+    """On a GPU without the flash-attn package, ``flash`` in bf16 ran ``import flash_attn`` and
+    failed (reports/gpu/b_attn.json). Simulated here: the device counts as an accelerator and
+    flash-attn is missing; SDPA's flash kernel is there or not. Every mask matches math."""
+    monkeypatch.setattr(att, "is_accelerator", lambda device: True)
+    monkeypatch.setattr(att, "_flash_attn_func", lambda: None)
+    monkeypatch.setattr(att, "sdpa_flash_available", lambda: sdpa_flash)
+    for spec, n_q, n_kv in _decode_specs():
+        q = torch.randn(2, 2, n_q, 16, generator=gen).bfloat16()
+        k, v = (torch.randn(2, 2, n_kv, 16, generator=gen).bfloat16() for _ in range(2))
+        out = attention(q, k, v, spec, "flash")
+        ref = attention(q.double(), k.double(), v.double(), spec, "math")
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_flash_backend_takes_flash_attn_with_a_bottom_right_causal_tail(monkeypatch, gen):
+    """With flash-attn installed, plain masks and causal decode tails go to it (causal only
+    for more than one query); other masks fall back to sdpa."""
+    calls = []
+
+    def fake(q, k, v, causal):  # flash-attn layout [B, N, H, D]; bottom-right aligned causal
+        calls.append((q.shape[1], k.shape[1], causal))
+        spec = MaskSpec("causal", q_offset=k.shape[1] - q.shape[1]) if causal else MaskSpec("full")
+        return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), spec, "math").transpose(1, 2)
+
+    monkeypatch.setattr(att, "is_accelerator", lambda device: True)
+    monkeypatch.setattr(att, "_flash_attn_func", lambda: fake)
+    for spec, n_q, n_kv in _decode_specs():
+        q = torch.randn(1, 2, n_q, 8, generator=gen).bfloat16()
+        k, v = (torch.randn(1, 2, n_kv, 8, generator=gen).bfloat16() for _ in range(2))
+        torch.testing.assert_close(attention(q, k, v, spec, "flash").double(),
+                                   attention(q.double(), k.double(), v.double(), spec, "math"),
+                                   atol=2e-2, rtol=2e-2)
+    assert calls == [(12, 12, False), (12, 12, True), (1, 12, False), (3, 12, True)]  # not block_causal
+
+
+def test_bf16_autocast_gives_attention_one_dtype_and_a_bf16_cache(monkeypatch, gen):
+    """Under bf16 autocast the rotary tables were float32, so q and k reached attention in
+    float32 and v in bf16 (reports/gpu/a_bf16.json: every family); flex refuses that mix in
+    backward. Now all three share the compute dtype, and a cache made there is bf16."""
+    import esolm.model.backbone as bb
+
+    seen = []
+    orig = bb.attention
+
+    def spy(q, k, v, spec, backend="sdpa"):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return orig(q, k, v, spec, backend)
+
+    monkeypatch.setattr(bb, "attention", spy)
+    for family in ("eso_b", "ar", "bd3lm"):
+        model = sharp_model(family, **({"alpha_0": 0.5} if family == "eso_b" else {})).train()
+        x = torch.randint(0, 7, (4, 16), generator=gen)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = loss(model, x, generator=torch.Generator().manual_seed(0))
+            cache = model.new_cache(2)
+        out.per_token.backward()
+        assert seen and set(seen) == {(torch.bfloat16,) * 3}, (family, set(seen))
+        assert cache.k.dtype == cache.v.dtype == torch.bfloat16
+        assert model.new_cache(2).k.dtype == torch.float32  # outside autocast: the weights' dtype
+
+
+def test_single_query_decode_step_builds_no_mask_and_matches_math(gen):
+    """One query at the tail of the keys sees every key: no dense mask is built for it."""
+    spec = MaskSpec("causal", q_offset=20)
+    assert att.prebuild(spec, 2, 1, 21, torch.device("cpu"), "sdpa").dense is None
+    assert att.prebuild(spec, 2, 1, 21, torch.device("cpu"), "math").dense is not None
+    assert att.prebuild(MaskSpec("causal", q_offset=18), 2, 3, 21, torch.device("cpu"), "sdpa").dense is not None
+    q = torch.randn(2, 2, 1, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 21, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    torch.testing.assert_close(attention(q, k, v, spec, "sdpa"), attention(q, k, v, spec, "math"))
+
+
+def test_sampling_never_runs_cudnn_attention(monkeypatch):
+    """cuDNN's SDPA builds a plan per new sequence length (about 70 ms each on an H200,
+    reports/gpu/probe/probe.jsonl): sampling, whose lengths change every step, runs without it."""
+    import esolm.model.backbone as bb
+
+    states = []
+    orig = bb.attention
+
+    def spy(q, k, v, spec, backend="sdpa"):
+        states.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return orig(q, k, v, spec, backend)
+
+    monkeypatch.setattr(bb, "attention", spy)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    for family in ("eso_b", "ar"):
+        generate(sharp_model(family, **({"alpha_0": 0.5} if family == "eso_b" else {})), num_samples=1,
+                 steps=4, seed=0)
+    assert states and not any(states)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored afterwards

@@ -3,11 +3,16 @@
 Every family samples ``batch_size`` sequences of length L with the same backbone size and
 random weights (speed does not depend on the weights). ``nfe="L"`` decodes one token per
 forward pass (the paper's setting); an integer NFE budget spreads L tokens over that many
-steps (AR always takes L). Each cell is the median wall time over ``repeats`` runs after
-``warmup`` short runs (at most ``WARMUP_STEPS`` steps each: they only trigger lazy set-up),
-with the repeats of all families interleaved, and ratios are computed from medians measured
-in the same process. Next to time, each row
-gives the KV-cache bytes and the peak memory of the runs, and every setting.
+steps (AR always takes L). Each cell (length, NFE budget, batch size) is the median wall time
+over ``repeats`` runs after ``warmup`` short runs of the timed configuration (its first
+``WARMUP_STEPS`` forward passes: the same step shapes as the timed run, so that lazy set-up,
+compilation and CUDA-graph captures land there and not in the timed runs), with the repeats of
+all families interleaved, and ratios are computed from medians measured in the same process.
+Next to time, each row gives the KV-cache bytes and the peak memory of the runs, and every
+setting; a cell's rows are handed to ``on_cell`` as soon as the cell is timed, so a run cut
+short keeps every finished cell. ``step_mode: auto`` replays cached steps as CUDA graphs on a
+GPU (host-bound dynamic steps took ~10 ms each on an H200 at the paper's size, graphs ~1 ms:
+reports/gpu/) and runs them dynamically on a CPU (faster there than static steps).
 
 MDLM runs the same full forward at every step, so with ``mdlm_max_steps`` > 0 it is timed
 over that many steps (each decoding L / mdlm_max_steps tokens) and scaled linearly to the
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Self
@@ -44,13 +50,18 @@ FAMILIES: dict[str, tuple[str, dict]] = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WARMUP_STEPS = 16
 
+PAPER_BATCH = {2048: 256, 8192: 64}
+"""The authors' throughput batches per sequence length (``batch_sizes`` entry "paper")."""
+
 # named settings: ``esolm bench --set bench.preset=paper-gpu`` (one command on a GPU)
 PRESETS: dict[str, dict] = {
     "": {},
-    # the paper's Table 3: L in {2048, 8192}, NFE = L, 768d / 12 layers, GPT-2 vocabulary
-    "paper-gpu": dict(families=("eso_b", "mdlm", "bd3lm_l4", "bd3lm_l16", "ar"), lengths=(2048, 8192),
-                      d_model=768, n_layers=12, n_heads=12, vocab_size=50257, dtype="bfloat16",
-                      repeats=3, warmup=1, mdlm_max_steps=256),
+    # the paper's Table 3: L in {2048, 8192}, NFE = L, 768d / 12 layers, GPT-2 vocabulary, at
+    # batch 1 and at the authors' batches; MDLM (a full forward per step) timed over a few steps
+    # and scaled. Sized for about 6 minutes on one H100/H200 (not yet run on one: see reports/gpu).
+    "paper-gpu": dict(families=("eso_b", "mdlm", "bd3lm_l4", "ar"), lengths=(2048, 8192),
+                      batch_sizes=(1, "paper"), d_model=768, n_layers=12, n_heads=12, vocab_size=50257,
+                      dtype="bfloat16", repeats=2, warmup=1, mdlm_max_steps=16, step_mode="auto"),
 }
 
 
@@ -66,6 +77,9 @@ class BenchConfig:
     lengths: tuple[int, ...] = (256, 1024)
     nfe: tuple[str | int, ...] = ("L",)
     batch_size: int = 1
+    batch_sizes: tuple[int | str, ...] = ()
+    """Batch sizes of the cells (each one a cell per length); "paper": the authors' batch at that
+    length (``PAPER_BATCH``). Empty: ``batch_size`` alone."""
     repeats: int = 3
     warmup: int = 1
     d_model: int = 128
@@ -75,7 +89,7 @@ class BenchConfig:
     dtype: str = "float32"
     threads: int = 0
     mdlm_max_steps: int = 0
-    step_mode: str = "dynamic"
+    step_mode: str = "auto"
     seed: int = 0
     preset: str = ""
 
@@ -89,13 +103,35 @@ class BenchConfig:
             raise ValueError(f"bench.dtype={self.dtype!r} is unknown; use one of {tuple(DTYPES)}")
         if self.preset not in PRESETS:
             raise ValueError(f"bench.preset={self.preset!r} is unknown; use one of {tuple(PRESETS)}")
-        check_step_mode(self.step_mode)
+        if self.step_mode != "auto":
+            check_step_mode(self.step_mode)
+        bad = [b for b in self.batch_sizes if b != "paper" and not (isinstance(b, int) and b >= 1)]
+        if bad:
+            raise ValueError(f"bench.batch_sizes has invalid entries {bad}; use integers >= 1 or 'paper'")
         if self.threads < 0 or self.mdlm_max_steps < 0:
             raise ValueError("bench.threads and bench.mdlm_max_steps must be >= 0")
 
     def resolved(self) -> BenchConfig:
         """This config with its preset's settings applied (the preset wins)."""
         return replace(self, **PRESETS[self.preset], preset="") if self.preset else self
+
+    def batches(self, length: int) -> list[int]:
+        """The batch sizes timed at ``length``."""
+        out = []
+        for b in self.batch_sizes or (self.batch_size,):
+            if b == "paper" and length not in PAPER_BATCH:
+                raise ValueError(f"bench.batch_sizes 'paper' has no batch for L={length}; the authors "
+                                 f"timed L in {sorted(PAPER_BATCH)}: give an integer")
+            b = PAPER_BATCH[length] if b == "paper" else b
+            if b not in out:
+                out.append(b)
+        return out
+
+    def mode(self, device: torch.device) -> str:
+        """The step mode run on ``device``: auto is cuda_graphs on a GPU, dynamic elsewhere."""
+        if self.step_mode != "auto":
+            return self.step_mode
+        return "cuda_graphs" if is_accelerator(device) else "dynamic"
 
 
 def _model(bc: BenchConfig, family: str, length: int, device: torch.device) -> Backbone:
@@ -167,28 +203,31 @@ def _rss(field: str) -> int | None:
     return None
 
 
-def _setup(bc: BenchConfig, family: str, length: int, nfe: str | int,
+def _setup(bc: BenchConfig, family: str, length: int, nfe: str | int, batch: int,
            device: torch.device) -> tuple[Backbone, int, float]:
-    """(model, steps to run, scale to the requested NFE), warmed up."""
+    """(model, steps to run, scale to the requested NFE), warmed up on the timed shapes."""
     model = _model(bc, family, length, device)
     steps = _steps(model, length, nfe)
     scale = 1.0
     if not model.config.spec.kv_cache and 0 < bc.mdlm_max_steps < steps:  # a full forward every step
         scale, steps = steps / bc.mdlm_max_steps, bc.mdlm_max_steps
     for i in range(bc.warmup):
-        generate(model, num_samples=bc.batch_size, steps=min(steps, WARMUP_STEPS), schedule="power",
-                 seed=bc.seed + 1000 + i, step_mode=bc.step_mode)
+        generate(model, num_samples=batch, steps=steps, schedule="power", seed=bc.seed + 1000 + i,
+                 step_mode=bc.mode(device), stop_after=WARMUP_STEPS)
     return model, steps, scale
 
 
 def time_cell(bc: BenchConfig, families: tuple[str, ...], length: int, nfe: str | int,
-              device: torch.device) -> list[dict]:
-    """Median sampling time of each family at one length and NFE budget, with memory.
+              device: torch.device, batch: int | None = None) -> list[dict]:
+    """Median sampling time of each family at one length, NFE budget and batch, with memory,
+    and the ratios of every family's median over every other's (``speedup_vs_<family>``).
 
     The repeats are interleaved (repeat r of every family, then r + 1), so that a change in
     the machine's load during the run hits every family alike. Besides wall time, each row
     has the median process CPU time (less sensitive to other processes on a shared CPU)."""
-    setups = {f: _setup(bc, f, length, nfe, device) for f in families}
+    batch = batch or bc.batch_size
+    bc = replace(bc, batch_size=batch)
+    setups = {f: _setup(bc, f, length, nfe, batch, device) for f in families}
     wall: dict[str, list[float]] = {f: [] for f in families}
     cpu: dict[str, list[float]] = {f: [] for f in families}
     nfes: dict[str, list[int]] = {f: [] for f in families}
@@ -200,15 +239,21 @@ def time_cell(bc: BenchConfig, families: tuple[str, ...], length: int, nfe: str 
             c0 = time.process_time()
             with PeakMemory(device) as mem:
                 g = generate(model, num_samples=bc.batch_size, steps=steps, schedule="power",
-                             seed=bc.seed + i, step_mode=bc.step_mode)
+                             seed=bc.seed + i, step_mode=bc.mode(device))
             cpu[f].append((time.process_time() - c0) * scale)
             wall[f].append(g.seconds * scale)
             nfes[f].append(round(g.nfe * scale))
             if mem.peak is not None:
                 peaks[f] = max(peaks.get(f) or 0, mem.peak)
             kind = mem.kind
-    return [_row(bc, f, length, nfe, device, setups[f], wall[f], cpu[f], nfes[f], peaks.get(f), kind)
+    rows = [_row(bc, f, length, nfe, device, setups[f], wall[f], cpu[f], nfes[f], peaks.get(f), kind)
             for f in families]
+    for r in rows:
+        for ref in rows:
+            if ref is not r:
+                r[f"speedup_vs_{ref['family']}"] = ref["median_s"] / r["median_s"]
+                r[f"cpu_speedup_vs_{ref['family']}"] = ref["median_cpu_s"] / r["median_cpu_s"]
+    return rows
 
 
 def _row(bc: BenchConfig, family: str, length: int, nfe: str | int, device: torch.device,
@@ -222,7 +267,8 @@ def _row(bc: BenchConfig, family: str, length: int, nfe: str | int, device: torc
             "tokens_per_s": bc.batch_size * length / median, "repeats": bc.repeats,
             "warmup": bc.warmup, "device": _device_name(device), "d_model": bc.d_model,
             "n_layers": bc.n_layers, "n_heads": bc.n_heads, "vocab_size": bc.vocab_size,
-            "dtype": bc.dtype, "params": sum(p.numel() for p in model.parameters()),
+            "dtype": bc.dtype, "step_mode": bc.mode(device), "schedule": "power",
+            "params": sum(p.numel() for p in model.parameters()),
             "kv_cache_bytes": kv_cache_bytes(model, bc.batch_size), "peak_mem_bytes": peak,
             "peak_mem_kind": peak_kind, "torch": torch.__version__,
             "extrapolated_from_nfe": steps if scale != 1.0 else None}
@@ -234,22 +280,20 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
-def run_bench(bc: BenchConfig, device: torch.device, progress: bool = True) -> list[dict]:
-    """All cells, plus ``speedup_vs_<family>`` ratios (wall time) of every family over every
-    other one, and ``cpu_speedup_vs_<family>`` from process CPU time."""
+def run_bench(bc: BenchConfig, device: torch.device, progress: bool = True,
+              on_cell: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """All cells (length x NFE budget x batch size), each row with ``speedup_vs_<family>`` ratios
+    (wall time) over every other family of its cell and ``cpu_speedup_vs_<family>`` from process
+    CPU time. ``on_cell(rows so far)`` runs after every cell (the caller writes them out)."""
     bc = bc.resolved()
     if bc.threads:
         torch.set_num_threads(bc.threads)
-    cells = [(L, n) for L in bc.lengths for n in bc.nfe]
-    rows = [r for L, n in tqdm(cells, desc="bench", disable=not progress)
-            for r in time_cell(bc, bc.families, L, n, device)]
-    by_key = {(r["family"], r["length"], r["nfe_budget"]): r for r in rows}
-    for r in rows:
-        for other in bc.families:
-            ref = by_key.get((other, r["length"], r["nfe_budget"]))
-            if ref is not None and other != r["family"]:
-                r[f"speedup_vs_{other}"] = ref["median_s"] / r["median_s"]
-                r[f"cpu_speedup_vs_{other}"] = ref["median_cpu_s"] / r["median_cpu_s"]
+    cells = [(L, n, b) for L in bc.lengths for n in bc.nfe for b in bc.batches(L)]
+    rows: list[dict] = []
+    for L, n, b in tqdm(cells, desc="bench", disable=not progress):
+        rows += time_cell(bc, bc.families, L, n, device, batch=b)
+        if on_cell is not None:
+            on_cell(rows)
     return rows
 
 
@@ -257,22 +301,23 @@ def settings_line(bc: BenchConfig, device: torch.device) -> str:
     """Every setting of a bench run, in one line."""
     bc = bc.resolved()
     keep = {k: v for k, v in asdict(bc).items() if k not in ("families", "lengths", "preset")}
+    keep["step_mode"] = bc.mode(device)
     text = " ".join(f"{k}={v}" for k, v in keep.items())
     return (f"bench on {_device_name(device)}, torch {torch.__version__}: {text}; random weights, "
             f"power schedule (even counts), medians of {bc.repeats} runs after {bc.warmup} warm-up "
-            f"runs of <= {WARMUP_STEPS} steps")
+            f"runs of the first {WARMUP_STEPS} forward passes of the timed configuration")
 
 
 def format_rows(rows: list[dict]) -> str:
     """A plain-text table: time, NFE, tokens/s, KV-cache and peak memory per cell."""
-    head = (f"{'family':<10} {'L':>6} {'NFE':>6} {'median_s':>10} {'cpu_s':>9} {'tok/s':>9} "
+    head = (f"{'family':<10} {'L':>6} {'batch':>5} {'NFE':>6} {'median_s':>10} {'cpu_s':>9} {'tok/s':>9} "
             f"{'kv_MiB':>8} {'peak_MiB':>9}")
     out = [head]
     for r in rows:
         peak = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
         note = f"  (timed at NFE={r['extrapolated_from_nfe']}, scaled linearly)" \
             if r.get("extrapolated_from_nfe") else ""
-        out.append(f"{r['family']:<10} {r['length']:>6} {r['nfe']:>6} {r['median_s']:>10.3f} "
+        out.append(f"{r['family']:<10} {r['length']:>6} {r['batch_size']:>5} {r['nfe']:>6} {r['median_s']:>10.3f} "
                    f"{r['median_cpu_s']:>9.3f} "
                    f"{r['tokens_per_s']:>9.1f} {r['kv_cache_bytes'] / 2**20:>8.2f} {peak:>9}{note}")
     return "\n".join(out)
@@ -287,6 +332,8 @@ def plot_bench(rows: list[dict], path: str) -> bool:
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r["nfe_budget"] == "L"]
+    if rows:  # one batch size per figure: the smallest timed
+        rows = [r for r in rows if r.get("batch_size", 1) == min(q.get("batch_size", 1) for q in rows)]
     eso = {r["length"]: r["median_s"] for r in rows if r["family"] == "eso_b"}
     if not eso:
         return False

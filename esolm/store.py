@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS generations (
 CREATE TABLE IF NOT EXISTS throughput (
     run_id VARCHAR, family VARCHAR, length BIGINT, nfe_budget VARCHAR, nfe BIGINT,
     batch_size BIGINT, median_s DOUBLE, tokens_per_s DOUBLE, device VARCHAR,
-    PRIMARY KEY (run_id, family, length, nfe_budget));
+    PRIMARY KEY (run_id, family, length, nfe_budget, batch_size));
 ALTER TABLE variants ADD COLUMN IF NOT EXISTS objective VARCHAR;
 ALTER TABLE training ADD COLUMN IF NOT EXISTS t_max DOUBLE;
 ALTER TABLE throughput ADD COLUMN IF NOT EXISTS median_cpu_s DOUBLE;
@@ -60,6 +60,7 @@ ALTER TABLE throughput ADD COLUMN IF NOT EXISTS dtype VARCHAR;
 ALTER TABLE throughput ADD COLUMN IF NOT EXISTS kv_cache_bytes BIGINT;
 ALTER TABLE throughput ADD COLUMN IF NOT EXISTS peak_mem_bytes BIGINT;
 ALTER TABLE throughput ADD COLUMN IF NOT EXISTS extrapolated_from_nfe BIGINT;
+ALTER TABLE throughput ADD COLUMN IF NOT EXISTS step_mode VARCHAR;
 CREATE TABLE IF NOT EXISTS search_trials (
     run_id VARCHAR, variant VARCHAR, trial BIGINT, state VARCHAR, feasible BOOLEAN,
     gen_ppl DOUBLE, seconds DOUBLE, nfe DOUBLE, entropy DOUBLE, params JSON,
@@ -68,7 +69,7 @@ CREATE TABLE IF NOT EXISTS search_trials (
 
 # bench columns added later (older bench.json files lack them: NULL)
 BENCH_EXTRA = ("median_cpu_s", "d_model", "n_layers", "vocab_size", "dtype", "kv_cache_bytes",
-               "peak_mem_bytes", "extrapolated_from_nfe")
+               "peak_mem_bytes", "extrapolated_from_nfe", "step_mode")
 TABLES = ("runs", "variants", "training", "likelihood", "sampling", "curves", "generations", "throughput",
           "search_trials")
 
@@ -108,9 +109,25 @@ def connect(path: str | Path = DEFAULT_DB, read_only: bool = False, retries: int
             time.sleep(wait * (1.5 ** attempt))
             continue
         if not read_only:
+            _key_throughput_by_batch(con)
             con.execute(SCHEMA)
         return con
     raise RuntimeError("unreachable")
+
+
+def _key_throughput_by_batch(con: duckdb.DuckDBPyConnection) -> None:
+    """Databases made before the bench timed several batch sizes keyed throughput rows without
+    the batch size; DuckDB cannot alter a primary key, so such a table is rebuilt (rows kept)."""
+    keys = con.execute("SELECT constraint_column_names FROM duckdb_constraints() "
+                       "WHERE table_name = 'throughput' AND constraint_type = 'PRIMARY KEY'").fetchall()
+    if not keys or "batch_size" in keys[0][0]:
+        return
+    con.execute("ALTER TABLE throughput RENAME TO throughput_old")
+    con.execute(SCHEMA)
+    cols = [r[0] for r in con.execute("SELECT column_name FROM duckdb_columns() "
+                                      "WHERE table_name = 'throughput_old'").fetchall()]
+    con.execute(f"INSERT INTO throughput ({', '.join(cols)}) SELECT {', '.join(cols)} FROM throughput_old")
+    con.execute("DROP TABLE throughput_old")
 
 
 def _rows_jsonl(path: Path) -> list[dict]:

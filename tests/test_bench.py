@@ -43,9 +43,72 @@ def test_kv_cache_bytes_match_the_cache_the_sampler_allocates():
 def test_paper_gpu_preset_resolves_to_the_papers_table_settings():
     bc = BenchConfig(preset="paper-gpu").resolved()
     assert bc.lengths == (2048, 8192) and (bc.d_model, bc.n_layers, bc.n_heads) == (768, 12, 12)
-    assert set(bc.families) == {"eso_b", "mdlm", "bd3lm_l4", "bd3lm_l16", "ar"}
+    assert set(bc.families) == {"eso_b", "mdlm", "bd3lm_l4", "ar"}  # the paper's Table 3 rows
+    assert bc.batches(2048) == [1, 256] and bc.batches(8192) == [1, 64]  # the authors' batches too
+    assert bc.mode(torch.device("cpu")) == "dynamic" and bc.dtype == "bfloat16"
     with pytest.raises(ValueError, match="preset"):
         BenchConfig(preset="fastest")
+
+
+def test_batch_sizes_name_the_bad_value_and_the_paper_lengths():
+    with pytest.raises(ValueError, match="batch_sizes.*0"):
+        BenchConfig(batch_sizes=(1, 0))
+    with pytest.raises(ValueError, match="L=1024"):
+        BenchConfig(batch_sizes=("paper",)).batches(1024)
+    assert BenchConfig(batch_sizes=(2, 1, 2)).batches(16) == [2, 1]
+
+
+def test_every_cell_is_handed_out_as_soon_as_it_is_timed(monkeypatch):
+    """Rows were returned only when the whole bench ended: a run cut short lost everything.
+    Here the second cell fails; the first cell's rows were already handed out, with ratios."""
+    import esolm.bench as bench
+
+    seen: list[list[dict]] = []
+    real = bench.time_cell
+
+    def flaky(bc, families, length, nfe, device, batch=None):
+        if batch == 2:
+            raise RuntimeError("out of time")
+        return real(bc, families, length, nfe, device, batch=batch)
+
+    monkeypatch.setattr(bench, "time_cell", flaky)
+    bc = BenchConfig(families=("eso_b", "ar"), batch_sizes=(1, 2), **TINY)
+    with pytest.raises(RuntimeError, match="out of time"):
+        run_bench(bc, torch.device("cpu"), progress=False, on_cell=lambda rows: seen.append(list(rows)))
+    assert len(seen) == 1 and {r["family"] for r in seen[0]} == {"eso_b", "ar"}
+    assert all(r["batch_size"] == 1 and r["step_mode"] == "dynamic" for r in seen[0])
+    assert seen[0][0]["speedup_vs_ar"] == pytest.approx(seen[0][1]["median_s"] / seen[0][0]["median_s"])
+
+
+def test_warm_up_runs_the_first_steps_of_the_timed_configuration(monkeypatch):
+    """The warm-up of AR and BD3-LM was a full L-step run of other shapes (compilation and
+    captures then fell in the timed runs): it now runs the timed settings, cut after
+    ``WARMUP_STEPS`` forward passes."""
+    import esolm.bench as bench
+
+    calls = []
+    real = bench.generate
+    monkeypatch.setattr(bench, "generate", lambda model, **kw: (calls.append((model.config.family, kw)),
+                                                                real(model, **kw))[1])
+    bench.run_bench(BenchConfig(families=("eso_b", "ar", "bd3lm_l4"), **TINY), torch.device("cpu"), progress=False)
+    for family in ("eso_b", "ar", "bd3lm"):
+        warm, timed = [kw for f, kw in calls if f == family][:2]
+        assert warm["stop_after"] == bench.WARMUP_STEPS and "stop_after" not in timed
+        assert {k: v for k, v in warm.items() if k not in ("stop_after", "seed")} == \
+            {k: v for k, v in timed.items() if k != "seed"}
+
+
+def test_generate_stops_after_the_forward_passes_asked_for():
+    from esolm import generate
+    from tests.conftest import sharp_model
+
+    for family in ("eso_b", "ar", "mdlm"):
+        model = sharp_model(family, **({"alpha_0": 0.5} if family == "eso_b" else {}))
+        g = generate(model, num_samples=2, steps=8, seed=0, stop_after=3)
+        assert g.nfe == 3
+        assert (g.tokens == model.config.mask_token_id).any()  # not finished
+    with pytest.raises(ValueError, match="stop_after=0"):
+        generate(model, num_samples=1, stop_after=0)
 
 
 @pytest.mark.parametrize("family", ["eso_b", "ar"])
@@ -102,3 +165,31 @@ def test_profile_runs_on_the_chosen_device_and_dtype_and_waits_for_it(monkeypatc
     assert r["device"] == "cpu" and r["dtype"] == "bfloat16"
     # before and after every timed step (4) and around each of its 2 blocks
     assert len(waited) >= 4 * 2 + 4 * 2 * 2 and set(map(str, waited)) == {"cpu"}
+
+
+def test_an_old_database_keys_throughput_by_batch_size_and_keeps_its_rows(tmp_path):
+    """Rows of several batch sizes per cell broke the old key (run, family, length, NFE): an old
+    table is rebuilt with the batch size in its key, its rows kept."""
+    import json
+
+    import duckdb
+
+    from esolm.store import connect, ingest, query
+
+    db = tmp_path / "results.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE throughput (run_id VARCHAR, family VARCHAR, length BIGINT, nfe_budget "
+                "VARCHAR, nfe BIGINT, batch_size BIGINT, median_s DOUBLE, tokens_per_s DOUBLE, "
+                "device VARCHAR, PRIMARY KEY (run_id, family, length, nfe_budget))")
+    con.execute("INSERT INTO throughput VALUES ('old', 'ar', 16, 'L', 16, 1, 0.5, 32.0, 'cpu')")
+    con.close()
+    connect(db).close()
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    rows = run_bench(BenchConfig(families=("eso_b", "ar"), batch_sizes=(1, 2), **TINY), torch.device("cpu"),
+                     progress=False)
+    (reports / "bench.json").write_text(json.dumps(rows))
+    ingest({"variants": {}}, tmp_path / "runs", reports, db, rid="new")
+    _, got = query("SELECT run_id, family, batch_size, step_mode FROM throughput ORDER BY run_id, family, batch_size", db)
+    assert got == [("new", "ar", 1, "dynamic"), ("new", "ar", 2, "dynamic"), ("new", "eso_b", 1, "dynamic"),
+                   ("new", "eso_b", 2, "dynamic"), ("old", "ar", 1, None)]

@@ -71,3 +71,70 @@ def test_cuda_graph_steps_equal_the_eager_cached_path_on_gpu(variant):
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     for a, b in zip(runs[0].step_logits, runs[1].step_logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- reuse and buckets
+
+def test_static_steps_are_made_once_per_model_and_reused_across_generations(monkeypatch):
+    """``StaticSteps`` was rebuilt by every ``generate`` (on a GPU: 2-3 captures inside each
+    timed run). Now one per (model, batch, mode, dtype): the second and third generations reuse
+    it, rewound, and still give the dynamic path's tokens."""
+    import esolm.sampling.graphs as graphs
+
+    made = []
+    real = graphs.StaticSteps.__init__
+    monkeypatch.setattr(graphs.StaticSteps, "__init__", lambda self, *a, **k: (made.append(1), real(self, *a, **k))[1])
+    model = sharp_model("eso_b", alpha_0=0.5)
+    for seed in (1, 2, 3):
+        runs = [generate(model, num_samples=3, steps=6, seed=seed, step_mode=m) for m in ("dynamic", "static")]
+        assert torch.equal(runs[0].tokens, runs[1].tokens), seed
+    assert len(made) == 1
+    generate(model, num_samples=2, steps=6, seed=1, step_mode="static")  # another batch: its own
+    assert len(made) == 2
+
+
+def test_reused_static_steps_see_new_weights():
+    """A weight written in place between generations (an optimizer step, ``load_state_dict``)
+    changes the conditioning: the reused steps take the new values, never stale ones."""
+    model = sharp_model("ar")
+    generate(model, num_samples=2, seed=0, step_mode="static")
+    with torch.no_grad():
+        for block in model.blocks:
+            block.modulation.bias.add_(torch.randn_like(block.modulation.bias))
+    runs = [generate(model, num_samples=2, seed=0, step_mode=m, record_logits=True) for m in ("dynamic", "static")]
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    for a, b in zip(runs[0].step_logits, runs[1].step_logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["eso_b", "ar"])
+@pytest.mark.parametrize("opts", [dict(steps=7, schedule="loglinear"), dict(steps=5, prompt={0: 1, 1: 2, 2: 3})])
+def test_bucketed_steps_pad_drop_and_equal_the_dynamic_path(monkeypatch, variant, opts):
+    """The CUDA-graph path pads each step's tokens to a power of two (scratch slots, never
+    committed, logits dropped) so that a log-linear schedule captures a few graphs, not one per
+    step size. Run here on CPU through the same static step: same tokens and logits as the
+    dynamic path, and few distinct step shapes."""
+    import esolm.sampling.graphs as graphs
+
+    monkeypatch.setattr(graphs, "BUCKET", True)
+    shapes = set()
+    real = graphs.StaticSteps._eager
+    monkeypatch.setattr(graphs.StaticSteps, "_eager",
+                        lambda self, tokens, *a: (shapes.add(tuple(tokens.shape)), real(self, tokens, *a))[1])
+    kw = dict(alpha_0=0.5) if variant == "eso_b" else {}
+    runs = _same_as_dynamic(sharp_model(variant, **kw), "static", **opts)
+    assert runs[1].nfe > len(shapes)
+    assert all(n & (n - 1) == 0 or n == runs[1].tokens.shape[1] for _, n in shapes), shapes
+
+
+def test_bucketed_padding_never_runs_past_the_cache():
+    """Near the end of the sequence the padded size is capped by the room left in the cache."""
+    import esolm.sampling.graphs as graphs
+
+    model = sharp_model("eso_b", alpha_0=1.0)
+    L = model.config.length
+    steps = graphs.StaticSteps(model, model.new_cache(1, max_len=L), model.conditioning(), "static", bucket=True)
+    with torch.no_grad():
+        steps(torch.zeros(1, L - 3, dtype=torch.long), torch.arange(L - 3)[None], L - 3, 0)
+        out = steps(torch.zeros(1, 3, dtype=torch.long), torch.arange(L - 3, L)[None], 0, 1)
+    assert out.shape[:2] == (1, 2) and steps.cache.length == L - 3

@@ -48,7 +48,8 @@ class MaskSpec:
     inner: the clean-half mask of two_stream; q_offset: absolute index of the first query
     (the number of cached keys before it when decoding with a KV cache); keep: optional
     bool [B, n_kv], False for padding keys, which no other query may see; dense: the
-    boolean mask already built for these shapes (``prebuild``), reused by every layer.
+    boolean mask already built for these shapes (``prebuild``), reused by every layer;
+    block_mask: flex attention's ``BlockMask`` built once per forward (``prebuild``), likewise.
     """
 
     kind: str
@@ -59,6 +60,7 @@ class MaskSpec:
     q_offset: int = 0
     keep: Tensor | None = None
     dense: Tensor | None = None
+    block_mask: object | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in MASK_KINDS:
@@ -130,8 +132,14 @@ def dense_mask(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.de
 
 def prebuild(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.device,
              backend: str) -> MaskSpec:
-    """Build the dense mask once per forward (not once per layer) where the backend needs one."""
-    if backend == "flex" or _is_plain(spec, n_q, n_kv):
+    """Build the mask once per forward (not once per layer) where the backend needs one: the
+    dense boolean mask, or flex attention's block mask (where flex will run: on a GPU, or
+    without autograd; a CPU training step runs sdpa with the dense mask instead)."""
+    if backend == "flex":
+        if is_accelerator(device) or not torch.is_grad_enabled():
+            return replace(spec, block_mask=_block_mask(spec, batch, n_q, n_kv, device))
+        return spec
+    if _is_plain(spec, n_q, n_kv):
         return spec
     block = _tail_block(spec, n_q, n_kv)
     if block == 1 and backend in ("sdpa", "flash") and (n_q == 1 or is_accelerator(device)):
@@ -201,29 +209,50 @@ def _is_plain(spec: MaskSpec, n_q: int, n_kv: int) -> bool:
 
 
 _FLEX_CACHE: dict[tuple, object] = {}
+_COMPILED: dict[str, Callable] = {}
 
 
-def _flex(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def _block_mask(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.device):
+    """flex attention's ``BlockMask`` of ``spec`` for these shapes. Masks equal for every row
+    and without an offset (training shapes) are kept and reused across forwards."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     fn = mask_function(spec)
-    n_q, n_kv = q.shape[-2], k.shape[-2]
     off = spec.q_offset
-    rows = q.shape[0] if spec.per_row else None
+    rows = batch if spec.per_row else None
 
     def mask_mod(b, h, qi, kvi):
         return fn(b, qi + off, kvi)
 
-    key = (spec.kind, spec.block, spec.half, spec.inner, off, n_q, n_kv, str(q.device))
-    reuse = not spec.per_row and off == 0  # training shapes; decode steps change every call
+    key = (spec.kind, spec.block, spec.half, spec.inner, off, n_q, n_kv, str(device))
+    reuse = not spec.per_row and off == 0  # decode steps change every call
     block_mask = _FLEX_CACHE.get(key) if reuse else None
     if block_mask is None:
-        block_mask = create_block_mask(mask_mod, rows, None, n_q, n_kv, device=q.device)
+        block_mask = create_block_mask(mask_mod, rows, None, n_q, n_kv, device=device)
         if reuse:
             if len(_FLEX_CACHE) >= 64:
                 _FLEX_CACHE.clear()
             _FLEX_CACHE[key] = block_mask
-    return flex_attention(q, k, v, block_mask=block_mask)
+    return block_mask
+
+
+def _flex_kernel(device: torch.device) -> Callable:
+    """flex attention compiled once per process on a GPU (fused, no score matrix); eager on a
+    CPU, where compiling costs more than the small models there gain."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not is_accelerator(device):
+        return flex_attention
+    if "flex" not in _COMPILED:
+        _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED["flex"]
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> Tensor:
+    block_mask = spec.block_mask
+    if block_mask is None:  # a direct call: built here
+        block_mask = _block_mask(spec, q.shape[0], q.shape[-2], k.shape[-2], q.device)
+    return _flex_kernel(q.device)(q, k, v, block_mask=block_mask)
 
 
 def _flash_attn_func():

@@ -58,7 +58,8 @@ def generate(model: Backbone, num_samples: int = 8, steps: int | None = None, al
              schedule: str | None = None, gamma: float | None = None, subcontexts: int | None = None,
              shuffle: bool | str | None = None, settings: ScheduleSettings | None = None,
              batch_size: int | None = None, record_logits: bool = False,
-             progress: bool = False, cuda_graphs: bool = False, step_mode: str = "dynamic") -> Generation:
+             progress: bool = False, cuda_graphs: bool = False, step_mode: str = "dynamic",
+             stop_after: int | None = None) -> Generation:
     """Sample ``num_samples`` sequences of the model's length.
 
     settings: the schedule and decode settings (``ScheduleSettings``: its fields document each
@@ -72,7 +73,11 @@ def generate(model: Backbone, num_samples: int = 8, steps: int | None = None, al
     of Eso-LM (B) and AR run (``graphs.STEP_MODES``): dynamic (default), static, compile
     (``torch.compile`` per step shape) or cuda_graphs (each step shape captured once as a CUDA
     graph on a GPU; elsewhere static). cuda_graphs=True is step_mode="cuda_graphs".
+    stop_after: stop each batch after this many forward passes (a benchmark's warm-up on the
+    timed shapes); the tokens not reached stay masked and ``nfe`` counts the passes run.
     """
+    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
+        raise ValueError(f"stop_after={stop_after!r} is invalid: use an integer >= 1 or None")
     step_mode = check_step_mode("cuda_graphs" if cuda_graphs else step_mode)
     cfg, spec = model.config, model.config.spec
     s = (settings or ScheduleSettings()).settings().replace(
@@ -98,10 +103,13 @@ def generate(model: Backbone, num_samples: int = 8, steps: int | None = None, al
             x[:, given.to(device)] = ids.to(device)
             bar = tqdm(total=_n_steps(plan, cfg.length - given.numel()), disable=not progress,
                        desc=f"sampling {cfg.family}", leave=False)
-            dec.on_step = bar.update
+            dec.on_step = bar.update if stop_after is None else _stopper(bar.update, stop_after)
             synchronize(device)
             t0 = time.perf_counter()
-            nfe += _run(model, x, plan, dec, s.kv_cache, given.numel(), step_mode)
+            try:
+                nfe += _run(model, x, plan, dec, s.kv_cache, given.numel(), step_mode)
+            except _Stopped:
+                nfe += stop_after
             synchronize(device)
             seconds += time.perf_counter() - t0
             bar.close()
@@ -110,6 +118,23 @@ def generate(model: Backbone, num_samples: int = 8, steps: int | None = None, al
     used = s.replace(kv_cache=s.kv_cache and spec.kv_cache)
     return Generation(torch.cat(out), nfe, seconds, used.kv_cache, cfg.family, schedules,
                       dec.logits if record_logits else None, _settings(spec.autoregressive, schedules[0], used))
+
+
+class _Stopped(Exception):
+    """Raised by the step hook after ``stop_after`` forward passes; caught by ``generate``."""
+
+
+def _stopper(update, limit: int):
+    done = 0
+
+    def on_step() -> None:
+        nonlocal done
+        update()
+        done += 1
+        if done >= limit:
+            raise _Stopped
+
+    return on_step
 
 
 def _settings(autoregressive: bool, sched, s: ScheduleSettings) -> dict:

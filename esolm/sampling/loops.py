@@ -27,7 +27,7 @@ from esolm.model.backbone import Backbone
 from esolm.model.cache import KVCache
 from esolm.ordering import Schedule
 from esolm.sampling.decode import sample_tokens
-from esolm.sampling.graphs import StaticSteps
+from esolm.sampling.graphs import StaticSteps, steps_for
 
 CAUSAL = MaskSpec("causal")  # Eso-LM (A)'s sequential phase: causal past its clean prefix
 
@@ -51,8 +51,14 @@ class Decoder:
             self.on_step()
 
 
-def _static(model: Backbone, cache: KVCache | None, cond, step_mode: str) -> StaticSteps | None:
-    return StaticSteps(model, cache, cond, step_mode) if step_mode != "dynamic" and cache is not None else None
+def _cached(model: Backbone, batch: int, cond, kv_cache: bool,
+            step_mode: str) -> tuple[KVCache | None, StaticSteps | None]:
+    """(cache, static steps): none uncached; a fresh growing cache for dynamic steps; else the
+    model's reused static steps (``graphs.steps_for``) and their cache."""
+    if not kv_cache:
+        return None, None
+    static = steps_for(model, batch, cond, step_mode)
+    return (model.new_cache(batch), None) if static is None else (static.cache, static)
 
 
 def eso_b(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bool,
@@ -60,9 +66,8 @@ def eso_b(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: b
     """step_mode: how cached steps run (``graphs.STEP_MODES``: static, compiled or CUDA graphs)."""
     mask = model.config.spec.clean_mask(model.config)
     order = sched.order.to(x.device)
-    cache = model.new_cache(x.shape[0]) if kv_cache else None
     cond = model.conditioning()
-    static = _static(model, cache, cond, step_mode)
+    cache, static = _cached(model, x.shape[0], cond, kv_cache, step_mode)
     start = prev = sched.n_given  # order[:start] is decoded; its last ``prev`` are not cached yet
     for k in sched.counts:
         cur = order[:, start:start + k]
@@ -159,9 +164,8 @@ def ar(model: Backbone, x: Tensor, plan: None, dec: Decoder, kv_cache: bool,
     step_mode: how cached steps run (``graphs.STEP_MODES``: static, compiled or CUDA graphs)."""
     B, L = x.shape
     inp = torch.cat((torch.full((B, 1), model.config.mask_token_id, device=x.device), x[:, :-1]), 1)
-    cache = model.new_cache(B) if kv_cache else None
     cond = model.conditioning()
-    static = _static(model, cache, cond, step_mode)
+    cache, static = _cached(model, B, cond, kv_cache, step_mode)
     mask = model.config.spec.clean_mask(model.config)
     pos = torch.arange(L, device=x.device).expand(B, L)
     for i in range(n_given, L):

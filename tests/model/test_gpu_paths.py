@@ -358,3 +358,60 @@ def test_sampling_never_runs_cudnn_attention(monkeypatch):
                  steps=4, seed=0)
     assert states and not any(states)
     assert torch.backends.cuda.cudnn_sdp_enabled()  # restored afterwards
+
+
+def test_flex_builds_one_block_mask_per_forward_not_per_layer(monkeypatch, gen):
+    """Per-row masks (Eso-LM (A)'s clean prefix) and cached decode steps rebuilt a BlockMask in
+    every layer; now once per forward, shared by the layers, and the result is unchanged."""
+    import torch.nn.attention.flex_attention as fa
+
+    built = []
+    real = fa.create_block_mask
+    monkeypatch.setattr(fa, "create_block_mask", lambda *a, **k: (built.append(1), real(*a, **k))[1])
+    model = sharp_model("eso_a", alpha_0=0.5)
+    n_layers = len(model.blocks)
+    assert n_layers > 1
+    B, L = 2, model.config.length
+    x = torch.randint(0, 7, (B, L), generator=gen)
+    pos = torch.arange(L).expand(B, L)
+    spec = MaskSpec("prefix", n_clean=torch.tensor([3, 9]))
+    outs = {}
+    with torch.no_grad():
+        for backend in ("flex", "math"):
+            built.clear()
+            outs[backend] = with_backend(model, backend)(x, pos, spec)
+            if backend == "flex":
+                assert len(built) == 1
+            cache = model.new_cache(B)  # a cached step after 10 tokens
+            model(x[:, :10], pos[:, :10], MaskSpec("causal"), cache=cache, commit=10)
+            built.clear()
+            outs[backend + "_step"] = model(x[:, 10:12], pos[:, 10:12], MaskSpec("causal"), cache=cache, commit=1)
+            if backend == "flex":
+                assert len(built) == 1
+    torch.testing.assert_close(outs["flex"], outs["math"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outs["flex_step"], outs["math_step"], atol=1e-4, rtol=1e-4)
+
+
+def test_flex_on_a_gpu_is_compiled_once_and_reused(monkeypatch, gen):
+    """flex ran eagerly on CUDA (unfused, the whole score matrix built). On an accelerator it is
+    now ``torch.compile``d once per process (simulated here: the compile is a recording stub)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = []
+    real_compile = torch.compile
+
+    def fake_compile(fn, **kw):
+        if fn is not flex_attention:  # torch compiles its own helpers too
+            return real_compile(fn, **kw)
+        compiled.append(kw)
+        return fn
+
+    monkeypatch.setattr(att, "is_accelerator", lambda device: True)
+    monkeypatch.setattr(att, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    q = torch.randn(1, 2, 8, 16, generator=gen)
+    with torch.no_grad():
+        for _ in range(3):
+            out = attention(q, q, q, MaskSpec("causal"), "flex")
+    assert compiled == [{"dynamic": False}]
+    torch.testing.assert_close(out, attention(q, q, q, MaskSpec("causal"), "math"), atol=1e-5, rtol=1e-5)

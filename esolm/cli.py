@@ -29,9 +29,10 @@ def cmd_bench(args: argparse.Namespace, params: dict) -> None:
     bc = build(BenchConfig, values, "bench")
     if args.profile:
         return _profile(bc, device)
-    rows = run_bench(bc, device, progress=not args.quiet)
-    write_json(out, rows)
-    plot_bench(rows, str(out.with_suffix(".png")))
+    # every finished cell is written at once: a run cut short keeps what it timed
+    rows = run_bench(bc, device, progress=not args.quiet, on_cell=lambda done: write_json(out, done))
+    png = out.with_suffix(".png")
+    drawn = _bench_figure(plot_bench, rows, png)
     print(settings_line(bc, device))
     print(format_rows(rows))
     for r in rows:
@@ -40,7 +41,18 @@ def cmd_bench(args: argparse.Namespace, params: dict) -> None:
             cpu = ", ".join(f"{k[15:]} {v:.2f}x" for k, v in r.items() if k.startswith("cpu_speedup_vs_"))
             print(f"L={r['length']} NFE={r['nfe']} batch={r['batch_size']}: eso_b {r['median_s']:.3f}s; "
                   f"speedup over {ratios} (wall); over {cpu} (process CPU time)")
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    print(f"wrote {out}" + (f" and {png}" if drawn else ""))
+
+
+def _bench_figure(plot_bench: Callable[[list[dict], str], bool], rows: list[dict], png: Path) -> bool:
+    """Draw the bench figure; without matplotlib (a lean install) say how to get it instead."""
+    try:
+        return plot_bench(rows, str(png))
+    except ModuleNotFoundError as err:
+        if (hint := missing_extra(err)) is None:
+            raise
+        print(f"esolm bench: no figure {png}: {hint}", file=sys.stderr)
+        return False
 
 
 def _profile(bc, device) -> None:
@@ -268,6 +280,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# optional packages -> the extra of pyproject.toml that installs them: a plain `pip install esolm`
+# trains, evaluates, samples and benchmarks without any of them (tests/test_lean_install.py)
+EXTRAS = {"dvc": "pipeline", "prefect": "pipeline", "duckdb": "pipeline", "optuna": "pipeline",
+          "pandas": "pipeline", "pyarrow": "pipeline", "matplotlib": "pipeline", "datasets": "pipeline",
+          "sqlalchemy": "pipeline", "transformers": "hf", "psycopg": "postgres", "flash_attn": "flash"}
+
+
+def missing_extra(err: ImportError) -> str | None:
+    """What to install when ``err`` is a missing package of an extra (None for any other error)."""
+    top = (err.name or "").partition(".")[0]
+    if top not in EXTRAS:
+        return None
+    return f"this needs the {top} package, which is not installed: pip install 'esolm[{EXTRAS[top]}]'"
+
+
 def duckdb_error() -> type[Exception]:
     try:
         import duckdb
@@ -283,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         VERBS[args.verb][0](args, params)
     except (ValueError, FileNotFoundError, RuntimeError, duckdb_error()) as err:
         print(f"esolm {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:  # a feature of an extra on a lean install
+        if (hint := missing_extra(err)) is None:
+            raise
+        print(f"esolm {args.verb}: error: {hint}", file=sys.stderr)
         return 2
     return 0
 

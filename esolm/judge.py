@@ -71,7 +71,7 @@ class HFJudge:
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as err:
-            raise ValueError("sample.judge=hf:... needs the transformers package: pip install transformers") from err
+            raise ValueError("sample.judge=hf:... needs the transformers package: pip install 'esolm[hf]'") from err
         try:  # remote code is never run: trust_remote_code stays False
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
             self.model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=False)

@@ -190,6 +190,7 @@ def test_an_old_database_keys_throughput_by_batch_size_and_keeps_its_rows(tmp_pa
                      progress=False)
     (reports / "bench.json").write_text(json.dumps(rows))
     ingest({"variants": {}}, tmp_path / "runs", reports, db, rid="new")
-    _, got = query("SELECT run_id, family, batch_size, step_mode FROM throughput ORDER BY run_id, family, batch_size", db)
+    _, got = query("SELECT run_id, family, batch_size, step_mode FROM throughput "
+                   "ORDER BY run_id, family, batch_size", db)
     assert got == [("new", "ar", 1, "dynamic"), ("new", "ar", 2, "dynamic"), ("new", "eso_b", 1, "dynamic"),
                    ("new", "eso_b", 2, "dynamic"), ("old", "ar", 1, None)]

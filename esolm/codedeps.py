@@ -186,3 +186,19 @@ def covered(path: str, deps: list[str]) -> bool:
 if __name__ == "__main__":  # print the code deps of each stage: python -m esolm.codedeps
     for name in STAGES:
         print(f"{name}:", " ".join(compact(stage_code(name))))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every module of the package -> the package's modules it imports (anywhere in its code,
+    inside functions too; not under ``if TYPE_CHECKING:``). A package's ``__init__`` is the
+    package's name. ``tests/test_families.py`` checks it has no circle."""
+    modules = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps = {module for module, _ in _entries([_tree(path)], _package_of(name, path))}
+        graph[name] = {d for d in deps if d in modules and d != name}
+    return graph

@@ -19,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from esolm.model.backbone import Backbone
+from esolm.model.masks import clean_mask, two_stream_mask
 from esolm.objectives import (
     ar_token_nll,
     check_tokens,
@@ -89,7 +90,7 @@ def order_log_prob(model: Backbone, x: Tensor, order: Tensor, chunk: int = 16,
     check_tokens(cfg, x)
     order = order.to(x.device)
     check_order(order, x)
-    return cfg.spec.exact(model, x, order, valid_tokens(cfg, x), chunk, progress)
+    return EXACT[cfg.spec.exact](model, x, order, valid_tokens(cfg, x), chunk, progress)
 
 
 def _pads_last(order: Tensor, valid: Tensor) -> Tensor:
@@ -150,10 +151,9 @@ def _bidirectional_logits(model: Backbone, z: Tensor, x: Tensor, pos: Tensor, ta
     """Logits at ``target`` of one pass over z (the family's clean mask) or over [z ; x] (its
     two-stream mask, when it has one)."""
     cfg = model.config
-    two_stream = cfg.spec.two_stream_mask
-    if two_stream is None:
-        return model(z, pos, cfg.spec.clean_mask(cfg, keep=key_padding(valid)), logits_for=target)
-    spec = two_stream(cfg, z.shape[1], keep=key_padding(torch.cat((valid, valid), 1)))
+    if cfg.spec.two_stream_mask is None:
+        return model(z, pos, clean_mask(cfg, keep=key_padding(valid)), logits_for=target)
+    spec = two_stream_mask(cfg, z.shape[1], keep=key_padding(torch.cat((valid, valid), 1)))
     return model(torch.cat((z, x), 1), torch.cat((pos, pos), 1), spec, logits_for=target)
 
 
@@ -195,7 +195,7 @@ def draw_orders(model: Backbone, batch: int, length: int, law: str = "sampler",
     if law not in IW_LAWS:
         raise ValueError(f"law={law!r} is unknown: use one of {IW_LAWS}")
     cfg = model.config
-    return cfg.spec.order_law(cfg, batch, length, law, generator)
+    return ORDER_LAWS[cfg.spec.order_law](cfg, batch, length, law, generator)
 
 
 @_in_inference
@@ -268,3 +268,13 @@ def ratio_summary(nll: list[float], tokens: list[int]) -> dict:
     var = sum(r * r for r in resid) / (n - 1) if n > 1 else float("nan")
     return {"nats_per_token": m, "tokens": n_tok, "stderr": math.sqrt(var / n) / (n_tok / n) if n > 1
             else float("nan")}
+
+
+EXACT: dict[str, Callable[..., Tensor]] = {"left_to_right": exact_left_to_right, "any_order": exact_any_order,
+                                           "per_position": exact_per_position}
+"""Exact log p(x | order) by the family records' names (``Family.exact``):
+(model, x, order, valid, chunk, progress) -> [B] nats."""
+ORDER_LAWS: dict[str, Callable[..., Tensor]] = {"left_to_right": left_to_right_law, "any_order": any_order_law,
+                                                "blocks": block_law}
+"""Orders of the IW bound and the sampler-order metric (``Family.order_law``):
+(cfg, batch, length, law, generator) -> [B, L]."""

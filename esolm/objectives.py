@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from esolm.config import ModelConfig
-from esolm.model.attention import MaskSpec
 from esolm.model.backbone import Backbone
+from esolm.model.masks import MaskSpec, clean_mask, two_stream_mask
 from esolm.noise import alpha, antithetic_times, diffusion_weight, uniform
 from esolm.ordering import clean_first_order, left_to_right_key
 
@@ -134,7 +134,7 @@ def _natural(x: Tensor) -> Tensor:
 def mdlm_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
     """MDLM: bidirectional attention (the family's clean mask) over the natural order."""
     z, masked, weight = _noised(model, x, valid, d)
-    spec = model.config.spec.clean_mask(model.config, keep=key_padding(valid))
+    spec = clean_mask(model.config, keep=key_padding(valid))
     nll = token_nll(model(z, _natural(x), spec), x)
     return (weight * nll * masked).sum()
 
@@ -144,7 +144,7 @@ def bd3lm_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
     z, masked, weight = _noised(model, x, valid, d)
     L, pos = x.shape[1], _natural(x)
     keep = key_padding(torch.cat((valid, valid), 1))
-    spec = model.config.spec.two_stream_mask(model.config, L, keep=keep)
+    spec = two_stream_mask(model.config, L, keep=keep)
     logits = model(torch.cat((z, x), 1), torch.cat((pos, pos), 1), spec, logits_for=slice(0, L))
     return (weight * token_nll(logits, x) * masked).sum()
 
@@ -154,7 +154,7 @@ def eso_diffusion_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Te
     attention for (B), prefix attention (bidirectional among clean tokens) for (A)."""
     z, masked, weight = _noised(model, x, valid, d)
     order = clean_first_order(masked, d.u_perm, d.u_perm, padding=~valid)
-    spec = model.config.spec.clean_mask(model.config, n_clean=(~masked & valid).sum(1))
+    spec = clean_mask(model.config, n_clean=(~masked & valid).sum(1))
     nll = token_nll(model(z.gather(1, order), order, spec), x.gather(1, order))
     return (weight * nll * masked.gather(1, order)).sum()
 
@@ -181,7 +181,7 @@ def sequential_nll_for_order(model: Backbone, x: Tensor, masked: Tensor, order: 
     cfg = model.config
     L = x.shape[1]
     z0 = torch.where(masked, cfg.mask_token_id, x)
-    spec = cfg.spec.two_stream_mask(cfg, L, n_clean=n_clean)
+    spec = two_stream_mask(cfg, L, n_clean=n_clean)
     tokens = torch.cat((z0.gather(1, order), x.gather(1, order)), 1)
     logits = model(tokens, torch.cat((order, order), 1), spec, logits_for=slice(0, L))
     return token_nll(logits, x.gather(1, order)) * masked.gather(1, order)
@@ -213,7 +213,8 @@ def loss(model: Backbone, x: Tensor, generator: torch.Generator | None = None, r
     valid = valid_tokens(cfg, x)
     zero = torch.zeros((), device=x.device)
     parts = {"diffusion": (zero, zero), "sequential": (zero, zero)}
-    for name, fn in cfg.spec.terms.items():
+    for name, term in cfg.spec.terms.items():
+        fn = TERMS[term]
         rows = d.diffusion if name == "diffusion" else ~d.diffusion
         if rows.any():
             sub = Draws(d.t[rows], d.u_mask[rows], d.u_perm[rows], d.diffusion[rows], objective)
@@ -260,4 +261,7 @@ def check_tokens(cfg: ModelConfig, x: Tensor) -> None:
 
 
 Term = Callable[[Backbone, Tensor, Tensor, Draws], Tensor]
+TERMS: dict[str, Term] = {"ar_nll": ar_nll, "mdlm_nll": mdlm_nll, "bd3lm_nll": bd3lm_nll,
+                          "eso_diffusion_nll": eso_diffusion_nll, "sequential_nll": sequential_nll}
+"""The NELBO terms the family records name (``Family.terms``)."""
 """A NELBO term: (model, x [B, L], valid [B, L], draws of these rows) -> summed NLL of its rows."""

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from esolm.config import ScheduleSettings, shuffle_mode
 from esolm.noise import alpha
+
+if TYPE_CHECKING:
+    from esolm.config import ModelConfig
 
 
 def clean_first_order(masked: Tensor, clean_key: Tensor, mask_key: Tensor,
@@ -142,3 +147,40 @@ def make_schedule(batch: int, length: int, steps: int | None = None, alpha_0: fl
     full = torch.cat((given.expand(batch, -1), diff, sequential), dim=1)
     counts = [c for c in counts if c] + [1] * sequential.shape[1]
     return Schedule(full, tuple(counts), given.numel(), n_diff)
+
+
+# ----------------------------------------------------------------------------- sampling plans
+# (named by the family records: ``Family.plan``)
+
+def _prefix_only(cfg: ModelConfig, batch: int, s: ScheduleSettings, given: Tensor,
+                 generator: torch.Generator) -> None:
+    """AR: no schedule (one token per step, left to right); a prompt must be a prefix."""
+    if given.numel() and not torch.equal(given, torch.arange(given.numel())):
+        raise ValueError("an AR model takes a prefix prompt only (positions 0..P-1); "
+                         f"got positions {given.tolist()}")
+    return None
+
+
+def _one_schedule(cfg: ModelConfig, batch: int, s: ScheduleSettings, given: Tensor,
+                  generator: torch.Generator) -> Schedule:
+    return make_schedule(batch, cfg.length, settings=s, given=given, eps=cfg.eps, generator=generator)
+
+
+def _block_schedules(cfg: ModelConfig, batch: int, s: ScheduleSettings, given: Tensor,
+                     generator: torch.Generator) -> list[Schedule]:
+    """BD3-LM: one MDLM schedule (alpha_0 = 1) per block of ``block_size``, left to right."""
+    size = cfg.block_size
+    return [make_schedule(batch, size, settings=s, alpha_0=1.0, given=given[(given >= b) & (given < b + size)] - b,
+                          eps=cfg.eps, generator=generator)
+            for b in range(0, cfg.length, size)]
+
+
+Plan = Schedule | list[Schedule] | None
+PLANS: dict[str, Callable[..., Plan]] = {"prefix_only": _prefix_only, "one": _one_schedule,
+                                         "blocks": _block_schedules}
+
+
+def plan(cfg: ModelConfig, batch: int, s: ScheduleSettings, given: Tensor, generator: torch.Generator) -> Plan:
+    """The family's sampling plan for a batch: its schedule (a list per block for BD3-LM; None
+    for AR, which has none) for settings ``s`` and the given (prompt) positions."""
+    return PLANS[cfg.spec.plan](cfg, batch, s, given, generator)

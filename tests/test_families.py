@@ -14,7 +14,8 @@ import torch
 from esolm import generate, order_log_prob
 from esolm.config import ModelConfig, ScheduleSettings
 from esolm.families import ALL_DIMS, FAMILIES, Family, family
-from esolm.model.attention import MaskSpec
+from esolm.likelihood import ORDER_LAWS
+from esolm.model.masks import MaskSpec, clean_mask, two_stream_mask
 from tests.conftest import VARIANTS, sharp_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,14 +29,14 @@ def test_the_table_holds_every_family_and_configs_look_it_up():
         assert cfg.spec is spec
         assert cfg.alpha_0 == (spec.default_alpha_0 if spec.fixed_alpha_0 is None else spec.fixed_alpha_0)
         assert set(spec.terms) and set(spec.terms) <= {"diffusion", "sequential"}
-        assert isinstance(spec.clean_mask(cfg, n_clean=torch.zeros(2, dtype=torch.long)), MaskSpec)
+        assert isinstance(clean_mask(cfg, n_clean=torch.zeros(2, dtype=torch.long)), MaskSpec)
         if spec.two_stream_mask is not None:
-            assert spec.two_stream_mask(cfg, 16, n_clean=torch.zeros(2, dtype=torch.long)).kind == "two_stream"
+            assert two_stream_mask(cfg, 16, n_clean=torch.zeros(2, dtype=torch.long)).kind == "two_stream"
         assert spec.search_dims <= ALL_DIMS and "top_p" in spec.search_dims
         assert ("alpha_0" in spec.search_dims) == (spec.fixed_alpha_0 is None)
         assert spec.iw_laws[0] == "sampler"
         for law in spec.iw_laws:
-            order = spec.order_law(cfg, 3, 16, law, torch.Generator().manual_seed(0))
+            order = ORDER_LAWS[spec.order_law](cfg, 3, 16, law, torch.Generator().manual_seed(0))
             assert torch.equal(order.sort(1).values, torch.arange(16).expand(3, 16))
 
 
@@ -45,7 +46,7 @@ def test_every_family_samples_and_scores_through_its_record(name):
     g = generate(model, num_samples=2, steps=4, seed=3)
     assert g.family == name and g.tokens.shape == (2, 16)
     assert g.kv_cache == model.config.spec.kv_cache
-    order = model.config.spec.order_law(model.config, 2, 16, "sampler", torch.Generator().manual_seed(1))
+    order = ORDER_LAWS[model.config.spec.order_law](model.config, 2, 16, "sampler", torch.Generator().manual_seed(1))
     assert torch.isfinite(order_log_prob(model, g.tokens, order)).all()
 
 
@@ -155,14 +156,39 @@ def test_the_sample_section_is_schedule_settings_with_best_filled_in(tmp_path, m
         build(SampleConfig, {"num_sample": 2}, "sample")
 
 
-def test_every_named_function_of_the_table_resolves():
-    from esolm.families import FAMILIES, Ref
+def test_every_name_of_the_table_resolves_in_the_module_that_owns_it():
+    """The records hold names only; each user resolves them from its own table."""
+    from esolm import likelihood, objectives, ordering
+    from esolm.model import masks
+    from esolm.sampling import loops
 
     for fam in FAMILIES.values():
-        for field in ("sample", "exact", "order_law"):
-            ref = getattr(fam, field)
-            assert isinstance(ref, Ref), (fam.name, field)
-            assert callable(ref.resolve()), (fam.name, field, ref.target)
+        assert set(fam.terms.values()) <= set(objectives.TERMS), fam.name
+        assert fam.clean_mask in masks.CLEAN and fam.plan in ordering.PLANS, fam.name
+        assert fam.two_stream_mask is None or fam.two_stream_mask in masks.TWO_STREAM, fam.name
+        assert fam.sample in loops.LOOPS and fam.exact in likelihood.EXACT, fam.name
+        assert fam.order_law in likelihood.ORDER_LAWS, fam.name
+        for field in fam.__dataclass_fields__:
+            assert not callable(getattr(fam, field)), (fam.name, field)  # data and names only
+
+
+def test_the_library_imports_form_no_circle_and_the_family_table_is_a_leaf():
+    """Every import of the package (module level and inside functions, not those for type
+    checkers only) as a graph: it has no circle (so every module sits above all it imports:
+    none climbs back up), and esolm.families imports nothing of the library. It had one
+    circle: config -> families -> objectives / ordering -> model.backbone -> config."""
+    import graphlib
+
+    from esolm.codedeps import import_graph
+
+    graph = import_graph()
+    assert graph["esolm.families"] == set()
+    assert "esolm.model.backbone" in graph["esolm.objectives"]  # the graph is real
+    try:
+        order = list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as err:
+        raise AssertionError(f"import circle: {' -> '.join(err.args[1])}") from None
+    assert set(order) == set(graph)
 
 
 def test_training_does_not_depend_on_the_sampler_or_the_likelihood_code():

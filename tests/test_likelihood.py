@@ -45,7 +45,7 @@ def test_enumeration_detects_a_leak(monkeypatch):
     'probabilities' would no longer sum to one."""
     import importlib
 
-    att = importlib.import_module("esolm.model.attention")
+    att = importlib.import_module("esolm.model.masks")  # where the masks are written
     model = sharp_model("eso_b", vocab_size=3, length=4, dtype=torch.float64)
     honest = att.mask_function
 

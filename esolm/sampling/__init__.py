@@ -14,6 +14,7 @@ from esolm.device import synchronize
 from esolm.model.attention import varying_shape_kernels
 from esolm.model.backbone import Backbone
 from esolm.ordering import Schedule
+from esolm.ordering import plan as family_plan
 from esolm.sampling import loops
 from esolm.sampling.decode import nucleus_filter, sample_tokens
 from esolm.sampling.graphs import check_step_mode
@@ -98,7 +99,7 @@ def generate(model: Backbone, num_samples: int = 8, steps: int | None = None, al
     with model.inference(), varying_shape_kernels():
         for first in range(0, num_samples, batch_size):
             B = min(batch_size, num_samples - first)
-            plan = spec.plan(cfg, B, s, given, cpu_gen)
+            plan = family_plan(cfg, B, s, given, cpu_gen)
             x = torch.full((B, cfg.length), cfg.mask_token_id, dtype=torch.long, device=device)
             x[:, given.to(device)] = ids.to(device)
             bar = tqdm(total=_n_steps(plan, cfg.length - given.numel()), disable=not progress,
@@ -175,4 +176,4 @@ def _n_steps(sched: Schedule | list[Schedule] | None, free: int) -> int:
 @torch.inference_mode()  # lighter than no_grad per operator; x is filled in place
 def _run(model: Backbone, x: Tensor, plan, dec: loops.Decoder, kv_cache: bool, n_given: int,
          step_mode: str = "dynamic") -> int:
-    return model.config.spec.sample(model, x, plan, dec, kv_cache, step_mode, n_given)
+    return loops.LOOPS[model.config.spec.sample](model, x, plan, dec, kv_cache, step_mode, n_given)

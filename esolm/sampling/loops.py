@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from esolm.model.attention import MaskSpec
 from esolm.model.backbone import Backbone
 from esolm.model.cache import KVCache
+from esolm.model.masks import MaskSpec, clean_mask
 from esolm.ordering import Schedule
 from esolm.sampling.decode import sample_tokens
 from esolm.sampling.graphs import StaticSteps, steps_for
@@ -64,7 +64,7 @@ def _cached(model: Backbone, batch: int, cond, kv_cache: bool,
 def eso_b(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bool,
           step_mode: str = "dynamic", n_given: int = 0) -> int:
     """step_mode: how cached steps run (``graphs.STEP_MODES``: static, compiled or CUDA graphs)."""
-    mask = model.config.spec.clean_mask(model.config)
+    mask = clean_mask(model.config)
     order = sched.order.to(x.device)
     cond = model.conditioning()
     cache, static = _cached(model, x.shape[0], cond, kv_cache, step_mode)
@@ -106,7 +106,7 @@ def eso_a(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: b
                            logits_for=slice(1, None), cond=cond)
         else:  # diffusion step, the first sequential step (it fills the cache), or uncached
             feed = order[:, :start + k]
-            spec = cfg.spec.clean_mask(cfg, n_clean=torch.full((B,), n_clean, device=x.device))
+            spec = clean_mask(cfg, n_clean=torch.full((B,), n_clean, device=x.device))
             commit = start if cache is not None and start == n_clean_end else 0
             logits = model(x.gather(1, feed), feed, spec, cache=cache if commit else None,
                            commit=commit, logits_for=slice(start, None), cond=cond)
@@ -123,7 +123,7 @@ def mdlm(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: bo
     order = sched.order.to(x.device)
     B, L = x.shape
     pos = torch.arange(L, device=x.device).expand(B, L)
-    full = model.config.spec.clean_mask(model.config)
+    full = clean_mask(model.config)
     cond = model.conditioning()
     start = sched.n_given
     for k in sched.counts:
@@ -139,7 +139,7 @@ def bd3lm(model: Backbone, x: Tensor, blocks: list[Schedule], dec: Decoder, kv_c
     of earlier blocks; a finished block is committed by the next block's first forward."""
     B = x.shape[0]
     size = model.config.block_size
-    spec = model.config.spec.clean_mask(model.config)
+    spec = clean_mask(model.config)
     cache = model.new_cache(B) if kv_cache else None
     cond = model.conditioning()
     positions = torch.arange(model.config.length, device=x.device).expand(B, -1)
@@ -166,7 +166,7 @@ def ar(model: Backbone, x: Tensor, plan: None, dec: Decoder, kv_cache: bool,
     inp = torch.cat((torch.full((B, 1), model.config.mask_token_id, device=x.device), x[:, :-1]), 1)
     cond = model.conditioning()
     cache, static = _cached(model, B, cond, kv_cache, step_mode)
-    mask = model.config.spec.clean_mask(model.config)
+    mask = clean_mask(model.config)
     pos = torch.arange(L, device=x.device).expand(B, L)
     for i in range(n_given, L):
         first = cache.length if cache is not None else 0
@@ -180,3 +180,7 @@ def ar(model: Backbone, x: Tensor, plan: None, dec: Decoder, kv_cache: bool,
         if i + 1 < L:
             inp[:, i + 1] = x[:, i]
     return L - n_given
+
+
+LOOPS: dict[str, Callable[..., int]] = {"eso_b": eso_b, "eso_a": eso_a, "mdlm": mdlm, "bd3lm": bd3lm, "ar": ar}
+"""The sampling loops by the family records' names (``Family.sample``)."""

@@ -31,7 +31,7 @@ from typing import Self
 import torch
 from tqdm.auto import tqdm
 
-from esolm.config import ModelConfig
+from esolm.config import ModelConfig, ScheduleSettings
 from esolm.device import is_accelerator, synchronize
 from esolm.model.backbone import Backbone
 from esolm.profiling import random_weights
@@ -203,6 +203,11 @@ def _rss(field: str) -> int | None:
     return None
 
 
+def _settings(bc: BenchConfig, steps: int, seed: int, device: torch.device) -> ScheduleSettings:
+    """The sampling settings of every timed run: the power schedule (even counts: NFE = steps)."""
+    return ScheduleSettings(steps=steps, schedule="power", seed=seed, step_mode=bc.mode(device))
+
+
 def _setup(bc: BenchConfig, family: str, length: int, nfe: str | int, batch: int,
            device: torch.device) -> tuple[Backbone, int, float]:
     """(model, steps to run, scale to the requested NFE), warmed up on the timed shapes."""
@@ -212,8 +217,8 @@ def _setup(bc: BenchConfig, family: str, length: int, nfe: str | int, batch: int
     if not model.config.spec.kv_cache and 0 < bc.mdlm_max_steps < steps:  # a full forward every step
         scale, steps = steps / bc.mdlm_max_steps, bc.mdlm_max_steps
     for i in range(bc.warmup):
-        generate(model, num_samples=batch, steps=steps, schedule="power", seed=bc.seed + 1000 + i,
-                 step_mode=bc.mode(device), stop_after=WARMUP_STEPS)
+        generate(model, _settings(bc, steps, bc.seed + 1000 + i, device), num_samples=batch,
+                 stop_after=WARMUP_STEPS)
     return model, steps, scale
 
 
@@ -238,8 +243,7 @@ def time_cell(bc: BenchConfig, families: tuple[str, ...], length: int, nfe: str 
             synchronize(device)
             c0 = time.process_time()
             with PeakMemory(device) as mem:
-                g = generate(model, num_samples=bc.batch_size, steps=steps, schedule="power",
-                             seed=bc.seed + i, step_mode=bc.mode(device))
+                g = generate(model, _settings(bc, steps, bc.seed + i, device), num_samples=bc.batch_size)
             cpu[f].append((time.process_time() - c0) * scale)
             wall[f].append(g.seconds * scale)
             nfes[f].append(round(g.nfe * scale))

@@ -180,6 +180,7 @@ class EvalConfig:
 
 
 ORDERS = ("random", "block")
+STEP_MODES = ("dynamic", "static", "compile", "cuda_graphs")
 SCHEDULES = ("loglinear", "power")
 SHUFFLES = ("none", "shared", "per_chunk")
 
@@ -222,8 +223,12 @@ class ScheduleSettings:
     """Cache keys/values where the family can (MDLM never caches)."""
     seed: int = 0
     """Seed of the schedule and token-noise streams (independent streams derived from it)."""
+    step_mode: str = "dynamic"
+    """How cached decode steps run (Eso-LM (B), AR): dynamic (the cache grows), static (a fixed
+    cache, fixed shapes), compile (the static step through torch.compile) or cuda_graphs (the
+    static step replayed as CUDA graphs on a GPU; elsewhere static). Same tokens in every mode."""
 
-    RUN_FIELDS = ("kv_cache", "seed")  # how a schedule is run, not the schedule: the search never varies them
+    RUN_FIELDS = ("kv_cache", "seed", "step_mode")  # how a schedule runs, not the schedule: never searched
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shuffle", shuffle_mode(self.shuffle))
@@ -245,6 +250,8 @@ class ScheduleSettings:
             raise ValueError(f"subcontexts={self.subcontexts!r} is invalid: use an integer >= 1")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p!r} is invalid: use a value in (0, 1]")
+        if self.step_mode not in STEP_MODES:
+            raise ValueError(f"step_mode={self.step_mode!r} is unknown: use one of {STEP_MODES}")
 
     def replace(self, **changes: object) -> ScheduleSettings:
         """A copy with ``changes``; a change whose value is None keeps the current value

@@ -15,6 +15,7 @@ import re
 
 from tokenizers import Tokenizer
 
+from esolm.config import ScheduleSettings
 from esolm.model.backbone import Backbone
 from esolm.sampling import generate
 
@@ -48,13 +49,10 @@ def encode_given(tokenizer: Tokenizer, length: int, prompt: str | None = None,
     return given
 
 
-def generate_text(model: Backbone, tokenizer: Tokenizer, prompt: str | None = None,
-                  infill: str | None = None, num_samples: int = 1, **kwargs) -> list[str]:
-    """``num_samples`` strings of the model's length continuing ``prompt`` or filling ``infill``
-    (other keyword arguments go to ``esolm.generate``: steps, top_p, seed, order, ...)."""
-    if prompt is None and infill is None:
-        g = generate(model, num_samples=num_samples, **kwargs)
-    else:
-        given = encode_given(tokenizer, model.config.length, prompt, infill)
-        g = generate(model, num_samples=num_samples, prompt=given, **kwargs)
+def generate_text(model: Backbone, tokenizer: Tokenizer, settings: ScheduleSettings | None = None, *,
+                  prompt: str | None = None, infill: str | None = None, num_samples: int = 1) -> list[str]:
+    """``num_samples`` strings of the model's length continuing ``prompt`` or filling ``infill``,
+    sampled with ``settings`` (``esolm.generate``)."""
+    given = None if prompt is None and infill is None else encode_given(tokenizer, model.config.length, prompt, infill)
+    g = generate(model, settings, prompt=given, num_samples=num_samples)
     return tokenizer.decode_batch(g.tokens.tolist(), skip_special_tokens=True)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from esolm.bench import BenchConfig, format_rows, kv_cache_bytes, run_bench, settings_line
+from esolm.config import ScheduleSettings
 from esolm.profiling import profile_step
 
 TINY = dict(lengths=(16,), repeats=1, warmup=1, d_model=32, n_layers=2, n_heads=4, vocab_size=11)
@@ -88,14 +89,14 @@ def test_warm_up_runs_the_first_steps_of_the_timed_configuration(monkeypatch):
 
     calls = []
     real = bench.generate
-    monkeypatch.setattr(bench, "generate", lambda model, **kw: (calls.append((model.config.family, kw)),
-                                                                real(model, **kw))[1])
+    monkeypatch.setattr(bench, "generate", lambda model, settings, **kw: (
+        calls.append((model.config.family, settings, kw)), real(model, settings, **kw))[1])
     bench.run_bench(BenchConfig(families=("eso_b", "ar", "bd3lm_l4"), **TINY), torch.device("cpu"), progress=False)
     for family in ("eso_b", "ar", "bd3lm"):
-        warm, timed = [kw for f, kw in calls if f == family][:2]
+        (_, warm_s, warm), (_, timed_s, timed) = [c for c in calls if c[0] == family][:2]
         assert warm["stop_after"] == bench.WARMUP_STEPS and "stop_after" not in timed
-        assert {k: v for k, v in warm.items() if k not in ("stop_after", "seed")} == \
-            {k: v for k, v in timed.items() if k != "seed"}
+        assert warm_s.replace(seed=0) == timed_s.replace(seed=0)
+        assert {k: v for k, v in warm.items() if k != "stop_after"} == timed
 
 
 def test_generate_stops_after_the_forward_passes_asked_for():
@@ -104,7 +105,7 @@ def test_generate_stops_after_the_forward_passes_asked_for():
 
     for family in ("eso_b", "ar", "mdlm"):
         model = sharp_model(family, **({"alpha_0": 0.5} if family == "eso_b" else {}))
-        g = generate(model, num_samples=2, steps=8, seed=0, stop_after=3)
+        g = generate(model, ScheduleSettings(steps=8, seed=0), num_samples=2, stop_after=3)
         assert g.nfe == 3
         assert (g.tokens == model.config.mask_token_id).any()  # not finished
     with pytest.raises(ValueError, match="stop_after=0"):

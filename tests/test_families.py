@@ -43,7 +43,7 @@ def test_the_table_holds_every_family_and_configs_look_it_up():
 @pytest.mark.parametrize("name", VARIANTS)
 def test_every_family_samples_and_scores_through_its_record(name):
     model = sharp_model(name, block_size=4)
-    g = generate(model, num_samples=2, steps=4, seed=3)
+    g = generate(model, ScheduleSettings(steps=4, seed=3), num_samples=2)
     assert g.family == name and g.tokens.shape == (2, 16)
     assert g.kv_cache == model.config.spec.kv_cache
     order = ORDER_LAWS[model.config.spec.order_law](model.config, 2, 16, "sampler", torch.Generator().manual_seed(1))
@@ -110,8 +110,9 @@ def test_schedule_settings_hold_the_defaults_of_generate_and_make_schedule():
 
     model = sharp_model("eso_b", alpha_0=0.5)
     s = ScheduleSettings(steps=5, order="block", subcontexts=2, shuffle=True, top_p=0.9, seed=4)
-    a = generate(model, num_samples=2, settings=s)
-    b = generate(model, num_samples=2, steps=5, order="block", subcontexts=2, shuffle=True, top_p=0.9, seed=4)
+    a = generate(model, s, num_samples=2)
+    b = generate(model, ScheduleSettings(steps=5, order="block", subcontexts=2, shuffle=True, top_p=0.9, seed=4),
+                 num_samples=2)
     assert torch.equal(a.tokens, b.tokens) and a.settings == b.settings
     assert s.shuffle == "shared" and ScheduleSettings().shuffle == "none"
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)

@@ -104,7 +104,7 @@ import esolm
 
 model = esolm.build_model(esolm.ModelConfig(family="eso_b", vocab_size=7, length=16, n_layers=2, d_model=32,
                                             n_heads=4, cond_dim=32, dropout=0.0)).eval()
-g = esolm.generate(model, num_samples=2, steps=4, seed=0)
+g = esolm.generate(model, esolm.ScheduleSettings(steps=4, seed=0), num_samples=2)
 report["generate"] = list(g.tokens.shape)
 # 5. a pipeline-only verb names the missing package and the extra
 run("query", "SELECT 1", "--db", "missing.duckdb")

@@ -9,6 +9,7 @@ import torch
 from scipy.stats import chisquare
 
 from esolm import generate, iw_log_prob, loss, order_log_prob
+from esolm.config import ScheduleSettings
 from esolm.likelihood import (
     bd3lm_random_order,
     draw_orders,
@@ -105,7 +106,7 @@ def test_sampler_matches_the_exact_likelihood_by_chi_square():
     xs = torch.tensor(list(itertools.product(range(3), repeat=3)))
     probs = order_log_prob(model, xs, left_to_right(27, 3)).exp().double()
     n = 20000
-    g = generate(model, num_samples=n, steps=3, seed=0)
+    g = generate(model, ScheduleSettings(steps=3, seed=0), num_samples=n)
     index = (g.tokens * torch.tensor([9, 3, 1])).sum(1)
     counts = torch.bincount(index, minlength=27).double()
     expected = probs / probs.sum() * n

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from esolm import generate
+from esolm.config import ScheduleSettings
 from esolm.model.attention import MaskSpec
 from esolm.ordering import make_schedule
 from esolm.sampling import nucleus_filter, sample_tokens
@@ -24,7 +25,7 @@ ORDERS = [dict(order="random"), dict(order="block", subcontexts=4),
 def test_cached_equals_uncached(variant, alpha_0, opts):
     """Same seed: identical tokens, and the logits of every step agree within 1e-5."""
     model = sharp_model(variant, alpha_0=alpha_0, length=16)
-    runs = [generate(model, num_samples=4, steps=6, kv_cache=kv, seed=11, record_logits=True, **opts)
+    runs = [generate(model, ScheduleSettings(steps=6, kv_cache=kv, seed=11, **opts), num_samples=4, record_logits=True)
             for kv in (True, False)]
     cached, full = runs
     assert cached.kv_cache and not full.kv_cache
@@ -37,8 +38,9 @@ def test_cached_equals_uncached(variant, alpha_0, opts):
 @pytest.mark.parametrize("variant", ["eso_a", "eso_b", "bd3lm", "ar"])
 def test_cached_equals_uncached_in_float64_exactly(variant):
     model = sharp_model(variant, dtype=torch.float64, alpha_0=0.5 if variant.startswith("eso") else None)
-    runs = [generate(model, num_samples=3, steps=5, kv_cache=kv, seed=2, record_logits=True,
-                     prompt={0: 1, 9: 2} if variant != "ar" else {0: 1, 1: 2}) for kv in (True, False)]
+    prompt = {0: 1, 9: 2} if variant != "ar" else {0: 1, 1: 2}
+    runs = [generate(model, ScheduleSettings(steps=5, kv_cache=kv, seed=2), num_samples=3, record_logits=True,
+                     prompt=prompt) for kv in (True, False)]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     for a, b in zip(runs[0].step_logits, runs[1].step_logits):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
@@ -50,7 +52,7 @@ def test_schedule_invariants_and_nfe(variant):
     in increasing position order, NFE = number of non-empty steps."""
     model = sharp_model(variant, alpha_0=0.5 if variant.startswith("eso") else None)
     mask = model.config.mask_token_id
-    g = generate(model, num_samples=3, steps=7, seed=5, record_logits=True)
+    g = generate(model, ScheduleSettings(steps=7, seed=5), num_samples=3, record_logits=True)
     # replay: every recorded step decoded as many tokens as its logits rows
     decoded = sum(step.shape[1] for step in g.step_logits)
     assert decoded == 16 and (g.tokens != mask).all()
@@ -88,7 +90,7 @@ def test_decoded_tokens_never_change(variant):
 
     loops.Decoder.__call__ = spy
     try:
-        generate(model, num_samples=2, steps=6, seed=1)
+        generate(model, ScheduleSettings(steps=6, seed=1), num_samples=2)
     finally:
         loops.Decoder.__call__ = real_call
     assert (snapshots[-1] != mask).all()
@@ -112,9 +114,9 @@ def test_schedule_counts_follow_alpha0():
 def test_prompt_tokens_are_kept_and_seed_is_deterministic(variant):
     model = sharp_model(variant)
     prompt = {0: 3, 1: 4} if variant == "ar" else {0: 3, 7: 4, 15: 5}
-    a = generate(model, num_samples=4, steps=5, prompt=prompt, seed=9)
-    b = generate(model, num_samples=4, steps=5, prompt=prompt, seed=9)
-    c = generate(model, num_samples=4, steps=5, prompt=prompt, seed=10)
+    a = generate(model, ScheduleSettings(steps=5, seed=9), num_samples=4, prompt=prompt)
+    b = generate(model, ScheduleSettings(steps=5, seed=9), num_samples=4, prompt=prompt)
+    c = generate(model, ScheduleSettings(steps=5, seed=10), num_samples=4, prompt=prompt)
     assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
     for pos, tok in prompt.items():
         assert (a.tokens[:, pos] == tok).all()
@@ -139,7 +141,7 @@ def test_nucleus_never_picks_outside_the_top_p_set():
 
 def test_mdlm_computes_logits_only_for_decoded_positions():
     model = sharp_model("mdlm")
-    g = generate(model, num_samples=2, steps=16, seed=0, record_logits=True)
+    g = generate(model, ScheduleSettings(steps=16, seed=0), num_samples=2, record_logits=True)
     assert all(step.shape[1] < 16 for step in g.step_logits)
     assert not g.kv_cache
 
@@ -150,8 +152,9 @@ def test_mdlm_computes_logits_only_for_decoded_positions():
     (dict(top_p=0.0), "top_p"), (dict(schedule="cosine"), "schedule"),
 ])
 def test_bad_sampling_inputs_are_clear_errors(kw, match):
+    prompt = kw.pop("prompt", None)
     with pytest.raises(ValueError, match=match):
-        generate(sharp_model("eso_b"), num_samples=2, **kw)
+        generate(sharp_model("eso_b"), ScheduleSettings(**kw), num_samples=2, prompt=prompt)
 
 
 def test_ar_rejects_infilling_prompts():
@@ -175,7 +178,7 @@ def test_order_and_token_noise_are_independent():
     assert torch.equal(logits[..., :8], torch.zeros(1, 16, 8))
     n, table = 3000, torch.zeros(16, 8)
     for seed in range(n):
-        g = generate(model, num_samples=1, steps=1, seed=seed)
+        g = generate(model, ScheduleSettings(steps=1, seed=seed), num_samples=1)
         pos = int(g.schedules[0].order[0, 0])
         table[pos, int(g.tokens[0, pos])] += 1
     hits = sum(float(table[p, p // 2]) for p in range(16)) / n
@@ -204,8 +207,8 @@ def test_block_order_matches_the_reference_shuffle():
     per_chunk, _ = block_steps(free, 16, 4, "per_chunk", torch.Generator().manual_seed(0))
     assert not torch.equal(per_chunk[0], per_chunk[1])  # the old option: its own order per row
     model = sharp_model("eso_b", alpha_0=1.0)
-    gen = generate(model, num_samples=2, steps=50, order="block", subcontexts=4, shuffle=True)
+    gen = generate(model, ScheduleSettings(steps=50, order="block", subcontexts=4, shuffle=True), num_samples=2)
     assert gen.settings["steps"] == 4 and gen.settings["schedule"] is None
     assert gen.settings["gamma"] is None and gen.settings["shuffle"] == "shared"
     with pytest.raises(ValueError, match="shuffle='sideways' is unknown"):
-        generate(model, order="block", shuffle="sideways")
+        generate(model, ScheduleSettings(order="block", shuffle="sideways"))

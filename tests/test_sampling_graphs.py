@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from esolm import generate
+from esolm.config import ScheduleSettings
 from esolm.model.attention import MaskSpec
 from tests.conftest import sharp_model
 
@@ -14,7 +15,9 @@ from tests.conftest import sharp_model
 def _same_as_dynamic(model, mode, atol=1e-5, **opts):
     """Same seed: identical tokens, per-step logits within atol (the static step attends over
     the whole buffer, masked, so sums may run in another order)."""
-    runs = [generate(model, num_samples=3, seed=4, record_logits=True, step_mode=m, **opts)
+    prompt = opts.pop("prompt", None)
+    runs = [generate(model, ScheduleSettings(seed=4, step_mode=m, **opts), num_samples=3, record_logits=True,
+                     prompt=prompt)
             for m in ("dynamic", mode)]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     assert runs[0].nfe == runs[1].nfe
@@ -49,7 +52,7 @@ def test_compiled_decode_steps_equal_the_dynamic_cached_path_on_cpu(variant):
 
 def test_an_unknown_step_mode_names_the_modes():
     with pytest.raises(ValueError, match="use one of"):
-        generate(sharp_model("ar"), num_samples=1, step_mode="graphs")
+        generate(sharp_model("ar"), ScheduleSettings(step_mode="graphs"), num_samples=1)
 
 
 def test_static_cache_serves_causal_steps_only():
@@ -66,7 +69,7 @@ def test_static_cache_serves_causal_steps_only():
 def test_cuda_graph_steps_equal_the_eager_cached_path_on_gpu(variant):
     kw = dict(alpha_0=0.5) if variant == "eso_b" else {}
     model = sharp_model(variant, **kw).to(torch.device("cuda", 0))
-    runs = [generate(model, num_samples=3, steps=8, seed=4, record_logits=True, step_mode=m)
+    runs = [generate(model, ScheduleSettings(steps=8, seed=4, step_mode=m), num_samples=3, record_logits=True)
             for m in ("dynamic", "cuda_graphs")]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     for a, b in zip(runs[0].step_logits, runs[1].step_logits):
@@ -86,10 +89,11 @@ def test_static_steps_are_made_once_per_model_and_reused_across_generations(monk
     monkeypatch.setattr(graphs.StaticSteps, "__init__", lambda self, *a, **k: (made.append(1), real(self, *a, **k))[1])
     model = sharp_model("eso_b", alpha_0=0.5)
     for seed in (1, 2, 3):
-        runs = [generate(model, num_samples=3, steps=6, seed=seed, step_mode=m) for m in ("dynamic", "static")]
+        runs = [generate(model, ScheduleSettings(steps=6, seed=seed, step_mode=m), num_samples=3)
+                for m in ("dynamic", "static")]
         assert torch.equal(runs[0].tokens, runs[1].tokens), seed
     assert len(made) == 1
-    generate(model, num_samples=2, steps=6, seed=1, step_mode="static")  # another batch: its own
+    generate(model, ScheduleSettings(steps=6, seed=1, step_mode="static"), num_samples=2)  # another batch: its own
     assert len(made) == 2
 
 
@@ -97,11 +101,12 @@ def test_reused_static_steps_see_new_weights():
     """A weight written in place between generations (an optimizer step, ``load_state_dict``)
     changes the conditioning: the reused steps take the new values, never stale ones."""
     model = sharp_model("ar")
-    generate(model, num_samples=2, seed=0, step_mode="static")
+    generate(model, ScheduleSettings(seed=0, step_mode="static"), num_samples=2)
     with torch.no_grad():
         for block in model.blocks:
             block.modulation.bias.add_(torch.randn_like(block.modulation.bias))
-    runs = [generate(model, num_samples=2, seed=0, step_mode=m, record_logits=True) for m in ("dynamic", "static")]
+    runs = [generate(model, ScheduleSettings(seed=0, step_mode=m), num_samples=2, record_logits=True)
+            for m in ("dynamic", "static")]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     for a, b in zip(runs[0].step_logits, runs[1].step_logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

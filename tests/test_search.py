@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from esolm import generate
+from esolm.config import ScheduleSettings
 from esolm.search import (
     SearchConfig,
     choose,
@@ -31,7 +32,7 @@ def fake_evaluator(model, fail_when=None):
     def evaluate(params: dict) -> dict:
         if fail_when is not None and fail_when(params):
             raise RuntimeError("simulated failure")
-        g = generate(model, num_samples=4, seed=0, **params)
+        g = generate(model, ScheduleSettings(seed=0, **params), num_samples=4)
         ent = sum(unigram_entropy(r) for r in g.tokens.tolist()) / 4
         return {"gen_ppl": 10.0 + 100.0 / g.nfe, "seconds": g.seconds / 4, "nfe": g.nfe,
                 "entropy": ent}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from esolm.config import ScheduleSettings
 from tests.data.conftest import write_txt_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,10 +262,10 @@ def test_text_in_text_out(project, capsys):
     from esolm.text import encode_given
 
     model, tok = esolm.load(project / "runs" / "eso_b_a05" / "model.ckpt")
-    texts = esolm.generate_text(model, tok, prompt="the state of the", num_samples=3, steps=4, seed=1)
+    texts = esolm.generate_text(model, tok, ScheduleSettings(steps=4, seed=1), prompt="the state of the", num_samples=3)
     assert len(texts) == 3 and all(isinstance(t, str) and t for t in texts)
     given = encode_given(tok, 16, prompt="the state of the")
-    g = esolm.generate(model, num_samples=3, steps=4, prompt=given)
+    g = esolm.generate(model, ScheduleSettings(steps=4), num_samples=3, prompt=given)
     assert all(int(g.tokens[r, p]) == t for r in range(3) for p, t in given.items())
     fill = encode_given(tok, 16, infill="the [MASK][MASK] of the")
     first = tok.encode("the ", add_special_tokens=False).ids

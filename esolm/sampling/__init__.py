@@ -53,37 +53,27 @@ def _prompt(prompt: dict[int, int] | None, length: int, vocab: int) -> tuple[Ten
     return torch.tensor(pos), torch.tensor([prompt[p] for p in pos])
 
 
-def generate(model: Backbone, num_samples: int = 8, steps: int | None = None, alpha_0: float | None = None,
-             order: str | None = None, kv_cache: bool | None = None, top_p: float | None = None,
-             prompt: dict[int, int] | None = None, seed: int | None = None, *,
-             schedule: str | None = None, gamma: float | None = None, subcontexts: int | None = None,
-             shuffle: bool | str | None = None, settings: ScheduleSettings | None = None,
-             batch_size: int | None = None, record_logits: bool = False,
-             progress: bool = False, cuda_graphs: bool = False, step_mode: str = "dynamic",
-             stop_after: int | None = None) -> Generation:
+def generate(model: Backbone, settings: ScheduleSettings | None = None, *, prompt: dict[int, int] | None = None,
+             num_samples: int = 8, batch_size: int | None = None, progress: bool = False,
+             record_logits: bool = False, stop_after: int | None = None) -> Generation:
     """Sample ``num_samples`` sequences of the model's length.
 
-    settings: the schedule and decode settings (``ScheduleSettings``: its fields document each
-    one and hold the defaults); a keyword given here (steps, alpha_0, order, kv_cache, top_p,
-    seed, schedule, gamma, subcontexts, shuffle) replaces the value of ``settings``. The block
-    order fixes its own steps and ignores ``steps``/``schedule``/``gamma``:
-    ``Generation.settings`` records what was used. prompt: position -> id, kept and prefilled
-    in the first forward. Empty steps cost none. The schedule and the token noise come from
-    independent streams derived from the seed. The family's record
-    (``model.config.spec``) gives the plan and the loop. step_mode: how the cached decode steps
-    of Eso-LM (B) and AR run (``graphs.STEP_MODES``): dynamic (default), static, compile
-    (``torch.compile`` per step shape) or cuda_graphs (each step shape captured once as a CUDA
-    graph on a GPU; elsewhere static). cuda_graphs=True is step_mode="cuda_graphs".
-    stop_after: stop each batch after this many forward passes (a benchmark's warm-up on the
-    timed shapes); the tokens not reached stay masked and ``nfe`` counts the passes run.
+    settings: how to sample (``ScheduleSettings``, whose fields document each one and hold the
+    defaults: steps, alpha_0, order, schedule, gamma, subcontexts, shuffle, top_p, and how the
+    schedule runs: kv_cache, step_mode, seed); ``Generation.settings`` records what was used
+    (the block order fixes its own steps). prompt: position -> id, kept and prefilled in the
+    first forward. batch_size: rows per batch (default: all). Empty steps cost none. The
+    schedule and the token noise come from independent streams derived from the seed. The
+    family's record (``model.config.spec``) names the plan and the loop. record_logits: keep
+    every step's logits (tests). stop_after: stop each batch after this many forward passes (a
+    benchmark's warm-up on the timed shapes); the tokens not reached stay masked and ``nfe``
+    counts the passes run.
     """
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
         raise ValueError(f"stop_after={stop_after!r} is invalid: use an integer >= 1 or None")
-    step_mode = check_step_mode("cuda_graphs" if cuda_graphs else step_mode)
     cfg, spec = model.config, model.config.spec
-    s = (settings or ScheduleSettings()).settings().replace(
-        steps=steps, alpha_0=alpha_0, order=order, kv_cache=kv_cache, top_p=top_p, seed=seed,
-        schedule=schedule, gamma=gamma, subcontexts=subcontexts, shuffle=shuffle)
+    s = (settings or ScheduleSettings()).settings()
+    step_mode = check_step_mode(s.step_mode)
     if spec.fixed_alpha_0 is not None and s.alpha_0 is not None and s.alpha_0 != cfg.alpha_0:
         raise ValueError(f"alpha_0={s.alpha_0} applies to Eso-LMs only; {cfg.family} implies {cfg.alpha_0}")
     s = s.replace(alpha_0=cfg.alpha_0 if s.alpha_0 is None else s.alpha_0)

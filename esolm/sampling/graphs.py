@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from esolm.config import STEP_MODES as CONFIG_STEP_MODES
 from esolm.device import is_accelerator
 from esolm.model.attention import MaskSpec
 from esolm.model.backbone import Backbone, Conditioning, compute_dtype
@@ -34,8 +35,9 @@ from esolm.model.cache import KVCache
 
 CAUSAL = MaskSpec("causal")
 
-STEP_MODES = ("dynamic", "static", "compile", "cuda_graphs")
-"""How cached decode steps run. dynamic: the cache grows step by step (the reference path);
+STEP_MODES = CONFIG_STEP_MODES
+"""How cached decode steps run (``ScheduleSettings.step_mode``). dynamic: the cache grows step by
+step (the reference path);
 static: a fixed-size cache, every step of one shape runs the same kernels; compile: the static
 step through ``torch.compile`` (one compilation per step shape: tokens fed, committed, with
 logits); cuda_graphs: the static step captured once per shape as a CUDA graph on a GPU

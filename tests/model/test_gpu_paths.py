@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from esolm import generate, loss
+from esolm.config import ScheduleSettings
 from esolm.model.attention import MaskSpec, attention, tail_mask
 from esolm.sampling.decode import sample_tokens
 from tests.conftest import randomize, sharp_model
@@ -142,7 +143,7 @@ def test_cached_sampling_under_flex_equals_math():
     """The KV-cached decode path (offset queries, cache slices) through flex."""
     def closure(backend: str):
         model = with_backend(sharp_model("eso_b", alpha_0=0.5), backend)
-        return generate(model, num_samples=2, steps=4, seed=7, record_logits=True)
+        return generate(model, ScheduleSettings(steps=4, seed=7), num_samples=2, record_logits=True)
 
     runs = run_under_backends(closure, ("math", "flex"))
     assert torch.equal(runs["flex"].tokens, runs["math"].tokens)
@@ -205,9 +206,9 @@ def test_bf16_autocast_sampling_keeps_float32_logits_and_is_close_to_fp32():
     """Under autocast the logits stay float32 and the first step's logits (same input for
     both) are within 0.05 + 5% of float32; tokens are valid and finite everywhere."""
     model = sharp_model("eso_b", alpha_0=0.5)
-    ref = generate(model, num_samples=4, steps=4, seed=5, record_logits=True)
+    ref = generate(model, ScheduleSettings(steps=4, seed=5), num_samples=4, record_logits=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = generate(model, num_samples=4, steps=4, seed=5, record_logits=True)
+        got = generate(model, ScheduleSettings(steps=4, seed=5), num_samples=4, record_logits=True)
     assert all(s.dtype == torch.float32 for s in got.step_logits)
     assert ((got.tokens >= 0) & (got.tokens < 7)).all()
     real = slice(0, 7)
@@ -220,7 +221,7 @@ def test_bf16_weights_sample_with_float64_gumbel_noise_on_float32_logits():
     """A bf16 model samples; the decode draws are argmax(float64(float32 logits) + G) with G
     float64 Gumbel noise, reproduced here from the same generator."""
     model = sharp_model("eso_b", alpha_0=0.5).to(torch.bfloat16)
-    g = generate(model, num_samples=3, steps=4, seed=2, record_logits=True)
+    g = generate(model, ScheduleSettings(steps=4, seed=2), num_samples=3, record_logits=True)
     assert ((g.tokens >= 0) & (g.tokens < 7)).all()
     assert all(s.dtype == torch.float32 for s in g.step_logits)
     logits = torch.randn(5, 3, 9).to(torch.bfloat16)
@@ -354,8 +355,8 @@ def test_sampling_never_runs_cudnn_attention(monkeypatch):
     monkeypatch.setattr(bb, "attention", spy)
     assert torch.backends.cuda.cudnn_sdp_enabled()
     for family in ("eso_b", "ar"):
-        generate(sharp_model(family, **({"alpha_0": 0.5} if family == "eso_b" else {})), num_samples=1,
-                 steps=4, seed=0)
+        model = sharp_model(family, **({"alpha_0": 0.5} if family == "eso_b" else {}))
+        generate(model, ScheduleSettings(steps=4, seed=0), num_samples=1)
     assert states and not any(states)
     assert torch.backends.cuda.cudnn_sdp_enabled()  # restored afterwards
 

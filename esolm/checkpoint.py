@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 from esolm.config import ModelConfig, renamed_family
 from esolm.data.tokenizers import read_tokenizer
-from esolm.io import atomic_path, safe_load, write_json, write_text_atomic
+from esolm.io import atomic_path, atomic_save, safe_load, write_json, write_text_atomic
 from esolm.model.backbone import Backbone
 
 MODEL_FORMAT = "esolm-model-v1"
@@ -32,6 +32,15 @@ def tokenizer_record(data_dir: Path) -> dict:
     text = (data_dir / "tokenizer.json").read_text(encoding="utf-8")
     return {"tokenizer": str(data_dir / "tokenizer.json"), "tokenizer_json": text,
             "tokenizer_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def save_model(path: Path, cfg: ModelConfig, weights: dict, ema_weights: dict | None, step: int,
+               data_dir: Path) -> None:
+    """Write a ``model.ckpt`` (atomically): the format tag, the config, the live and EMA weights,
+    the step and the tokenizer of ``data_dir`` (its text and sha256). The one writer of the
+    format that ``load_run`` reads."""
+    atomic_save({"format": MODEL_FORMAT, "config": cfg.to_dict(), "step": step, "weights": weights,
+                 "ema_weights": ema_weights, **tokenizer_record(data_dir), "data_dir": str(data_dir)}, path)
 
 
 def _tokenizer_of(ckpt: dict, path: Path) -> Tokenizer:

@@ -204,7 +204,7 @@ def loss(model: Backbone, x: Tensor, generator: torch.Generator | None = None, r
     """NELBO estimate (nats/token) of the batch ``x`` [B, L] under ``model``'s family; with
     ``objective="low_var"`` (alpha_0 = 1 only) the diffusion term drops its time weight.
     ``t_max`` < 1 draws the diffusion times from [eps, t_max] only: the masking warm-up of
-    training (``esolm.training.mask_ceiling``); the estimate is then not the NELBO."""
+    training (``esolm.train_config.mask_ceiling``); the estimate is then not the NELBO."""
     cfg = model.config
     check_tokens(cfg, x)
     check_objective(cfg, objective)

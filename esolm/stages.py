@@ -71,7 +71,8 @@ def judge_stage(params: dict, fresh: bool, progress: bool) -> dict:
 
 def train_stage(params: dict, name: str, fresh: bool, progress: bool) -> dict:
     from esolm.data import read_meta
-    from esolm.training import TrainConfig, train
+    from esolm.train_config import TrainConfig
+    from esolm.training import train
 
     tc = build(TrainConfig, dict(section(params, "train")), "train")  # every setting checked first
     ddir = data_dir(params)

@@ -14,7 +14,8 @@ from esolm.checkpoint import load_model
 from esolm.config import ModelConfig
 from esolm.data import DataConfig, prepare, read_meta
 from esolm.io import safe_load
-from esolm.training import TrainConfig, train
+from esolm.train_config import TrainConfig
+from esolm.training import train
 from tests.data.conftest import write_txt_corpus
 
 
@@ -139,7 +140,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(shards, tm
     cfg = _cfg(shards, "ar")
     train(cfg, TC.__class__(**{**TC.__dict__, "steps": 20}), shards, tmp_path / "nan", progress=False)
     good = (tmp_path / "nan" / "checkpoints" / "last.ckpt").read_bytes()
-    from esolm import training
+    from esolm import lit as training  # the Lightning module calls loss
 
     real = training.loss
 
@@ -168,7 +169,7 @@ def _ddp_worker(rank: int, world: int, init: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     from esolm import loss
-    from esolm.training import global_per_token
+    from esolm.lit import global_per_token
     from tests.conftest import sharp_model
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -195,7 +196,7 @@ def test_two_gloo_processes_give_the_single_process_loss_and_gradient(tmp_path):
     import torch.multiprocessing as mp
 
     from esolm import loss
-    from esolm.training import global_per_token
+    from esolm.lit import global_per_token
     from tests.conftest import sharp_model
 
     mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
@@ -210,7 +211,7 @@ def test_two_gloo_processes_give_the_single_process_loss_and_gradient(tmp_path):
 
 
 def test_ema_warms_up_like_the_reference():
-    from esolm.training import ema_decay
+    from esolm.train_config import ema_decay
 
     assert ema_decay(0.9999, 1) == pytest.approx(2 / 11) and ema_decay(0.5, 100) == 0.5
     kept, plain = 1.0, 0.9999 ** 10_000
@@ -293,7 +294,7 @@ def test_the_model_file_carries_its_tokenizer(shards, tmp_path, monkeypatch):
 
 
 def test_a_diverged_state_never_replaces_the_last_finite_checkpoint(tmp_path):
-    from esolm.training import AtomicCheckpointIO
+    from esolm.lit import AtomicCheckpointIO
 
     io_ = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
@@ -351,8 +352,8 @@ def test_a_quiet_training_prints_none_of_lightnings_notices(shards, tmp_path, ca
 def test_the_masking_warm_up_reaches_every_training_step_and_the_records(shards, tmp_path, monkeypatch):
     """train.mask_warmup_steps: each training step's loss draws t below ``mask_ceiling`` (0.3
     rising to 1), validation always over [eps, 1]; train.jsonl and train.json say so."""
-    from esolm import training
-    from esolm.training import mask_ceiling
+    from esolm import lit as training  # the Lightning module calls loss
+    from esolm.train_config import mask_ceiling
 
     tc = TrainConfig(**{**TC.__dict__, "steps": 20, "mask_warmup_steps": 10, "mask_warmup_start": 0.3})
     assert [mask_ceiling(s, tc) for s in (0, 5, 10, 50)] == pytest.approx([0.3, 0.65, 1.0, 1.0], abs=1e-12)

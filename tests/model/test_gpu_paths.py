@@ -238,7 +238,8 @@ def test_train_compile_true_matches_eager_loss_and_gradients(gen):
     """``train.compile=true`` on CPU: the compiled network the Lightning module trains gives
     the eager loss and gradients (inductor may reorder float32 sums: 1e-4)."""
     from esolm.config import ModelConfig
-    from esolm.training import LitModel, TrainConfig
+    from esolm.lit import LitModel
+    from esolm.train_config import TrainConfig
 
     cfg = ModelConfig(family="eso_b", vocab_size=7, length=16, n_layers=2, d_model=32, n_heads=4,
                       cond_dim=32, dropout=0.0, alpha_0=0.5)

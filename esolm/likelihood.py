@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from esolm.config import EvalConfig
 from esolm.model.backbone import Backbone
 from esolm.model.masks import clean_mask, two_stream_mask
 from esolm.objectives import (
@@ -268,6 +269,43 @@ def ratio_summary(nll: list[float], tokens: list[int]) -> dict:
     var = sum(r * r for r in resid) / (n - 1) if n > 1 else float("nan")
     return {"nats_per_token": m, "tokens": n_tok, "stderr": math.sqrt(var / n) / (n_tok / n) if n > 1
             else float("nan")}
+
+
+
+def _ppl(nats: float) -> float:
+    return math.exp(nats) if nats < 700 else float("inf")
+
+
+def evaluate_split(model: Backbone, batches: list[Tensor], ev: EvalConfig, bytes_per_token: float,
+                   progress: bool = False) -> dict:
+    """Every likelihood metric of one split (method.md section 5), as ``esolm evaluate`` stores
+    it in ``likelihood.json``: the Monte Carlo NELBO over ``batches`` (``ev.nelbo_draws`` passes),
+    and on the first ``ev.exact_batches`` of them the exact likelihood left to right (and under
+    the sampler's order where the family's differs) and each importance-weighted bound; nats per
+    token, perplexities, standard errors and bits per byte."""
+    cfg, spec = model.config, model.config.spec
+    gen = torch.Generator().manual_seed(ev.seed)
+    nelbo = nelbo_per_token(model, batches, ev.nelbo_draws, gen, progress)
+    exact = batches[: ev.exact_batches]
+    out = {"nelbo_nats": nelbo["nats_per_token"], "nelbo_ppl": _ppl(nelbo["nats_per_token"]),
+           "nelbo_stderr": nelbo["stderr"], "nelbo_tokens": nelbo["tokens"]}
+    l2r = exact_per_token(model, exact, lambda b, n, g: left_to_right(b, n), gen, progress)
+    out.update(exact_l2r_nats=l2r["nats_per_token"], exact_l2r_ppl=_ppl(l2r["nats_per_token"]),
+               exact_l2r_stderr=l2r["stderr"], tokens=l2r["tokens"])
+    if spec.sampler_metric:
+        smp = exact_per_token(model, exact, lambda b, n, g: draw_orders(model, b, n, "sampler", g), gen, progress)
+        out.update(exact_sampler_nats=smp["nats_per_token"], exact_sampler_ppl=_ppl(smp["nats_per_token"]),
+                   exact_sampler_stderr=smp["stderr"])
+    for k in ev.iw_orders:  # the paper's bound (sampler-law orders), then uniform orders
+        for law in spec.iw_laws:  # AR has one order, BD3-LM is random inside blocks: one law
+            name = f"iw{k}" if law == "sampler" else f"iw{k}_{law}"
+            rows = [v for x in exact for v in (-iw_log_prob(model, x, k, gen, law=law)).double().cpu().tolist()]
+            iw = ratio_summary(rows, [n for x in exact for n in valid_tokens(cfg, x).sum(1).cpu().tolist()])
+            out[f"{name}_nats"], out[f"{name}_stderr"] = iw["nats_per_token"], iw["stderr"]
+            out[f"{name}_ppl"] = _ppl(iw["nats_per_token"])
+    out["bits_per_byte"] = l2r["nats_per_token"] / math.log(2) / bytes_per_token
+    out["nats_per_token"] = l2r["nats_per_token"]
+    return out
 
 
 EXACT: dict[str, Callable[..., Tensor]] = {"left_to_right": exact_left_to_right, "any_order": exact_any_order,

@@ -7,9 +7,8 @@ library, and writes its outputs (one writer per file, atomic). No tensors cross 
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -87,54 +86,14 @@ def _batches(ddir: Path, split: str, batch_size: int, n: int, device: torch.devi
     return [b.batch_at(i).to(device) for i in range(min(n, len(b)))]
 
 
-def _ppl(nats: float) -> float:
-    return math.exp(nats) if nats < 700 else float("inf")
-
-
-def evaluate_split(model, batches: list, ev: dict, bytes_per_token: float, progress: bool) -> dict:
-    """Every likelihood metric of one split (method.md section 5)."""
-    from esolm.likelihood import (
-        draw_orders,
-        exact_per_token,
-        iw_log_prob,
-        left_to_right,
-        nelbo_per_token,
-        ratio_summary,
-    )
-    from esolm.objectives import valid_tokens
-
-    cfg, spec = model.config, model.config.spec
-    gen = torch.Generator().manual_seed(ev["seed"])
-    nelbo = nelbo_per_token(model, batches, ev["nelbo_draws"], gen, progress)
-    exact = batches[: ev["exact_batches"]]
-    out = {"nelbo_nats": nelbo["nats_per_token"], "nelbo_ppl": _ppl(nelbo["nats_per_token"]),
-           "nelbo_stderr": nelbo["stderr"], "nelbo_tokens": nelbo["tokens"]}
-    l2r = exact_per_token(model, exact, lambda b, n, g: left_to_right(b, n), gen, progress)
-    out.update(exact_l2r_nats=l2r["nats_per_token"], exact_l2r_ppl=_ppl(l2r["nats_per_token"]),
-               exact_l2r_stderr=l2r["stderr"], tokens=l2r["tokens"])
-    if spec.sampler_metric:
-        smp = exact_per_token(model, exact, lambda b, n, g: draw_orders(model, b, n, "sampler", g), gen, progress)
-        out.update(exact_sampler_nats=smp["nats_per_token"], exact_sampler_ppl=_ppl(smp["nats_per_token"]),
-                   exact_sampler_stderr=smp["stderr"])
-    for k in ev["iw_orders"]:  # the paper's bound (sampler-law orders), then uniform orders
-        for law in spec.iw_laws:  # AR has one order, BD3-LM is random inside blocks: one law
-            name = f"iw{k}" if law == "sampler" else f"iw{k}_{law}"
-            rows = [v for x in exact for v in (-iw_log_prob(model, x, k, gen, law=law)).double().cpu().tolist()]
-            iw = ratio_summary(rows, [n for x in exact for n in valid_tokens(cfg, x).sum(1).cpu().tolist()])
-            out[f"{name}_nats"], out[f"{name}_stderr"] = iw["nats_per_token"], iw["stderr"]
-            out[f"{name}_ppl"] = _ppl(iw["nats_per_token"])
-    out["bits_per_byte"] = l2r["nats_per_token"] / math.log(2) / bytes_per_token
-    out["nats_per_token"] = l2r["nats_per_token"]
-    return out
-
-
 def evaluate_stage(params: dict, name: str, progress: bool) -> dict:
     from esolm.checkpoint import load_model
     from esolm.data import read_meta
     from esolm.device import pick_device
+    from esolm.likelihood import evaluate_split
 
-    ev = asdict(build(EvalConfig, dict(section(params, "evaluate")), "evaluate"))
-    device = pick_device(ev["device"])
+    ev = build(EvalConfig, dict(section(params, "evaluate")), "evaluate")
+    device = pick_device(ev.device)
     ddir = data_dir(params)
     meta = read_meta(ddir)
     model = load_model(run_dir(name) / "model.ckpt", device=device)
@@ -142,8 +101,8 @@ def evaluate_stage(params: dict, name: str, progress: bool) -> dict:
         raise ValueError(f"runs/{name}/model.ckpt has vocabulary {model.config.vocab_size} but "
                          f"{ddir} has {meta['vocab_size']}: retrain on these shards")
     result = {"variant": name, "family": model.config.family, "alpha_0": model.config.alpha_0}
-    targets = [(split, ddir, split) for split in ev["splits"]]
-    targets += [(f"zero_shot:{Path(z).name}", Path(z), "test") for z in ev["zero_shot"]]
+    targets = [(split, ddir, split) for split in ev.splits]
+    targets += [(f"zero_shot:{Path(z).name}", Path(z), "test") for z in ev.zero_shot]
     for key, folder, split in targets:
         zmeta = read_meta(folder)
         if zmeta["vocab_size"] != meta["vocab_size"] or zmeta["length"] != meta["length"]:
@@ -151,9 +110,9 @@ def evaluate_stage(params: dict, name: str, progress: bool) -> dict:
                              f"{zmeta['length']}, the model needs {meta['vocab_size']} and {meta['length']}: "
                              f"prepare it with --set data.tokenizer=file:{ddir / 'tokenizer.json'}")
         t0 = time.perf_counter()
-        batches = _batches(folder, split, ev["batch_size"], ev["nelbo_batches"], device)
+        batches = _batches(folder, split, ev.batch_size, ev.nelbo_batches, device)
         if not batches:
-            raise ValueError(f"split {split!r} of {folder} has no batch of {ev['batch_size']} rows")
+            raise ValueError(f"split {split!r} of {folder} has no batch of {ev.batch_size} rows")
         result[key] = evaluate_split(model, batches, ev, zmeta["splits"][split]["bytes_per_token"], progress)
         result[key]["seconds"] = time.perf_counter() - t0
     write_json(run_dir(name) / "likelihood.json", result)

@@ -65,13 +65,29 @@ CREATE TABLE IF NOT EXISTS search_trials (
     run_id VARCHAR, variant VARCHAR, trial BIGINT, state VARCHAR, feasible BOOLEAN,
     gen_ppl DOUBLE, seconds DOUBLE, nfe DOUBLE, entropy DOUBLE, params JSON,
     PRIMARY KEY (run_id, variant, trial));
+ALTER TABLE variants ADD COLUMN IF NOT EXISTS init VARCHAR;
+ALTER TABLE variants ADD COLUMN IF NOT EXISTS mask_warmup_start DOUBLE;
+ALTER TABLE variants ADD COLUMN IF NOT EXISTS mask_warmup_steps BIGINT;
+CREATE TABLE IF NOT EXISTS judges (
+    run_id VARCHAR, judge VARCHAR, split VARCHAR, metric VARCHAR, value DOUBLE,
+    PRIMARY KEY (run_id, judge, split, metric));
+CREATE TABLE IF NOT EXISTS search_points (
+    run_id VARCHAR, variant VARCHAR, kind VARCHAR, point BIGINT, trial BIGINT, steps BIGINT,
+    seconds DOUBLE, gen_ppl DOUBLE, nfe DOUBLE, entropy DOUBLE, feasible BOOLEAN,
+    PRIMARY KEY (run_id, kind, point));
 """
+# What the report reads and no stage table above holds, so that it reads the database only:
+# variants.init / mask_warmup_* (runs/<variant>/train.json: how a contestant was trained; NULL
+# when train.json did not record it), judges (runs/<judge>/likelihood.json: the judge's own
+# likelihood, long format as in likelihood) and search_points (reports/search/pareto.json: kind
+# 'front' = the searched schedule's Pareto front in its order, trial = its search trial; kind
+# 'default' = the default schedule over the grid of T, steps = its T).
 
 # bench columns added later (older bench.json files lack them: NULL)
 BENCH_EXTRA = ("median_cpu_s", "d_model", "n_layers", "vocab_size", "dtype", "kv_cache_bytes",
                "peak_mem_bytes", "extrapolated_from_nfe", "step_mode")
 TABLES = ("runs", "variants", "training", "likelihood", "sampling", "curves", "generations", "throughput",
-          "search_trials")
+          "search_trials", "judges", "search_points")
 
 
 def params_hash(params: dict) -> str:
@@ -145,27 +161,34 @@ def _replace(con: duckdb.DuckDBPyConnection, table: str, where: dict, rows: list
     return len(rows)
 
 
+def _likelihood_rows(like: dict) -> list[dict]:
+    """A likelihood.json as long rows: split, metric, value (numbers of the per-split sections)."""
+    return [{"split": split, "metric": k, "value": v} for split, vals in like.items() if isinstance(vals, dict)
+            for k, v in vals.items() if isinstance(v, (int, float))]
+
+
+def _summary_row(rid: str, name: str, s: dict, like: dict) -> dict:
+    """The variants row of one train.json (and the alpha_0 of its likelihood.json)."""
+    warmup = s.get("mask_warmup") or {}
+    return {"run_id": rid, "variant": name, "family": s.get("family", s.get("variant")),  # variant: before the rename
+            "alpha_0": like.get("alpha_0"), "steps": s["steps"], "tokens": s["tokens"],
+            "final_train_loss": s["final_train_loss"], "final_valid_loss": s["final_valid_loss"],
+            "wall_s": s["wall_s"], "tokens_per_s": s["tokens_per_s"],
+            "objective": s.get("objective", "nelbo"),  # older train.json: the NELBO
+            "init": s.get("init"), "mask_warmup_start": warmup.get("start"), "mask_warmup_steps": warmup.get("steps")}
+
+
 def _variant_rows(rid: str, name: str, run: Path) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
+    like = json.loads((run / "likelihood.json").read_text()) if (run / "likelihood.json").exists() else None
     if (run / "train.json").exists():
-        s = json.loads((run / "train.json").read_text())
-        like = json.loads((run / "likelihood.json").read_text()) if (run / "likelihood.json").exists() else {}
-        family = s.get("family", s.get("variant"))  # variant: a train.json written before the rename
-        out["variants"] = [{"run_id": rid, "variant": name, "family": family,
-                            "alpha_0": like.get("alpha_0"), "steps": s["steps"], "tokens": s["tokens"],
-                            "final_train_loss": s["final_train_loss"],
-                            "final_valid_loss": s["final_valid_loss"], "wall_s": s["wall_s"],
-                            "tokens_per_s": s["tokens_per_s"],
-                            "objective": s.get("objective", "nelbo")}]  # older train.json: the NELBO
+        out["variants"] = [_summary_row(rid, name, json.loads((run / "train.json").read_text()), like or {})]
     out["training"] = [{"run_id": rid, "variant": name, "step": r["step"], "loss": r["loss"], "lr": r["lr"],
                         "grad_norm": r["grad_norm"], "tokens_per_s": r["tokens_per_s"],
                         "t_max": r.get("t_max", 1.0)}  # older train.jsonl: no masking warm-up
                        for r in _rows_jsonl(run / "train.jsonl")]
-    if (run / "likelihood.json").exists():
-        like = json.loads((run / "likelihood.json").read_text())
-        out["likelihood"] = [{"run_id": rid, "variant": name, "split": split, "metric": k, "value": v}
-                             for split, vals in like.items() if isinstance(vals, dict)
-                             for k, v in vals.items() if isinstance(v, (int, float))]
+    if like is not None:
+        out["likelihood"] = [{"run_id": rid, "variant": name, **r} for r in _likelihood_rows(like)]
     if (run / "generation.json").exists():
         g = json.loads((run / "generation.json").read_text())
         out["sampling"] = [{"run_id": rid, "variant": name, "family": g["family"], "nfe": g["nfe"],
@@ -183,6 +206,23 @@ def _variant_rows(rid: str, name: str, run: Path) -> dict[str, list[dict]]:
                            "entropy": r["entropy"], "judge_nll": r["judge_nll"]}
                           for r in _rows_jsonl(run / "samples.jsonl")]
     return out
+
+
+def _judge_names(params: dict) -> set[str]:
+    """``judge.name`` of the params, if any (the judges named by samples and curves join it)."""
+    judge = params.get("judge")
+    return {str(judge["name"])} if isinstance(judge, dict) and judge.get("name") else set()
+
+
+def _judge_rows(rid: str, names: set[str], runs_dir: Path) -> list[dict]:
+    """The own likelihood (runs/<judge>/likelihood.json) of every judge named by the samples,
+    the curves or ``judge.name``; a judge with no such file (not trained here) has no rows."""
+    rows = []
+    for name in sorted(names):
+        path = runs_dir / name / "likelihood.json"
+        if path.is_file():
+            rows += [{"run_id": rid, "judge": name, **r} for r in _likelihood_rows(json.loads(path.read_text()))]
+    return rows
 
 
 def _baseline_rows(rid: str, params: dict) -> dict[str, list[dict]]:
@@ -214,9 +254,12 @@ def ingest(params: dict, runs_dir: Path = Path("runs"), reports: Path = Path("re
             "run_id": rid, "git_rev": rid.split("-")[0], "params_hash": params_hash(params), "label": label,
             "ingested_at": time.strftime("%Y-%m-%d %H:%M:%S"), "params": json.dumps(params, default=str)}])
         counts["runs"] = 1
+        judges = _judge_names(params)
         for name in params.get("variants", {}):
             for table, rows in _variant_rows(rid, name, runs_dir / name).items():
                 counts[table] += _replace(con, table, {"run_id": rid, "variant": name}, rows)
+                judges |= {str(r["judge"]) for r in rows if table in ("sampling", "curves") and r["judge"]}
+        counts["judges"] = _replace(con, "judges", {"run_id": rid}, _judge_rows(rid, judges, runs_dir))
         for table, rows in _baseline_rows(rid, params).items():
             counts[table] += _replace(con, table, {"run_id": rid, "variant": "unigram"}, rows)
         counts.update(_ingest_reports(con, rid, reports))
@@ -247,7 +290,21 @@ def _ingest_reports(con: duckdb.DuckDBPyConnection, rid: str, reports: Path) -> 
         rows = [{"run_id": rid, **{k: _plain(r[k]) for k in keys}}
                 for r in pd.read_parquet(trials).to_dict("records")]
         out["search_trials"] = _replace(con, "search_trials", {"run_id": rid}, rows)
+    pareto = reports / "search" / "pareto.json"
+    if pareto.exists():
+        out["search_points"] = _replace(con, "search_points", {"run_id": rid},
+                                        _search_points(rid, json.loads(pareto.read_text())))
     return out
+
+
+def _search_points(rid: str, pareto: dict) -> list[dict]:
+    """pareto.json's front (trial rows) and default-schedule comparison (one point per T) as
+    rows of search_points, each kind in its file's order."""
+    kinds = {"front": pareto.get("front") or [], "default": (pareto.get("comparison") or {}).get("default") or []}
+    return [{"run_id": rid, "variant": pareto.get("variant"), "kind": kind, "point": i, "trial": p.get("trial"),
+             "steps": p.get("steps"), "seconds": p.get("seconds"), "gen_ppl": p.get("gen_ppl"), "nfe": p.get("nfe"),
+             "entropy": p.get("entropy"), "feasible": p.get("feasible")}
+            for kind, points in kinds.items() for i, p in enumerate(points)]
 
 
 def _plain(value: Any) -> Any:

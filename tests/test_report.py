@@ -52,7 +52,7 @@ def test_training_figure_puts_each_objective_on_its_own_axis(tmp_path, monkeypat
     NELBO: the objective is ingested from train.json and each gets its own panel and label."""
     import json
 
-    from esolm import report
+    from esolm import report, report_figures
     from esolm.store import connect, ingest
 
     for name, objective, loss in [("ar", "nelbo", 3.5), ("mdlm", "low_var", 2.4), ("old", None, 4.0)]:
@@ -77,7 +77,7 @@ def test_training_figure_puts_each_objective_on_its_own_axis(tmp_path, monkeypat
         "ar": "nelbo", "mdlm": "low_var", "old": "nelbo"}
     con.close()
     figs = []
-    monkeypatch.setattr(report, "_save", lambda plt, fig, path: figs.append(fig) or True)
+    monkeypatch.setattr(report_figures, "_save", lambda plt, fig, path: figs.append(fig) or True)
     assert report.fig_training(db, "r", tmp_path / "training.png")
     panels = {ax.get_ylabel(): sorted(line.get_label() for line in ax.get_lines()) for ax in figs[0].axes}
     assert panels == {"training NELBO (nats/token)": ["ar", "old"],
@@ -88,7 +88,7 @@ def test_training_figure_puts_each_objective_on_its_own_axis(tmp_path, monkeypat
 
     shaded = {ax.get_ylabel(): [span(p) for p in ax.patches] for ax in figs[0].axes}
     # the report's intro says how they were trained ("old" recorded no init)
-    assert report.recipe_line(db, "r", tmp_path / "runs") == (
+    assert report.recipe_line(db, "r") == (
         "Training: init Normal(0, 0.02) weights, zero biases / unrecorded; objective low_var (mdlm); "
         "nelbo (ar, old); masking warm-up: the largest diffusion time rose from 0.3 to 1 over the first "
         "200 steps (mdlm). Validation and every likelihood here draw t over [eps, 1].")

@@ -121,14 +121,10 @@ def evaluate_stage(params: dict, name: str, progress: bool) -> dict:
 
 def best_schedule(out_dir: Path) -> ScheduleSettings:
     """The schedule chosen by the search (``sample.schedule=best``): ``out_dir/best.json``,
-    read back into the settings it was written from (an unknown key names the closest)."""
-    path = out_dir / "best.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the schedule search first (esolm search)")
-    chosen = json.loads(path.read_text()).get("schedule")
-    if not chosen:
-        raise ValueError(f"{path} holds no feasible schedule; lower search.entropy_floor_frac or add trials")
-    return ScheduleSettings.from_dict(chosen, f"{path} schedule")
+    read back by the search's one reader of it (an unknown key names the closest)."""
+    from esolm.search.results import best_schedule as chosen
+
+    return chosen(out_dir)
 
 
 def sample_config(params: dict) -> SampleConfig:

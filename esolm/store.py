@@ -273,6 +273,8 @@ def ingest(params: dict, runs_dir: Path = Path("runs"), reports: Path = Path("re
 
 
 def _ingest_reports(con: duckdb.DuckDBPyConnection, rid: str, reports: Path) -> dict[str, int]:
+    from esolm.search.results import read_front, read_trials  # the one reader of the search's files
+
     out: dict[str, int] = {}
     bench = reports / "bench.json"
     if bench.exists():
@@ -284,16 +286,12 @@ def _ingest_reports(con: duckdb.DuckDBPyConnection, rid: str, reports: Path) -> 
         out["throughput"] = _replace(con, "throughput", {"run_id": rid}, rows)
     trials = reports / "search" / "trials.parquet"
     if trials.exists():
-        import pandas as pd
-
-        keys = ("variant", "trial", "state", "feasible", "gen_ppl", "seconds", "nfe", "entropy", "params")
-        rows = [{"run_id": rid, **{k: _plain(r[k]) for k in keys}}
-                for r in pd.read_parquet(trials).to_dict("records")]
+        rows = [{"run_id": rid, **r.to_row()} for r in read_trials(trials.parent)]
         out["search_trials"] = _replace(con, "search_trials", {"run_id": rid}, rows)
     pareto = reports / "search" / "pareto.json"
     if pareto.exists():
         out["search_points"] = _replace(con, "search_points", {"run_id": rid},
-                                        _search_points(rid, json.loads(pareto.read_text())))
+                                        _search_points(rid, read_front(pareto.parent).to_json()))
     return out
 
 

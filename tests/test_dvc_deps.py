@@ -31,7 +31,7 @@ def test_the_follower_sees_lazy_imports_tables_and_type_only_imports():
     train = relative(code_files("esolm.cli:cmd_train"))
     assert {"esolm/training.py", "esolm/objectives.py", "esolm/noise.py", "esolm/ordering.py",
             "esolm/seeds.py", "esolm/model/backbone.py", "esolm/stages.py", "esolm/params.py"} <= set(train)
-    assert "esolm/search.py" not in train and "esolm/report.py" not in train  # other verbs' code
+    assert not any(f.startswith("esolm/search") for f in train) and "esolm/report.py" not in train  # other verbs' code
     report = relative(code_files("esolm.cli:cmd_report"))
     assert "esolm/bench.py" not in report and "esolm/report_figures.py" in report  # the report reads DuckDB only
     assert "esolm/bench.py" in relative(code_files("esolm.cli:main"))  # reached only through the VERBS table

@@ -57,8 +57,10 @@ def test_an_unknown_family_names_the_closest():
         ModelConfig(family="mdml")
 
 
-LIBRARY = ("objectives.py", "likelihood.py", "config.py", "stages.py", "search.py", "judge.py", "report.py",
-           "training.py", "checkpoint.py", "text.py", "store.py", "sampling/__init__.py", "sampling/loops.py")
+LIBRARY = ("objectives.py", "likelihood.py", "config.py", "stages.py", "judge.py", "report.py", "report_results.py",
+           "report_figures.py", "lit.py", "train_config.py",
+           "training.py", "checkpoint.py", "text.py", "store.py", "sampling/__init__.py", "sampling/loops.py",
+           "search/__init__.py", "search/study.py", "search/front.py", "search/results.py", "search/storage.py")
 
 
 @pytest.mark.parametrize("module", LIBRARY)

@@ -209,6 +209,13 @@ def cmd_preset(args: argparse.Namespace, params: dict) -> None:
           "`dvc repro` now runs that study")
 
 
+def cmd_doctor(args: argparse.Namespace, params: dict) -> None:
+    from esolm.doctor import run
+
+    if run(args):  # a check that should work on this machine failed
+        raise SystemExit(1)
+
+
 VERBS: dict[str, tuple[Callable[[argparse.Namespace, dict], None], str]] = {
     "prepare": (cmd_prepare, "fetch, verify and tokenize the corpus into token shards (params: data)"),
     "train": (cmd_train, ("train one variant, resuming from its last checkpoint (params: model, "
@@ -230,6 +237,12 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace, dict], None], str]] = {
     "preset": (cmd_preset, ("choose a preset study in params.yaml for DVC (sets `preset:` and copies "
                             "the preset's variants into the top-level block that dvc.yaml expands)")),
     "query": (cmd_query, "run SQL on the results database, e.g. esolm query \"SELECT * FROM sampling\""),
+    "doctor": (cmd_doctor, ("check what this machine can run, one line per check, in under a minute "
+                            "(CPU or GPU): device, dtypes, every attention backend on every mask against "
+                            "math (values and gradients), torch.compile, CUDA graphs; exit code 1 if a "
+                            "check that should work here fails. --full: the complete device check "
+                            "(minutes, within --budget), one process per part, files under --out as each "
+                            "part finishes; reads no params file")),
 }
 NEEDS_VARIANT = ("train", "evaluate", "sample", "curve", "export")
 
@@ -273,6 +286,10 @@ def parser() -> argparse.ArgumentParser:
                            help="queue: queue the missing trials up to search.n_trials; join: run queued "
                                 "trials until none is left (a worker, on any machine sharing "
                                 "search.storage); outputs: write the outputs from the study")
+        if name == "doctor":
+            from esolm.doctor import add_arguments
+
+            add_arguments(s)
         if name in ("bench",):
             s.add_argument("--device", default=None, help="auto (default), cpu, or a CUDA device")
             s.add_argument("--profile", action="store_true",

@@ -325,39 +325,3 @@ def format_rows(rows: list[dict]) -> str:
                    f"{r['median_cpu_s']:>9.3f} "
                    f"{r['tokens_per_s']:>9.1f} {r['kv_cache_bytes'] / 2**20:>8.2f} {peak:>9}{note}")
     return "\n".join(out)
-
-
-def plot_bench(rows: list[dict], path: str) -> bool:
-    """Speedup of Eso-LM (B) over each family against sequence length, from rows with
-    family, length, nfe_budget and median_s (NFE = L rows only). False when there is none."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in rows if r["nfe_budget"] == "L"]
-    if rows:  # one batch size per figure: the smallest timed
-        rows = [r for r in rows if r.get("batch_size", 1) == min(q.get("batch_size", 1) for q in rows)]
-    eso = {r["length"]: r["median_s"] for r in rows if r["family"] == "eso_b"}
-    if not eso:
-        return False
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for fam in sorted({r["family"] for r in rows} - {"eso_b"}):
-        pts = sorted((r["length"], r["median_s"] / eso[r["length"]]) for r in rows
-                     if r["family"] == fam and r["length"] in eso)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"over {fam}")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length L (NFE = L)")
-    ax.set_ylabel("Eso-LM (B) speedup (x)")
-    ax.legend(fontsize=7)
-    first = rows[0]
-    size = (f"{first['d_model']}d/{first['n_layers']}L/V={first['vocab_size']}, "
-            if first.get("d_model") else "")
-    ax.set_title(f"{size}batch {first.get('batch_size', '?')}, {first.get('device', '')}", fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True

@@ -19,8 +19,9 @@ def cmd_prepare(args: argparse.Namespace, params: dict) -> None:
 
 
 def cmd_bench(args: argparse.Namespace, params: dict) -> None:
-    from esolm.bench import BenchConfig, format_rows, plot_bench, run_bench, settings_line
+    from esolm.bench import BenchConfig, format_rows, run_bench, settings_line
     from esolm.device import pick_device
+    from esolm.plots import speedup
 
     values = dict(section(params, "bench"))
     out = Path(values.pop("out", "reports/bench.json"))
@@ -32,7 +33,7 @@ def cmd_bench(args: argparse.Namespace, params: dict) -> None:
     # every finished cell is written at once: a run cut short keeps what it timed
     rows = run_bench(bc, device, progress=not args.quiet, on_cell=lambda done: write_json(out, done))
     png = out.with_suffix(".png")
-    drawn = _bench_figure(plot_bench, rows, png)
+    drawn = _bench_figure(speedup, rows, png)
     print(settings_line(bc, device))
     print(format_rows(rows))
     for r in rows:
@@ -44,10 +45,10 @@ def cmd_bench(args: argparse.Namespace, params: dict) -> None:
     print(f"wrote {out}" + (f" and {png}" if drawn else ""))
 
 
-def _bench_figure(plot_bench: Callable[[list[dict], str], bool], rows: list[dict], png: Path) -> bool:
+def _bench_figure(draw: Callable[[list[dict], str], bool], rows: list[dict], png: Path) -> bool:
     """Draw the bench figure; without matplotlib (a lean install) say how to get it instead."""
     try:
-        return plot_bench(rows, str(png))
+        return draw(rows, str(png))
     except ModuleNotFoundError as err:
         if (hint := missing_extra(err)) is None:
             raise

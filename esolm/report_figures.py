@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from esolm.families import ESO_B, FAMILIES
+from esolm.families import FAMILIES
+from esolm.plots import speedup
 from esolm.report_results import headline
 from esolm.store import query
 
@@ -151,26 +152,7 @@ def fig_speedup(db: Path, rid: str, path: Path) -> bool:
     """Speedup of Eso-LM (B) over each family against sequence length (NFE = L rows of the
     smallest batch size timed; the bench stage's bench.png, redrawn from the database)."""
     cols, rows = query(SPEEDUP_SQL, db, [rid, rid])
-    rows = [dict(zip(cols, r)) for r in rows]
-    eso = {r["length"]: r["median_s"] for r in rows if r["family"] == ESO_B.name}
-    if not eso:
-        return False
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for fam in sorted({r["family"] for r in rows} - {ESO_B.name}):
-        pts = [(r["length"], r["median_s"] / eso[r["length"]]) for r in rows
-               if r["family"] == fam and r["length"] in eso]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"over {fam}")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length L (NFE = L)")
-    ax.set_ylabel("Eso-LM (B) speedup (x)")
-    ax.legend(fontsize=7)
-    first = rows[0]
-    size = f"{first['d_model']}d/{first['n_layers']}L/V={first['vocab_size']}, " if first["d_model"] else ""
-    ax.set_title(f"{size}batch {first['batch_size']}, {first['device'] or ''}", fontsize=9)
-    return _save(plt, fig, path)
+    return speedup([dict(zip(cols, r)) for r in rows], path)
 
 
 TRAINING_LOSS_LABELS = {"nelbo": "training NELBO (nats/token)",

@@ -17,7 +17,6 @@ from esolm.ordering import Schedule
 from esolm.ordering import plan as family_plan
 from esolm.sampling import loops
 from esolm.sampling.decode import nucleus_filter, sample_tokens
-from esolm.sampling.graphs import check_step_mode
 from esolm.seeds import stream_generator
 
 __all__ = ["Generation", "ScheduleSettings", "generate", "nucleus_filter", "sample_tokens"]
@@ -69,16 +68,8 @@ def generate(model: Backbone, settings: ScheduleSettings | None = None, *, promp
     benchmark's warm-up on the timed shapes); the tokens not reached stay masked and ``nfe``
     counts the passes run.
     """
-    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
-        raise ValueError(f"stop_after={stop_after!r} is invalid: use an integer >= 1 or None")
     cfg, spec = model.config, model.config.spec
-    s = (settings or ScheduleSettings()).settings()
-    step_mode = check_step_mode(s.step_mode)
-    if spec.fixed_alpha_0 is not None and s.alpha_0 is not None and s.alpha_0 != cfg.alpha_0:
-        raise ValueError(f"alpha_0={s.alpha_0} applies to Eso-LMs only; {cfg.family} implies {cfg.alpha_0}")
-    s = s.replace(alpha_0=cfg.alpha_0 if s.alpha_0 is None else s.alpha_0)
-    if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples!r} is invalid: use an integer >= 1")
+    s = _checked(model, settings, num_samples, stop_after)
     given, ids = _prompt(prompt, cfg.length, cfg.vocab_size)
     device = next(model.parameters()).device
     # independent streams: the order/counts and the token noise must never share a seed
@@ -98,7 +89,7 @@ def generate(model: Backbone, settings: ScheduleSettings | None = None, *, promp
             synchronize(device)
             t0 = time.perf_counter()
             try:
-                nfe += _run(model, x, plan, dec, s.kv_cache, given.numel(), step_mode)
+                nfe += _run(model, x, plan, dec, s.kv_cache, given.numel(), s.step_mode)
             except _Stopped:
                 nfe += stop_after
             synchronize(device)
@@ -109,6 +100,21 @@ def generate(model: Backbone, settings: ScheduleSettings | None = None, *, promp
     used = s.replace(kv_cache=s.kv_cache and spec.kv_cache)
     return Generation(torch.cat(out), nfe, seconds, used.kv_cache, cfg.family, schedules,
                       dec.logits if record_logits else None, _settings(spec.autoregressive, schedules[0], used))
+
+
+def _checked(model: Backbone, settings: ScheduleSettings | None, num_samples: int,
+             stop_after: int | None) -> ScheduleSettings:
+    """The settings ``generate`` runs (alpha_0 resolved to the model's when unset), every
+    argument checked first."""
+    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
+        raise ValueError(f"stop_after={stop_after!r} is invalid: use an integer >= 1 or None")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples={num_samples!r} is invalid: use an integer >= 1")
+    cfg = model.config
+    s = (settings or ScheduleSettings()).settings()
+    if cfg.spec.fixed_alpha_0 is not None and s.alpha_0 is not None and s.alpha_0 != cfg.alpha_0:
+        raise ValueError(f"alpha_0={s.alpha_0} applies to Eso-LMs only; {cfg.family} implies {cfg.alpha_0}")
+    return s.replace(alpha_0=cfg.alpha_0 if s.alpha_0 is None else s.alpha_0)
 
 
 class _Stopped(Exception):

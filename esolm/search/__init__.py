@@ -1,6 +1,7 @@
 """The schedule search: an Optuna study over the sampling schedule and its speed-quality front.
 
-- ``study.py``: ``SearchConfig``, the objective, the sampler, tickets (queue, claim, tell), workers;
+- ``config.py``: ``SearchConfig`` and the search space (no Optuna needed to read them);
+- ``study.py``: the objective, the sampler, tickets (queue, claim, tell), workers;
 - ``storage.py``: where a search study lives (any Optuna storage URL) and its SQLite snapshot;
 - ``front.py``: the Pareto front, its hypervolume, the chosen schedule, the default schedule set
   against the front, the figure;
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-_STUDY = ("DEFAULT_SPACE", "Evaluate", "FINISHED", "METRIC_NAMES", "SAMPLERS", "SearchConfig", "claim",
+_CONFIG = ("DEFAULT_SPACE", "Evaluate", "SAMPLERS", "SearchConfig")
+_STUDY = ("FINISHED", "METRIC_NAMES", "claim",
           "make_evaluator", "make_sampler", "model_key", "objective_for", "open_study", "queue_trials", "run_study",
           "run_trial", "study_name", "study_trials", "suggest", "trial_rows", "work")
 _STORAGE = ("copy_to_sqlite", "open_storage", "storage_url")
@@ -26,6 +28,7 @@ _RESULTS = ("BestSchedule", "ParetoFront", "TrialRow", "best_schedule", "best_se
             "read_trials", "write_outputs")
 
 if TYPE_CHECKING:
+    from esolm.search.config import DEFAULT_SPACE, SAMPLERS, Evaluate, SearchConfig
     from esolm.search.front import (
         by_name,
         choose,
@@ -48,12 +51,8 @@ if TYPE_CHECKING:
     )
     from esolm.search.storage import copy_to_sqlite, open_storage, storage_url
     from esolm.search.study import (
-        DEFAULT_SPACE,
         FINISHED,
         METRIC_NAMES,
-        SAMPLERS,
-        Evaluate,
-        SearchConfig,
         claim,
         make_evaluator,
         make_sampler,
@@ -72,7 +71,9 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    if name in _STUDY:
+    if name in _CONFIG:
+        from esolm.search import config as module
+    elif name in _STUDY:
         from esolm.search import study as module
     elif name in _STORAGE:
         from esolm.search import storage as module

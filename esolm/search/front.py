@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from esolm.search.results import TrialRow
-    from esolm.search.study import Evaluate
+    from esolm.search.config import Evaluate
 
 P = TypeVar("P")
 Objectives = Callable[[Any], tuple[float, float]]  # a point -> (gen_ppl, seconds)
@@ -94,7 +93,7 @@ def matched_time(default: list[dict], searched: list[dict]) -> list[dict]:
     return matched
 
 
-def plot_front(rows: Sequence[TrialRow], front: Sequence[TrialRow], default: list[dict], path: Path) -> None:
+def plot_front(rows: Sequence[Any], front: Sequence[Any], default: list[dict], path: Path) -> None:
     """pareto.png: every finished trial (grey: infeasible), the front and the default schedule's
     grid of T, gen PPL against seconds per sample (log time axis)."""
     import matplotlib

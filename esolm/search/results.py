@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import optuna
 
     from esolm.config import ScheduleSettings
-    from esolm.search.study import SearchConfig
+    from esolm.search.config import SearchConfig
 
 TRIALS, FRONT, BEST, FIGURE = "trials.parquet", "pareto.json", "best.json", "pareto.png"
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 if TYPE_CHECKING:
-    from esolm.search.study import SearchConfig
+    from esolm.search.config import SearchConfig
 
 
 def storage_url(sc: SearchConfig) -> str:

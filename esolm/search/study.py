@@ -21,74 +21,18 @@ import math
 import os
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 
+from esolm.search.config import Evaluate, SearchConfig
 from esolm.search.results import TrialRow
 from esolm.search.storage import open_storage, storage_url
 
-SAMPLERS = ("nsga2", "tpe")
 METRIC_NAMES = ["gen_ppl", "seconds_per_sample"]
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
 log = logging.getLogger(__name__)
-DEFAULT_SPACE: dict[str, Any] = {
-    "steps": [4, 64],
-    "alpha_0": [0.0, 1.0],
-    "order": ["random", "block"],
-    "subcontexts": [2, 16],
-    "shuffle": [False, True],
-    "schedule": ["loglinear", "power"],
-    "gamma": [0.5, 3.0],
-    "top_p": [0.8, 1.0],
-}
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """The ``search:`` section: what the schedule search tunes, how, and where its study and
-    outputs live."""
-
-    variant: str = "eso_b_a05"
-    """The variant whose model file is searched (``runs/<variant>/model.ckpt``)."""
-    n_trials: int = 12
-    """Trials the study holds in the end: a rerun queues only the missing ones."""
-    sampler: str = "nsga2"
-    """Optuna's sampler: nsga2 (NSGA-II) or tpe; both respect the entropy constraint."""
-    num_samples: int = 8
-    """Samples each trial draws (the same seed in every trial) for its search objectives."""
-    repeats: int = 1
-    """Timed generations per trial: the seconds objective is their median."""
-    seed: int = 0
-    """Seed of the sampler (a lone worker's trials are reproducible) and of every trial's samples."""
-    entropy_floor: float = 0.0
-    """Floor (nats) on the samples' mean unigram entropy; 0: use ``entropy_floor_frac``."""
-    entropy_floor_frac: float = 0.9
-    """The floor as a fraction of the validation text's mean entropy (when ``entropy_floor`` is 0)."""
-    time_budget: float = 0.0
-    """Seconds per sample the chosen schedule may take (the best quality within it); 0: the knee."""
-    default_steps: tuple[int, ...] = (4, 8, 16, 32, 64)
-    """The grid of T of the paper's default schedule (log-linear, random order), set against the front."""
-    space: dict = field(default_factory=lambda: dict(DEFAULT_SPACE))
-    """The search space: a ``ScheduleSettings`` field -> [low, high] or a list of choices
-    (keys of ``DEFAULT_SPACE`` only; a key left out keeps ``DEFAULT_SPACE``'s fallback)."""
-    out_dir: str = "reports/search"
-    """Folder of trials.parquet, pareto.json, best.json, pareto.png and the default study.db."""
-    storage: str = ""
-    """Optuna storage URL (sqlite:///..., postgresql+psycopg://..., mysql+pymysql://...) or
-    journal:PATH; "": SQLite ``<out_dir>/study.db``."""
-
-    def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"search.sampler={self.sampler!r} is unknown: use one of {SAMPLERS}")
-        for name in ("n_trials", "num_samples", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"search.{name}={getattr(self, name)!r} is invalid: use an integer >= 1")
-        unknown = set(self.space) - set(DEFAULT_SPACE)
-        if unknown:
-            raise ValueError(f"search.space has unknown keys {sorted(unknown)}; use {sorted(DEFAULT_SPACE)}")
 
 
 def suggest(trial: optuna.Trial, space: dict, family_name: str) -> dict:
@@ -117,7 +61,6 @@ def suggest(trial: optuna.Trial, space: dict, family_name: str) -> dict:
     return p
 
 
-Evaluate = Callable[[dict], dict]  # schedule settings (a partial dict) -> {"gen_ppl", "seconds", "nfe", "entropy"}
 
 
 def make_evaluator(model, judge, tokenizer, num_samples: int, seed: int, repeats: int) -> Evaluate:

@@ -38,8 +38,7 @@ from esolm.profiling import random_weights
 from esolm.sampling import generate
 from esolm.sampling.graphs import check_step_mode
 
-# bench row name -> (family, overrides)
-FAMILIES: dict[str, tuple[str, dict]] = {
+VARIANTS: dict[str, tuple[str, dict]] = {
     "eso_b": ("eso_b", {"alpha_0": 1.0}),
     "eso_a": ("eso_a", {"alpha_0": 1.0}),
     "mdlm": ("mdlm", {}),
@@ -47,6 +46,8 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "bd3lm_l16": ("bd3lm", {"block_size": 16}),
     "ar": ("ar", {}),
 }
+"""The bench's variants: name -> (family, settings). A row of the bench is one variant timed at
+one length, NFE budget and batch size; ``speedup_vs_<variant>`` compares variants of one cell."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WARMUP_STEPS = 16
 
@@ -59,7 +60,7 @@ PRESETS: dict[str, dict] = {
     # the paper's Table 3: L in {2048, 8192}, NFE = L, 768d / 12 layers, GPT-2 vocabulary, at
     # batch 1 and at the authors' batches; MDLM (a full forward per step) timed over a few steps
     # and scaled. Sized for about 6 minutes on one H100/H200 (not yet run on one: see reports/gpu).
-    "paper-gpu": dict(families=("eso_b", "mdlm", "bd3lm_l4", "ar"), lengths=(2048, 8192),
+    "paper-gpu": dict(variants=("eso_b", "mdlm", "bd3lm_l4", "ar"), lengths=(2048, 8192),
                       batch_sizes=(1, "paper"), d_model=768, n_layers=12, n_heads=12, vocab_size=50257,
                       dtype="bfloat16", repeats=2, warmup=1, mdlm_max_steps=16, step_mode="auto"),
 }
@@ -73,7 +74,8 @@ class BenchConfig:
     step_mode: how the cached decode steps of Eso-LM (B) and AR run (``graphs.STEP_MODES``:
     dynamic, static, compile, cuda_graphs); every family of one run uses the same mode."""
 
-    families: tuple[str, ...] = tuple(FAMILIES)
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    """The bench variants timed (``VARIANTS``: eso_b and eso_a at alpha_0 = 1, mdlm, bd3lm_l4, bd3lm_l16, ar)."""
     lengths: tuple[int, ...] = (256, 1024)
     nfe: tuple[str | int, ...] = ("L",)
     batch_size: int = 1
@@ -94,9 +96,9 @@ class BenchConfig:
     preset: str = ""
 
     def __post_init__(self) -> None:
-        unknown = [f for f in self.families if f not in FAMILIES]
+        unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
-            raise ValueError(f"bench.families has unknown entries {unknown}; use any of {tuple(FAMILIES)}")
+            raise ValueError(f"bench.variants has unknown entries {unknown}; use any of {tuple(VARIANTS)}")
         if self.repeats < 1 or self.warmup < 0 or self.batch_size < 1:
             raise ValueError("bench.repeats and bench.batch_size must be >= 1, bench.warmup >= 0")
         if self.dtype not in DTYPES:
@@ -134,8 +136,8 @@ class BenchConfig:
         return "cuda_graphs" if is_accelerator(device) else "dynamic"
 
 
-def _model(bc: BenchConfig, family: str, length: int, device: torch.device) -> Backbone:
-    name, extra = FAMILIES[family]
+def _model(bc: BenchConfig, variant: str, length: int, device: torch.device) -> Backbone:
+    name, extra = VARIANTS[variant]
     cfg = ModelConfig(family=name, vocab_size=bc.vocab_size, length=length, n_layers=bc.n_layers,
                       d_model=bc.d_model, n_heads=bc.n_heads, dropout=0.0, **extra)
     torch.manual_seed(bc.seed)
@@ -208,10 +210,10 @@ def _settings(bc: BenchConfig, steps: int, seed: int, device: torch.device) -> S
     return ScheduleSettings(steps=steps, schedule="power", seed=seed, step_mode=bc.mode(device))
 
 
-def _setup(bc: BenchConfig, family: str, length: int, nfe: str | int, batch: int,
+def _setup(bc: BenchConfig, variant: str, length: int, nfe: str | int, batch: int,
            device: torch.device) -> tuple[Backbone, int, float]:
     """(model, steps to run, scale to the requested NFE), warmed up on the timed shapes."""
-    model = _model(bc, family, length, device)
+    model = _model(bc, variant, length, device)
     steps = _steps(model, length, nfe)
     scale = 1.0
     if not model.config.spec.kv_cache and 0 < bc.mdlm_max_steps < steps:  # a full forward every step
@@ -222,23 +224,23 @@ def _setup(bc: BenchConfig, family: str, length: int, nfe: str | int, batch: int
     return model, steps, scale
 
 
-def time_cell(bc: BenchConfig, families: tuple[str, ...], length: int, nfe: str | int,
+def time_cell(bc: BenchConfig, variants: tuple[str, ...], length: int, nfe: str | int,
               device: torch.device, batch: int | None = None) -> list[dict]:
-    """Median sampling time of each family at one length, NFE budget and batch, with memory,
-    and the ratios of every family's median over every other's (``speedup_vs_<family>``).
+    """Median sampling time of each variant at one length, NFE budget and batch, with memory,
+    and the ratios of every variant's median over every other's (``speedup_vs_<variant>``).
 
-    The repeats are interleaved (repeat r of every family, then r + 1), so that a change in
-    the machine's load during the run hits every family alike. Besides wall time, each row
+    The repeats are interleaved (repeat r of every variant, then r + 1), so that a change in
+    the machine's load during the run hits every variant alike. Besides wall time, each row
     has the median process CPU time (less sensitive to other processes on a shared CPU)."""
     batch = batch or bc.batch_size
     bc = replace(bc, batch_size=batch)
-    setups = {f: _setup(bc, f, length, nfe, batch, device) for f in families}
-    wall: dict[str, list[float]] = {f: [] for f in families}
-    cpu: dict[str, list[float]] = {f: [] for f in families}
-    nfes: dict[str, list[int]] = {f: [] for f in families}
+    setups = {v: _setup(bc, v, length, nfe, batch, device) for v in variants}
+    wall: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
+    nfes: dict[str, list[int]] = {v: [] for v in variants}
     peaks: dict[str, int | None] = {}
     for i in range(bc.repeats):
-        for f in families:
+        for f in variants:
             model, steps, scale = setups[f]
             synchronize(device)
             c0 = time.process_time()
@@ -251,21 +253,21 @@ def time_cell(bc: BenchConfig, families: tuple[str, ...], length: int, nfe: str 
                 peaks[f] = max(peaks.get(f) or 0, mem.peak)
             kind = mem.kind
     rows = [_row(bc, f, length, nfe, device, setups[f], wall[f], cpu[f], nfes[f], peaks.get(f), kind)
-            for f in families]
+            for f in variants]
     for r in rows:
         for ref in rows:
             if ref is not r:
-                r[f"speedup_vs_{ref['family']}"] = ref["median_s"] / r["median_s"]
-                r[f"cpu_speedup_vs_{ref['family']}"] = ref["median_cpu_s"] / r["median_cpu_s"]
+                r[f"speedup_vs_{ref['variant']}"] = ref["median_s"] / r["median_s"]
+                r[f"cpu_speedup_vs_{ref['variant']}"] = ref["median_cpu_s"] / r["median_cpu_s"]
     return rows
 
 
-def _row(bc: BenchConfig, family: str, length: int, nfe: str | int, device: torch.device,
+def _row(bc: BenchConfig, variant: str, length: int, nfe: str | int, device: torch.device,
          setup: tuple[Backbone, int, float], wall: list[float], cpu: list[float], nfes: list[int],
          peak: int | None, peak_kind: str) -> dict:
     model, steps, scale = setup
     median = statistics.median(wall)
-    return {"family": family, "variant": model.config.family, "length": length,
+    return {"variant": variant, "family": model.config.family, "length": length,
             "nfe": int(statistics.median(nfes)), "nfe_budget": str(nfe), "batch_size": bc.batch_size,
             "median_s": median, "median_cpu_s": statistics.median(cpu),
             "tokens_per_s": bc.batch_size * length / median, "repeats": bc.repeats,
@@ -286,8 +288,8 @@ def _device_name(device: torch.device) -> str:
 
 def run_bench(bc: BenchConfig, device: torch.device, progress: bool = True,
               on_cell: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    """All cells (length x NFE budget x batch size), each row with ``speedup_vs_<family>`` ratios
-    (wall time) over every other family of its cell and ``cpu_speedup_vs_<family>`` from process
+    """All cells (length x NFE budget x batch size), each row with ``speedup_vs_<variant>`` ratios
+    (wall time) over every other variant of its cell and ``cpu_speedup_vs_<variant>`` from process
     CPU time. ``on_cell(rows so far)`` runs after every cell (the caller writes them out)."""
     bc = bc.resolved()
     if bc.threads:
@@ -295,7 +297,7 @@ def run_bench(bc: BenchConfig, device: torch.device, progress: bool = True,
     cells = [(L, n, b) for L in bc.lengths for n in bc.nfe for b in bc.batches(L)]
     rows: list[dict] = []
     for L, n, b in tqdm(cells, desc="bench", disable=not progress):
-        rows += time_cell(bc, bc.families, L, n, device, batch=b)
+        rows += time_cell(bc, bc.variants, L, n, device, batch=b)
         if on_cell is not None:
             on_cell(rows)
     return rows
@@ -304,7 +306,7 @@ def run_bench(bc: BenchConfig, device: torch.device, progress: bool = True,
 def settings_line(bc: BenchConfig, device: torch.device) -> str:
     """Every setting of a bench run, in one line."""
     bc = bc.resolved()
-    keep = {k: v for k, v in asdict(bc).items() if k not in ("families", "lengths", "preset")}
+    keep = {k: v for k, v in asdict(bc).items() if k not in ("variants", "lengths", "preset")}
     keep["step_mode"] = bc.mode(device)
     text = " ".join(f"{k}={v}" for k, v in keep.items())
     return (f"bench on {_device_name(device)}, torch {torch.__version__}: {text}; random weights, "
@@ -314,14 +316,14 @@ def settings_line(bc: BenchConfig, device: torch.device) -> str:
 
 def format_rows(rows: list[dict]) -> str:
     """A plain-text table: time, NFE, tokens/s, KV-cache and peak memory per cell."""
-    head = (f"{'family':<10} {'L':>6} {'batch':>5} {'NFE':>6} {'median_s':>10} {'cpu_s':>9} {'tok/s':>9} "
+    head = (f"{'variant':<10} {'L':>6} {'batch':>5} {'NFE':>6} {'median_s':>10} {'cpu_s':>9} {'tok/s':>9} "
             f"{'kv_MiB':>8} {'peak_MiB':>9}")
     out = [head]
     for r in rows:
         peak = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
         note = f"  (timed at NFE={r['extrapolated_from_nfe']}, scaled linearly)" \
             if r.get("extrapolated_from_nfe") else ""
-        out.append(f"{r['family']:<10} {r['length']:>6} {r['batch_size']:>5} {r['nfe']:>6} {r['median_s']:>10.3f} "
+        out.append(f"{r['variant']:<10} {r['length']:>6} {r['batch_size']:>5} {r['nfe']:>6} {r['median_s']:>10.3f} "
                    f"{r['median_cpu_s']:>9.3f} "
                    f"{r['tokens_per_s']:>9.1f} {r['kv_cache_bytes'] / 2**20:>8.2f} {peak:>9}{note}")
     return "\n".join(out)

@@ -37,7 +37,7 @@ def cmd_bench(args: argparse.Namespace, params: dict) -> None:
     print(settings_line(bc, device))
     print(format_rows(rows))
     for r in rows:
-        if r["family"] == "eso_b":
+        if r["variant"] == "eso_b":
             ratios = ", ".join(f"{k[11:]} {v:.2f}x" for k, v in r.items() if k.startswith("speedup_vs_"))
             cpu = ", ".join(f"{k[15:]} {v:.2f}x" for k, v in r.items() if k.startswith("cpu_speedup_vs_"))
             print(f"L={r['length']} NFE={r['nfe']} batch={r['batch_size']}: eso_b {r['median_s']:.3f}s; "

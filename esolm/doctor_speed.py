@@ -140,7 +140,7 @@ def bench_config(ctx: Ctx):
 
     if is_accelerator(ctx.device) and not ctx.smoke:
         return BenchConfig(preset="paper-gpu").resolved()
-    return BenchConfig(families=("eso_b", "mdlm", "bd3lm_l4", "ar"), lengths=(32, 64), batch_sizes=(1, 2),
+    return BenchConfig(variants=("eso_b", "mdlm", "bd3lm_l4", "ar"), lengths=(32, 64), batch_sizes=(1, 2),
                        d_model=32, n_layers=2, n_heads=4, vocab_size=101, dtype="float32", repeats=2,
                        warmup=1, mdlm_max_steps=8)
 
@@ -150,7 +150,7 @@ def plan(bc) -> list[tuple[str, int, int]]:
     a batch, the families whose steps replay CUDA graphs (Eso-LM (B), AR) and MDLM (few timed
     steps) at every length before the rest (BD3-LM's dynamic steps are slow)."""
     rank = {"eso_b": 0, "ar": 1, "mdlm": 2}
-    fams = sorted(bc.families, key=lambda f: rank.get(f, 3))
+    fams = sorted(bc.variants, key=lambda f: rank.get(f, 3))
     batches = {L: bc.batches(L) for L in bc.lengths}
     out = []
     for i in range(max(len(b) for b in batches.values())):
@@ -164,15 +164,15 @@ def projected_run_s(bc, family: str, length: int, batch: int, done: list[dict]) 
     time per step scaled by sqrt(L x batch) (decode steps at these sizes are bound by the host
     and by memory, not by arithmetic: an optimistic guess, used only to skip rows that cannot
     finish), times the steps timed (MDLM: ``mdlm_max_steps``); None before a first measurement."""
-    from esolm.bench import FAMILIES
+    from esolm.bench import VARIANTS
     from esolm.families import family as spec_of
 
-    seen = [r for r in done if r.get("family") == family and r.get("median_s")]
+    seen = [r for r in done if r.get("variant") == family and r.get("median_s")]
     if not seen:
         return None
     ref = max(seen, key=lambda r: (r["length"] * r["batch_size"] <= length * batch, r["length"] * r["batch_size"]))
     step_s = ref["median_s"] / ref["nfe"] * max(1.0, length * batch / (ref["length"] * ref["batch_size"])) ** 0.5
-    scaled = not spec_of(FAMILIES[family][0]).kv_cache and 0 < bc.mdlm_max_steps < length
+    scaled = not spec_of(VARIANTS[family][0]).kv_cache and 0 < bc.mdlm_max_steps < length
     return step_s * (bc.mdlm_max_steps if scaled else length)
 
 
@@ -183,7 +183,7 @@ def part_e(ctx: Ctx) -> bool:
     rows = Rows(ctx.out / "e_bench.jsonl")
     for family, length, batch in plan(bc):
         proj = projected_run_s(bc, family, length, batch, rows.rows)
-        head = {"family": family, "length": length, "batch_size": batch, "nfe_budget": "L"}
+        head = {"variant": family, "length": length, "batch_size": batch, "nfe_budget": "L"}
         if proj is not None and proj + 5 > ctx.left():
             rows.add({**head, "ok": None, "projected_s": proj, "skipped": "projected time exceeds the time left"})
             continue
@@ -210,7 +210,7 @@ def speedups(rows: list[dict]) -> list[str]:
     """Eso-LM (B)'s speedup over every other family timed at the same length and batch."""
     out = []
     for length, batch in sorted({(r["length"], r["batch_size"]) for r in rows}):
-        cell = {r["family"]: r["median_s"] for r in rows if (r["length"], r["batch_size"]) == (length, batch)}
+        cell = {r["variant"]: r["median_s"] for r in rows if (r["length"], r["batch_size"]) == (length, batch)}
         if "eso_b" in cell and len(cell) > 1:
             ratios = ", ".join(f"{f} {s / cell['eso_b']:.2f}x" for f, s in cell.items() if f != "eso_b")
             out.append(f"L={length} batch={batch}: eso_b {cell['eso_b']:.3f}s; speedup over {ratios}")

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SPEEDUP_OF = "eso_b"  # the bench row whose speedup over every other row is drawn
+SPEEDUP_OF = "eso_b"  # the bench variant whose speedup over every other variant is drawn
 
 
 def speedup(rows: list[dict], path: str | Path) -> bool:
-    """Speedup of Eso-LM (B) over each bench row against sequence length, from rows with
-    family, length, nfe_budget, median_s, batch_size and (optionally) device, d_model, n_layers,
+    """Speedup of Eso-LM (B) over each bench variant against sequence length, from rows with
+    variant, length, nfe_budget, median_s, batch_size and (optionally) device, d_model, n_layers,
     vocab_size: the NFE = L rows of the smallest batch size. False when there is none."""
     rows = [r for r in rows if r.get("nfe_budget", "L") == "L"]
     if rows:  # one batch size per figure: the smallest timed
         rows = [r for r in rows if r.get("batch_size", 1) == min(q.get("batch_size", 1) for q in rows)]
-    eso = {r["length"]: r["median_s"] for r in rows if r["family"] == SPEEDUP_OF}
+    eso = {r["length"]: r["median_s"] for r in rows if r["variant"] == SPEEDUP_OF}
     if not eso:
         return False
     import matplotlib
@@ -24,10 +24,10 @@ def speedup(rows: list[dict], path: str | Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for fam in sorted({r["family"] for r in rows} - {SPEEDUP_OF}):
+    for name in sorted({r["variant"] for r in rows} - {SPEEDUP_OF}):
         pts = sorted((r["length"], r["median_s"] / eso[r["length"]]) for r in rows
-                     if r["family"] == fam and r["length"] in eso)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"over {fam}")
+                     if r["variant"] == name and r["length"] in eso)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"over {name}")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

@@ -142,10 +142,10 @@ def fig_search(db: Path, rid: str, path: Path) -> bool:
     return _save(plt, fig, path)
 
 
-SPEEDUP_SQL = ("SELECT family, length, median_s, batch_size, device, d_model, n_layers, vocab_size "
+SPEEDUP_SQL = ("SELECT variant, length, median_s, batch_size, device, d_model, n_layers, vocab_size "
                "FROM throughput WHERE run_id = ? AND nfe_budget = 'L' AND batch_size = "
                "(SELECT min(batch_size) FROM throughput WHERE run_id = ? AND nfe_budget = 'L') "
-               "ORDER BY family, length")
+               "ORDER BY variant, length")
 
 
 def fig_speedup(db: Path, rid: str, path: Path) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 
 import duckdb
 
+from esolm.families import FAMILIES
 from esolm.io import read_jsonl
 
 DEFAULT_DB = Path("reports/results.duckdb")
@@ -47,9 +48,9 @@ CREATE TABLE IF NOT EXISTS generations (
     run_id VARCHAR, variant VARCHAR, sample_index BIGINT, text VARCHAR, entropy DOUBLE,
     judge_nll DOUBLE, PRIMARY KEY (run_id, variant, sample_index));
 CREATE TABLE IF NOT EXISTS throughput (
-    run_id VARCHAR, family VARCHAR, length BIGINT, nfe_budget VARCHAR, nfe BIGINT,
+    run_id VARCHAR, variant VARCHAR, family VARCHAR, length BIGINT, nfe_budget VARCHAR, nfe BIGINT,
     batch_size BIGINT, median_s DOUBLE, tokens_per_s DOUBLE, device VARCHAR,
-    PRIMARY KEY (run_id, family, length, nfe_budget, batch_size));
+    PRIMARY KEY (run_id, variant, length, nfe_budget, batch_size));
 ALTER TABLE variants ADD COLUMN IF NOT EXISTS objective VARCHAR;
 ALTER TABLE training ADD COLUMN IF NOT EXISTS t_max DOUBLE;
 ALTER TABLE throughput ADD COLUMN IF NOT EXISTS median_cpu_s DOUBLE;
@@ -125,25 +126,40 @@ def connect(path: str | Path = DEFAULT_DB, read_only: bool = False, retries: int
             time.sleep(wait * (1.5 ** attempt))
             continue
         if not read_only:
-            _key_throughput_by_batch(con)
+            _rekey_throughput(con)
             con.execute(SCHEMA)
         return con
     raise RuntimeError("unreachable")
 
 
-def _key_throughput_by_batch(con: duckdb.DuckDBPyConnection) -> None:
-    """Databases made before the bench timed several batch sizes keyed throughput rows without
-    the batch size; DuckDB cannot alter a primary key, so such a table is rebuilt (rows kept)."""
+def _rekey_throughput(con: duckdb.DuckDBPyConnection) -> None:
+    """Older databases keyed throughput rows by (run, family, length, NFE[, batch]), with the
+    bench entry's name (``bd3lm_l4``, a variant of the bench) in ``family``. DuckDB cannot alter
+    a primary key, so such a table is rebuilt keyed by variant and batch size, rows kept: the old
+    ``family`` becomes ``variant``, and ``family`` is kept only where it names a family."""
     keys = con.execute("SELECT constraint_column_names FROM duckdb_constraints() "
                        "WHERE table_name = 'throughput' AND constraint_type = 'PRIMARY KEY'").fetchall()
-    if not keys or "batch_size" in keys[0][0]:
+    if not keys or {"variant", "batch_size"} <= set(keys[0][0]):
         return
     con.execute("ALTER TABLE throughput RENAME TO throughput_old")
     con.execute(SCHEMA)
     cols = [r[0] for r in con.execute("SELECT column_name FROM duckdb_columns() "
-                                      "WHERE table_name = 'throughput_old'").fetchall()]
-    con.execute(f"INSERT INTO throughput ({', '.join(cols)}) SELECT {', '.join(cols)} FROM throughput_old")
+                                      "WHERE table_name = 'throughput_old'").fetchall() if r[0] != "family"]
+    names = ", ".join("?" for _ in FAMILIES)
+    con.execute(f"INSERT INTO throughput ({', '.join(cols)}, variant, family) SELECT {', '.join(cols)}, family, "
+                f"CASE WHEN family IN ({names}) THEN family END FROM throughput_old", list(FAMILIES))
     con.execute("DROP TABLE throughput_old")
+
+
+def _bench_names(row: dict) -> dict:
+    """The variant (bench entry) and family of a bench row. Rows written before the rename had
+    them the other way round (``family``: the entry, ``variant``: the family); the oldest have
+    the entry alone."""
+    if "variant" not in row:
+        return {"variant": row["family"], "family": row["family"] if row["family"] in FAMILIES else None}
+    if row["family"] in FAMILIES:
+        return {"variant": row["variant"], "family": row["family"]}
+    return {"variant": row["family"], "family": row["variant"]}
 
 
 def _rows_jsonl(path: Path) -> list[dict]:
@@ -278,7 +294,7 @@ def _ingest_reports(con: duckdb.DuckDBPyConnection, rid: str, reports: Path) -> 
     out: dict[str, int] = {}
     bench = reports / "bench.json"
     if bench.exists():
-        rows = [{"run_id": rid, "family": r["family"], "length": r["length"], "nfe_budget": r["nfe_budget"],
+        rows = [{"run_id": rid, **_bench_names(r), "length": r["length"], "nfe_budget": r["nfe_budget"],
                  "nfe": r["nfe"], "batch_size": r["batch_size"], "median_s": r["median_s"],
                  "tokens_per_s": r["tokens_per_s"], "device": r["device"],
                  **{k: r.get(k) for k in BENCH_EXTRA}}

@@ -18,16 +18,16 @@ for _k, _v in {"DVC_NO_ANALYTICS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFL
 
 from esolm import ModelConfig, build_model  # noqa: E402 - after the offline switches
 
-VARIANTS = ("ar", "mdlm", "bd3lm", "eso_a", "eso_b")
+FAMILY_NAMES = ("ar", "mdlm", "bd3lm", "eso_a", "eso_b")
 
 
-def sharp_model(variant: str = "eso_b", std: float = 0.18, dtype=torch.float32, seed: int = 0, **kw):
+def sharp_model(family: str = "eso_b", std: float = 0.18, dtype=torch.float32, seed: int = 0, **kw):
     """A random model in eval mode with weights large enough that predictions are far from
     uniform (so any leak through attention shows in the numbers) but not deterministic:
     at std 0.18 a 2-layer model has about 0.7 nats/token of entropy over 3 tokens (std 0.3
     makes it nearly deterministic, which would let normalisation checks pass vacuously)."""
     torch.manual_seed(seed)
-    base = dict(family=variant, vocab_size=7, length=16, n_layers=2, d_model=32, n_heads=4,
+    base = dict(family=family, vocab_size=7, length=16, n_layers=2, d_model=32, n_heads=4,
                 dropout=0.0, cond_dim=32)
     base.update(kw)
     model = build_model(ModelConfig(**base)).to(dtype)

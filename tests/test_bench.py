@@ -13,9 +13,10 @@ TINY = dict(lengths=(16,), repeats=1, warmup=1, d_model=32, n_layers=2, n_heads=
 
 
 def test_rows_state_memory_settings_and_ratios():
-    bc = BenchConfig(families=("eso_b", "mdlm", "bd3lm_l4", "ar"), mdlm_max_steps=4, **TINY)
+    bc = BenchConfig(variants=("eso_b", "mdlm", "bd3lm_l4", "ar"), mdlm_max_steps=4, **TINY)
     rows = run_bench(bc, torch.device("cpu"), progress=False)
-    by = {r["family"]: r for r in rows}
+    by = {r["variant"]: r for r in rows}
+    assert by["bd3lm_l4"]["family"] == "bd3lm" and by["eso_b"]["family"] == "eso_b"
     for r in rows:
         assert r["d_model"] == 32 and r["n_layers"] == 2 and r["vocab_size"] == 11 and r["dtype"] == "float32"
         assert r["nfe"] == 16 and r["median_s"] > 0 and r["batch_size"] == 1
@@ -44,7 +45,7 @@ def test_kv_cache_bytes_match_the_cache_the_sampler_allocates():
 def test_paper_gpu_preset_resolves_to_the_papers_table_settings():
     bc = BenchConfig(preset="paper-gpu").resolved()
     assert bc.lengths == (2048, 8192) and (bc.d_model, bc.n_layers, bc.n_heads) == (768, 12, 12)
-    assert set(bc.families) == {"eso_b", "mdlm", "bd3lm_l4", "ar"}  # the paper's Table 3 rows
+    assert set(bc.variants) == {"eso_b", "mdlm", "bd3lm_l4", "ar"}  # the paper's Table 3 rows
     assert bc.batches(2048) == [1, 256] and bc.batches(8192) == [1, 64]  # the authors' batches too
     assert bc.mode(torch.device("cpu")) == "dynamic" and bc.dtype == "bfloat16"
     with pytest.raises(ValueError, match="preset"):
@@ -73,10 +74,10 @@ def test_every_cell_is_handed_out_as_soon_as_it_is_timed(monkeypatch):
         return real(bc, families, length, nfe, device, batch=batch)
 
     monkeypatch.setattr(bench, "time_cell", flaky)
-    bc = BenchConfig(families=("eso_b", "ar"), batch_sizes=(1, 2), **TINY)
+    bc = BenchConfig(variants=("eso_b", "ar"), batch_sizes=(1, 2), **TINY)
     with pytest.raises(RuntimeError, match="out of time"):
         run_bench(bc, torch.device("cpu"), progress=False, on_cell=lambda rows: seen.append(list(rows)))
-    assert len(seen) == 1 and {r["family"] for r in seen[0]} == {"eso_b", "ar"}
+    assert len(seen) == 1 and {r["variant"] for r in seen[0]} == {"eso_b", "ar"}
     assert all(r["batch_size"] == 1 and r["step_mode"] == "dynamic" for r in seen[0])
     assert seen[0][0]["speedup_vs_ar"] == pytest.approx(seen[0][1]["median_s"] / seen[0][0]["median_s"])
 
@@ -91,7 +92,7 @@ def test_warm_up_runs_the_first_steps_of_the_timed_configuration(monkeypatch):
     real = bench.generate
     monkeypatch.setattr(bench, "generate", lambda model, settings, **kw: (
         calls.append((model.config.family, settings, kw)), real(model, settings, **kw))[1])
-    bench.run_bench(BenchConfig(families=("eso_b", "ar", "bd3lm_l4"), **TINY), torch.device("cpu"), progress=False)
+    bench.run_bench(BenchConfig(variants=("eso_b", "ar", "bd3lm_l4"), **TINY), torch.device("cpu"), progress=False)
     for family in ("eso_b", "ar", "bd3lm"):
         (_, warm_s, warm), (_, timed_s, timed) = [c for c in calls if c[0] == family][:2]
         assert warm["stop_after"] == bench.WARMUP_STEPS and "stop_after" not in timed
@@ -138,7 +139,7 @@ def test_bench_rows_are_ingested_with_their_settings_into_old_and_new_databases(
     con.close()
     reports = tmp_path / "reports"
     reports.mkdir()
-    rows = run_bench(BenchConfig(families=("eso_b", "mdlm"), mdlm_max_steps=4, **TINY),
+    rows = run_bench(BenchConfig(variants=("eso_b", "mdlm"), mdlm_max_steps=4, **TINY),
                      torch.device("cpu"), progress=False)
     old = {k: rows[0][k] for k in ("family", "length", "nfe_budget", "nfe", "batch_size", "median_s",
                                    "tokens_per_s", "device")}
@@ -146,8 +147,8 @@ def test_bench_rows_are_ingested_with_their_settings_into_old_and_new_databases(
     ingest({"variants": {}}, tmp_path / "runs", reports, db, rid="new")
     (reports / "bench.json").write_text(json.dumps([old]))
     ingest({"variants": {}}, tmp_path / "runs", reports, db, rid="old")
-    _, got = query("SELECT run_id, family, d_model, kv_cache_bytes, extrapolated_from_nfe FROM throughput "
-                   "ORDER BY run_id, family", db)
+    _, got = query("SELECT run_id, variant, d_model, kv_cache_bytes, extrapolated_from_nfe FROM throughput "
+                   "ORDER BY run_id, variant", db)
     assert got == [("new", "eso_b", 32, 2 * 2 * 16 * 32 * 4, None), ("new", "mdlm", 32, 0, 4),
                    ("old", "eso_b", None, None, None)]
     assert fig_speedup(db, "new", tmp_path / "speedup.png")
@@ -168,9 +169,10 @@ def test_profile_runs_on_the_chosen_device_and_dtype_and_waits_for_it(monkeypatc
     assert len(waited) >= 4 * 2 + 4 * 2 * 2 and set(map(str, waited)) == {"cpu"}
 
 
-def test_an_old_database_keys_throughput_by_batch_size_and_keeps_its_rows(tmp_path):
-    """Rows of several batch sizes per cell broke the old key (run, family, length, NFE): an old
-    table is rebuilt with the batch size in its key, its rows kept."""
+def test_an_old_database_keys_throughput_by_variant_and_batch_size_and_keeps_its_rows(tmp_path):
+    """Rows of several batch sizes per cell broke the old key (run, family, length, NFE), whose
+    ``family`` held bench entries such as bd3lm_l4 (variants of the bench): an old table is
+    rebuilt keyed by variant and batch size, its rows kept."""
     import json
 
     import duckdb
@@ -183,15 +185,23 @@ def test_an_old_database_keys_throughput_by_batch_size_and_keeps_its_rows(tmp_pa
                 "VARCHAR, nfe BIGINT, batch_size BIGINT, median_s DOUBLE, tokens_per_s DOUBLE, "
                 "device VARCHAR, PRIMARY KEY (run_id, family, length, nfe_budget))")
     con.execute("INSERT INTO throughput VALUES ('old', 'ar', 16, 'L', 16, 1, 0.5, 32.0, 'cpu')")
+    con.execute("INSERT INTO throughput VALUES ('old', 'bd3lm_l4', 16, 'L', 16, 1, 0.7, 22.0, 'cpu')")
     con.close()
     connect(db).close()
     reports = tmp_path / "reports"
     reports.mkdir()
-    rows = run_bench(BenchConfig(families=("eso_b", "ar"), batch_sizes=(1, 2), **TINY), torch.device("cpu"),
+    rows = run_bench(BenchConfig(variants=("eso_b", "ar"), batch_sizes=(1, 2), **TINY), torch.device("cpu"),
                      progress=False)
     (reports / "bench.json").write_text(json.dumps(rows))
     ingest({"variants": {}}, tmp_path / "runs", reports, db, rid="new")
-    _, got = query("SELECT run_id, family, batch_size, step_mode FROM throughput "
-                   "ORDER BY run_id, family, batch_size", db)
-    assert got == [("new", "ar", 1, "dynamic"), ("new", "ar", 2, "dynamic"), ("new", "eso_b", 1, "dynamic"),
-                   ("new", "eso_b", 2, "dynamic"), ("old", "ar", 1, None)]
+    _, got = query("SELECT run_id, variant, family, batch_size, step_mode FROM throughput "
+                   "ORDER BY run_id, variant, batch_size", db)
+    assert got == [("new", "ar", "ar", 1, "dynamic"), ("new", "ar", "ar", 2, "dynamic"),
+                   ("new", "eso_b", "eso_b", 1, "dynamic"), ("new", "eso_b", "eso_b", 2, "dynamic"),
+                   ("old", "ar", "ar", 1, None), ("old", "bd3lm_l4", None, 1, None)]  # a bench entry, not a family
+    # a bench.json written before the rename (family: the entry, variant: the family) ingests renamed
+    old_row = {**rows[0], "family": "bd3lm_l4", "variant": "bd3lm"}
+    (reports / "bench.json").write_text(json.dumps([old_row]))
+    ingest({"variants": {}}, tmp_path / "runs", reports, db, rid="renamed")
+    _, got = query("SELECT variant, family FROM throughput WHERE run_id = 'renamed'", db)
+    assert got == [("bd3lm_l4", "bd3lm")]

@@ -40,13 +40,13 @@ def test_repo_params_file_loads():
 def test_bench_verb_writes_rows_and_figure(tmp_path, capsys):
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["bench"].update(lengths=[16], repeats=1, warmup=0, out=str(tmp_path / "bench.json"),
-                           families=["eso_b", "mdlm", "ar", "bd3lm_l4"])
+                           variants=["eso_b", "mdlm", "ar", "bd3lm_l4"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert main(["bench", "--params", str(tmp_path / "params.yaml"), "--quiet", "--device", "cpu"]) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())
-    assert {r["family"] for r in rows} == {"eso_b", "mdlm", "ar", "bd3lm_l4"}
+    assert {r["variant"] for r in rows} == {"eso_b", "mdlm", "ar", "bd3lm_l4"}
     for r in rows:
-        assert {"family", "length", "nfe", "batch_size", "median_s", "tokens_per_s", "device"} <= set(r)
+        assert {"variant", "family", "length", "nfe", "batch_size", "median_s", "tokens_per_s", "device"} <= set(r)
         assert r["nfe"] == 16 and r["median_s"] > 0
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert "speedup over" in capsys.readouterr().out
@@ -77,7 +77,7 @@ def test_paper_presets_follow_the_reference_recipe():
     # the embedded study evaluates the report's split only; the reference keeps both and L' = 16
     ref = load_params("params.yaml", ["preset=cpu-study"])
     assert p["evaluate"]["splits"] == ["test"] and ref["evaluate"]["splits"] == ["valid", "test"]
-    assert "bd3lm_l16" in ref["bench"]["families"] and "bd3lm_l16" not in p["bench"]["families"]
+    assert "bd3lm_l16" in ref["bench"]["variants"] and "bd3lm_l16" not in p["bench"]["variants"]
 
 
 def test_numbers_in_exponent_form_are_numbers(tmp_path):

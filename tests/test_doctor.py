@@ -61,8 +61,8 @@ def test_full_smoke_writes_every_part_file_the_log_and_the_summary(tmp_path, cap
     log = (out / "run.log").read_text()
     assert all(f"===== part {name}: ok" in log for name in PARTS)
     bench = [json.loads(x) for x in (out / "e_bench.jsonl").read_text().splitlines()]
-    assert {r["family"] for r in bench} >= {"eso_b", "mdlm", "ar"}
-    assert any(r.get("extrapolated_from_nfe") for r in bench if r["family"] == "mdlm")  # labelled
+    assert {r["variant"] for r in bench} >= {"eso_b", "mdlm", "ar"}
+    assert any(r.get("extrapolated_from_nfe") for r in bench if r["variant"] == "mdlm")  # labelled
 
 
 # parts of one's own, run by the driver as module:function in their own processes

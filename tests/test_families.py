@@ -16,13 +16,13 @@ from esolm.config import ModelConfig, ScheduleSettings
 from esolm.families import ALL_DIMS, FAMILIES, Family, family
 from esolm.likelihood import ORDER_LAWS
 from esolm.model.masks import MaskSpec, clean_mask, two_stream_mask
-from tests.conftest import VARIANTS, sharp_model
+from tests.conftest import FAMILY_NAMES, sharp_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_table_holds_every_family_and_configs_look_it_up():
-    assert tuple(FAMILIES) == VARIANTS
+    assert tuple(FAMILIES) == FAMILY_NAMES
     for name, spec in FAMILIES.items():
         assert isinstance(spec, Family) and spec.name == name
         cfg = ModelConfig(family=name, length=16, block_size=4)
@@ -40,7 +40,7 @@ def test_the_table_holds_every_family_and_configs_look_it_up():
             assert torch.equal(order.sort(1).values, torch.arange(16).expand(3, 16))
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_every_family_samples_and_scores_through_its_record(name):
     model = sharp_model(name, block_size=4)
     g = generate(model, ScheduleSettings(steps=4, seed=3), num_samples=2)

@@ -127,7 +127,7 @@ def _tiny_project(tmp: Path) -> None:
     p["evaluate"].update(batch_size=8, nelbo_batches=1, nelbo_draws=1, exact_batches=1, iw_orders=[])
     p["sample"].update(num_samples=2, steps=4)
     p["judge"]["train"] = {"steps": 2}
-    p["bench"].update(families=["eso_b", "ar"], lengths=[16], repeats=1, warmup=0, d_model=32, n_layers=2,
+    p["bench"].update(variants=["eso_b", "ar"], lengths=[16], repeats=1, warmup=0, d_model=32, n_layers=2,
                       n_heads=4, vocab_size=11, mdlm_max_steps=0, out="bench.json")
     (tmp / "params.yaml").write_text(yaml.safe_dump(p))
 
@@ -145,7 +145,7 @@ def test_lean_verbs_import_and_run_without_the_extras(tmp_path):
     assert report["loaded"] == [] and report["generate"] == [2, 16]
     # bench times and writes its rows; the figure needs matplotlib and says how to get it
     assert report["bench"]["rc"] == 0, report["bench"]
-    assert {r["family"] for r in json.loads((tmp_path / "bench.json").read_text())} == {"eso_b", "ar"}
+    assert {r["variant"] for r in json.loads((tmp_path / "bench.json").read_text())} == {"eso_b", "ar"}
     assert not (tmp_path / "bench.png").exists()
     assert "matplotlib" in report["bench"]["stderr"] and "esolm[pipeline]" in report["bench"]["stderr"]
     # a verb of the pipeline fails cleanly, naming the package and the fix

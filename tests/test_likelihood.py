@@ -24,19 +24,19 @@ from tests.conftest import sharp_model
 ALL = torch.tensor(list(itertools.product(range(3), repeat=4)))  # every sequence, V=3, L=4
 
 
-def _orders(variant: str):
-    if variant == "ar":
+def _orders(family: str):
+    if family == "ar":
         return [left_to_right(81, 4)]
-    if variant == "bd3lm":
+    if family == "bd3lm":
         return [torch.tensor([1, 0, 3, 2]).expand(81, 4), left_to_right(81, 4)]
     return [left_to_right(81, 4), torch.tensor([2, 0, 3, 1]).expand(81, 4),
             torch.tensor([3, 2, 1, 0]).expand(81, 4)]
 
 
-@pytest.mark.parametrize("variant", ["ar", "eso_a", "eso_b", "mdlm", "bd3lm"])
-def test_probabilities_of_all_sequences_sum_to_one(variant):
-    model = sharp_model(variant, vocab_size=3, length=4, block_size=2, dtype=torch.float64)
-    for order in _orders(variant):
+@pytest.mark.parametrize("family", ["ar", "eso_a", "eso_b", "mdlm", "bd3lm"])
+def test_probabilities_of_all_sequences_sum_to_one(family):
+    model = sharp_model(family, vocab_size=3, length=4, block_size=2, dtype=torch.float64)
+    for order in _orders(family):
         total = order_log_prob(model, ALL, order).exp().sum()
         torch.testing.assert_close(total, torch.tensor(1.0, dtype=total.dtype), atol=1e-5, rtol=0)
 
@@ -61,23 +61,23 @@ def test_enumeration_detects_a_leak(monkeypatch):
     assert abs(total.item() - 1.0) > 1e-2
 
 
-@pytest.mark.parametrize("variant", ["eso_a", "eso_b"])
-def test_alpha0_zero_left_to_right_equals_minus_the_sequential_loss(variant, gen):
-    model = sharp_model(variant, alpha_0=0.0)
+@pytest.mark.parametrize("family", ["eso_a", "eso_b"])
+def test_alpha0_zero_left_to_right_equals_minus_the_sequential_loss(family, gen):
+    model = sharp_model(family, alpha_0=0.0)
     x = torch.randint(0, 7, (5, 16), generator=gen)
     lp = order_log_prob(model, x, left_to_right(5, 16))
     out = loss(model, x, generator=gen)
     torch.testing.assert_close(lp.sum(), -out.sequential_nll, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("variant,alpha_0", [("eso_b", 0.25), ("eso_b", 1.0), ("mdlm", None), ("ar", None)])
+@pytest.mark.parametrize("family,alpha_0", [("eso_b", 0.25), ("eso_b", 1.0), ("mdlm", None), ("ar", None)])
 @pytest.mark.parametrize("law", ["sampler", "uniform"])
-def test_iw_with_one_order_equals_the_order_log_prob(variant, alpha_0, law, gen):
-    model = sharp_model(variant, alpha_0=alpha_0)
+def test_iw_with_one_order_equals_the_order_log_prob(family, alpha_0, law, gen):
+    model = sharp_model(family, alpha_0=alpha_0)
     x = torch.randint(0, 7, (3, 16), generator=gen)
     lb = iw_log_prob(model, x, num_orders=1, generator=torch.Generator().manual_seed(4), law=law)
     g4 = torch.Generator().manual_seed(4)
-    if variant == "ar":
+    if family == "ar":
         order = left_to_right(3, 16)
     elif law == "sampler":  # the paper's law: Binomial(L, alpha_0) random prefix, then left to right
         order = sampler_order(3, 16, model.config.alpha_0, g4)
@@ -89,9 +89,9 @@ def test_iw_with_one_order_equals_the_order_log_prob(variant, alpha_0, law, gen)
     assert torch.isfinite(lb4).all()
 
 
-@pytest.mark.parametrize("variant", ["eso_a", "eso_b", "ar", "mdlm"])
-def test_padding_does_not_change_per_token_results(variant, gen):
-    model = sharp_model(variant, vocab_size=8, pad_token_id=7)
+@pytest.mark.parametrize("family", ["eso_a", "eso_b", "ar", "mdlm"])
+def test_padding_does_not_change_per_token_results(family, gen):
+    model = sharp_model(family, vocab_size=8, pad_token_id=7)
     x = torch.randint(0, 7, (2, 10), generator=gen)
     padded = torch.cat((x, torch.full((2, 6), 7)), 1)
     order = left_to_right(2, 10)

@@ -7,7 +7,7 @@ import torch
 
 from esolm import ModelConfig, build_model, loss
 from esolm.model.attention import MaskSpec
-from tests.conftest import VARIANTS, randomize, sharp_model
+from tests.conftest import FAMILY_NAMES, randomize, sharp_model
 
 
 def test_alpha0_one_has_no_sequential_term(gen):
@@ -31,11 +31,11 @@ def _ar_reference_nll(model, x: torch.Tensor) -> torch.Tensor:
     return total
 
 
-@pytest.mark.parametrize("variant", ["eso_a", "eso_b"])
-def test_alpha0_zero_is_left_to_right_ar_on_all_masks(variant, gen):
+@pytest.mark.parametrize("family", ["eso_a", "eso_b"])
+def test_alpha0_zero_is_left_to_right_ar_on_all_masks(family, gen):
     """alpha_0 = 0: no diffusion term, and the sequential loss equals the left-to-right AR
     loss of the same weights on an all-mask z_0 (computed position by position)."""
-    model = sharp_model(variant, alpha_0=0.0)
+    model = sharp_model(family, alpha_0=0.0)
     x = torch.randint(0, 7, (4, 16), generator=gen)
     out = loss(model, x, generator=gen)
     assert out.diffusion_tokens == 0 and out.diffusion_nll == 0
@@ -70,18 +70,18 @@ def _rank_split(model, x, world):
                      ("diffusion_nll", "diffusion_tokens", "sequential_nll", "sequential_tokens")))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_per_token_loss_does_not_depend_on_the_number_of_processes(variant, gen):
-    model = sharp_model(variant, alpha_0=None if variant in ("ar", "mdlm", "bd3lm") else 0.5)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_per_token_loss_does_not_depend_on_the_number_of_processes(family, gen):
+    model = sharp_model(family, alpha_0=None if family in ("ar", "mdlm", "bd3lm") else 0.5)
     x = torch.randint(0, 7, (8, 16), generator=gen)
     single = loss(model, x, torch.Generator().manual_seed(7)).per_token
     for world in (2, 4):
         torch.testing.assert_close(_rank_split(model, x, world), single, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_padding_never_counts(variant, gen):
-    model = sharp_model(variant, pad_token_id=7, mask_token_id=8, vocab_size=8)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_padding_never_counts(family, gen):
+    model = sharp_model(family, pad_token_id=7, mask_token_id=8, vocab_size=8)
     x = torch.randint(0, 7, (4, 16), generator=gen)
     x[:, 12:] = 7
     out = loss(model, x, generator=gen)
@@ -97,11 +97,11 @@ def test_ar_padding_does_not_change_the_loss_of_real_tokens(gen):
     torch.testing.assert_close(loss(model, padded).per_token, loss(model, x[:, :10]).per_token)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_each_variant_is_finite_reaches_every_parameter_and_learns(variant):
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_each_variant_is_finite_reaches_every_parameter_and_learns(family):
     torch.manual_seed(0)
-    cfg = ModelConfig(family=variant, vocab_size=12, length=16, n_layers=2, d_model=32, n_heads=4,
-                      cond_dim=32, dropout=0.0, alpha_0=0.5 if variant.startswith("eso") else None)
+    cfg = ModelConfig(family=family, vocab_size=12, length=16, n_layers=2, d_model=32, n_heads=4,
+                      cond_dim=32, dropout=0.0, alpha_0=0.5 if family.startswith("eso") else None)
     model = build_model(cfg)
     # tiny repetitive batch: two kinds of constant rows. (A position-dependent pattern is a poor
     # probe: with rotary positions only, a fully masked bidirectional input cannot tell
@@ -127,7 +127,7 @@ def test_each_variant_is_finite_reaches_every_parameter_and_learns(variant):
         loss(model, x, generator=g).per_token.backward()
         opt.step()
     after = fixed_loss().item()
-    print(f"{variant}: loss {before.item():.3f} -> {after:.3f} after 30 AdamW steps")
+    print(f"{family}: loss {before.item():.3f} -> {after:.3f} after 30 AdamW steps")
     assert after < 0.5 * before.item()
 
 

@@ -10,7 +10,7 @@ from esolm.config import ScheduleSettings
 from esolm.model.attention import MaskSpec
 from esolm.ordering import make_schedule
 from esolm.sampling import nucleus_filter, sample_tokens
-from tests.conftest import VARIANTS, sharp_model
+from tests.conftest import FAMILY_NAMES, sharp_model
 
 CAUSAL_SPEC = MaskSpec("causal")
 
@@ -19,12 +19,12 @@ ORDERS = [dict(order="random"), dict(order="block", subcontexts=4),
           dict(order="block", subcontexts=4, shuffle="per_chunk")]
 
 
-@pytest.mark.parametrize("variant", ["eso_a", "eso_b"])
+@pytest.mark.parametrize("family", ["eso_a", "eso_b"])
 @pytest.mark.parametrize("alpha_0", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("opts", ORDERS)
-def test_cached_equals_uncached(variant, alpha_0, opts):
+def test_cached_equals_uncached(family, alpha_0, opts):
     """Same seed: identical tokens, and the logits of every step agree within 1e-5."""
-    model = sharp_model(variant, alpha_0=alpha_0, length=16)
+    model = sharp_model(family, alpha_0=alpha_0, length=16)
     runs = [generate(model, ScheduleSettings(steps=6, kv_cache=kv, seed=11, **opts), num_samples=4, record_logits=True)
             for kv in (True, False)]
     cached, full = runs
@@ -35,10 +35,10 @@ def test_cached_equals_uncached(variant, alpha_0, opts):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["eso_a", "eso_b", "bd3lm", "ar"])
-def test_cached_equals_uncached_in_float64_exactly(variant):
-    model = sharp_model(variant, dtype=torch.float64, alpha_0=0.5 if variant.startswith("eso") else None)
-    prompt = {0: 1, 9: 2} if variant != "ar" else {0: 1, 1: 2}
+@pytest.mark.parametrize("family", ["eso_a", "eso_b", "bd3lm", "ar"])
+def test_cached_equals_uncached_in_float64_exactly(family):
+    model = sharp_model(family, dtype=torch.float64, alpha_0=0.5 if family.startswith("eso") else None)
+    prompt = {0: 1, 9: 2} if family != "ar" else {0: 1, 1: 2}
     runs = [generate(model, ScheduleSettings(steps=5, kv_cache=kv, seed=2), num_samples=3, record_logits=True,
                      prompt=prompt) for kv in (True, False)]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
@@ -46,11 +46,11 @@ def test_cached_equals_uncached_in_float64_exactly(variant):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_schedule_invariants_and_nfe(variant):
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_schedule_invariants_and_nfe(family):
     """Every position written exactly once, decoded tokens never change, sequential tokens
     in increasing position order, NFE = number of non-empty steps."""
-    model = sharp_model(variant, alpha_0=0.5 if variant.startswith("eso") else None)
+    model = sharp_model(family, alpha_0=0.5 if family.startswith("eso") else None)
     mask = model.config.mask_token_id
     g = generate(model, ScheduleSettings(steps=7, seed=5), num_samples=3, record_logits=True)
     # replay: every recorded step decoded as many tokens as its logits rows
@@ -58,7 +58,7 @@ def test_schedule_invariants_and_nfe(variant):
     assert decoded == 16 and (g.tokens != mask).all()
     assert g.nfe == len(g.step_logits)
     sched = g.schedules[0]
-    if variant == "ar":
+    if family == "ar":
         assert sched is None and g.nfe == 16
         return
     scheds = sched if isinstance(sched, list) else [sched]
@@ -71,9 +71,9 @@ def test_schedule_invariants_and_nfe(variant):
     assert g.nfe == sum(s.steps for s in scheds)
 
 
-@pytest.mark.parametrize("variant", ["eso_a", "eso_b", "mdlm", "bd3lm"])
-def test_decoded_tokens_never_change(variant):
-    model = sharp_model(variant)
+@pytest.mark.parametrize("family", ["eso_a", "eso_b", "mdlm", "bd3lm"])
+def test_decoded_tokens_never_change(family):
+    model = sharp_model(family)
     mask = model.config.mask_token_id
     snapshots = []
     from esolm.sampling import loops
@@ -110,10 +110,10 @@ def test_schedule_counts_follow_alpha0():
     assert s.order[0, :4].tolist() == [0, 4, 8, 12]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_prompt_tokens_are_kept_and_seed_is_deterministic(variant):
-    model = sharp_model(variant)
-    prompt = {0: 3, 1: 4} if variant == "ar" else {0: 3, 7: 4, 15: 5}
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_prompt_tokens_are_kept_and_seed_is_deterministic(family):
+    model = sharp_model(family)
+    prompt = {0: 3, 1: 4} if family == "ar" else {0: 3, 7: 4, 15: 5}
     a = generate(model, ScheduleSettings(steps=5, seed=9), num_samples=4, prompt=prompt)
     b = generate(model, ScheduleSettings(steps=5, seed=9), num_samples=4, prompt=prompt)
     c = generate(model, ScheduleSettings(steps=5, seed=10), num_samples=4, prompt=prompt)

@@ -27,23 +27,23 @@ def _same_as_dynamic(model, mode, atol=1e-5, **opts):
 
 
 @pytest.mark.parametrize("mode", ["static", "cuda_graphs"])  # on CPU cuda_graphs runs the static steps
-@pytest.mark.parametrize("variant", ["eso_b", "ar"])
+@pytest.mark.parametrize("family", ["eso_b", "ar"])
 @pytest.mark.parametrize("opts", [dict(steps=16), dict(steps=5), dict(steps=5, prompt={0: 1, 1: 2})])
-def test_static_cache_steps_equal_the_dynamic_cached_path(variant, opts, mode):
-    kw = dict(alpha_0=0.5) if variant == "eso_b" else {}
-    _same_as_dynamic(sharp_model(variant, **kw), mode, **opts)
+def test_static_cache_steps_equal_the_dynamic_cached_path(family, opts, mode):
+    kw = dict(alpha_0=0.5) if family == "eso_b" else {}
+    _same_as_dynamic(sharp_model(family, **kw), mode, **opts)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["eso_b", "ar"])
-def test_compiled_decode_steps_equal_the_dynamic_cached_path_on_cpu(variant):
+@pytest.mark.parametrize("family", ["eso_b", "ar"])
+def test_compiled_decode_steps_equal_the_dynamic_cached_path_on_cpu(family):
     """The decode step through torch.compile (inductor, CPU): compiled once per step shape,
     never per cache length, and the same tokens as the eager dynamic path."""
     import torch._dynamo
 
     torch._dynamo.reset()
-    kw = dict(alpha_0=0.5) if variant == "eso_b" else {}
-    model = sharp_model(variant, **kw)
+    kw = dict(alpha_0=0.5) if family == "eso_b" else {}
+    model = sharp_model(family, **kw)
     torch._dynamo.utils.counters.clear()
     _same_as_dynamic(model, "compile", atol=1e-4, steps=16)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -65,10 +65,10 @@ def test_static_cache_serves_causal_steps_only():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("variant", ["eso_b", "ar"])
-def test_cuda_graph_steps_equal_the_eager_cached_path_on_gpu(variant):
-    kw = dict(alpha_0=0.5) if variant == "eso_b" else {}
-    model = sharp_model(variant, **kw).to(torch.device("cuda", 0))
+@pytest.mark.parametrize("family", ["eso_b", "ar"])
+def test_cuda_graph_steps_equal_the_eager_cached_path_on_gpu(family):
+    kw = dict(alpha_0=0.5) if family == "eso_b" else {}
+    model = sharp_model(family, **kw).to(torch.device("cuda", 0))
     runs = [generate(model, ScheduleSettings(steps=8, seed=4, step_mode=m), num_samples=3, record_logits=True)
             for m in ("dynamic", "cuda_graphs")]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
@@ -112,9 +112,9 @@ def test_reused_static_steps_see_new_weights():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["eso_b", "ar"])
+@pytest.mark.parametrize("family", ["eso_b", "ar"])
 @pytest.mark.parametrize("opts", [dict(steps=7, schedule="loglinear"), dict(steps=5, prompt={0: 1, 1: 2, 2: 3})])
-def test_bucketed_steps_pad_drop_and_equal_the_dynamic_path(monkeypatch, variant, opts):
+def test_bucketed_steps_pad_drop_and_equal_the_dynamic_path(monkeypatch, family, opts):
     """The CUDA-graph path pads each step's tokens to a power of two (scratch slots, never
     committed, logits dropped) so that a log-linear schedule captures a few graphs, not one per
     step size. Run here on CPU through the same static step: same tokens and logits as the
@@ -126,8 +126,8 @@ def test_bucketed_steps_pad_drop_and_equal_the_dynamic_path(monkeypatch, variant
     real = graphs.StaticSteps._eager
     monkeypatch.setattr(graphs.StaticSteps, "_eager",
                         lambda self, tokens, *a: (shapes.add(tuple(tokens.shape)), real(self, tokens, *a))[1])
-    kw = dict(alpha_0=0.5) if variant == "eso_b" else {}
-    runs = _same_as_dynamic(sharp_model(variant, **kw), "static", **opts)
+    kw = dict(alpha_0=0.5) if family == "eso_b" else {}
+    runs = _same_as_dynamic(sharp_model(family, **kw), "static", **opts)
     assert runs[1].nfe > len(shapes)
     assert all(n & (n - 1) == 0 or n == runs[1].tokens.shape[1] for _, n in shapes), shapes
 

@@ -109,14 +109,14 @@ def test_flex_gradients_on_cuda_like_math(gen):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["eso_b", "eso_a", "mdlm", "bd3lm", "ar"])
-def test_backbone_loss_and_gradients_agree_across_backends(variant, gen):
+@pytest.mark.parametrize("family", ["eso_b", "eso_a", "mdlm", "bd3lm", "ar"])
+def test_backbone_loss_and_gradients_agree_across_backends(family, gen):
     """One closure (loss and gradients of a training step) under math, sdpa and flex (whose
     CPU backward is the sdpa fallback), then the no-grad loss, where flex itself runs."""
     x = torch.randint(0, 7, (4, 16), generator=gen)
 
     def closure(backend: str) -> list[torch.Tensor]:
-        model = with_backend(sharp_model(variant, alpha_0=0.5 if variant.startswith("eso") else None),
+        model = with_backend(sharp_model(family, alpha_0=0.5 if family.startswith("eso") else None),
                              backend).train()
         out = loss(model, x, generator=torch.Generator().manual_seed(0))
         grads = torch.autograd.grad(out.per_token, list(model.parameters()), allow_unused=True)
@@ -130,7 +130,7 @@ def test_backbone_loss_and_gradients_agree_across_backends(variant, gen):
             torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
 
     def no_grad(backend: str) -> torch.Tensor:
-        model = with_backend(sharp_model(variant, alpha_0=0.5 if variant.startswith("eso") else None),
+        model = with_backend(sharp_model(family, alpha_0=0.5 if family.startswith("eso") else None),
                              backend)
         with torch.no_grad():
             return loss(model, x, generator=torch.Generator().manual_seed(0)).per_token

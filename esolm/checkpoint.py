@@ -119,20 +119,20 @@ def load_exported(folder: Path, device: str | torch.device = "cpu") -> tuple[Bac
 
 def model_card(ckpt: dict, run: Path) -> str:
     """A short README: what the model is, how to load it, and the run's headline metrics."""
+    from esolm.results import GenerationResult, LikelihoodResult  # export only: not a dependency of training
+
     cfg = renamed_family(ckpt["config"])
     lines = [f"# esolm {cfg['family']} (alpha_0 = {cfg['alpha_0']})", "",
              f"An esolm backbone ({cfg['d_model']}d, {cfg['n_layers']} layers, {cfg['n_heads']} heads, "
              f"length {cfg['length']}, vocabulary {cfg['vocab_size']}) trained {ckpt.get('step')} steps.", "",
              "```python", "import esolm", "model, tok = esolm.load('<this folder>')",
              "print(esolm.generate_text(model, tok, prompt='...', num_samples=2))", "```", ""]
-    like = run / "likelihood.json"
-    if like.exists():
-        test = json.loads(like.read_text()).get("test", {})
+    if (run / LikelihoodResult.FILE).exists():
+        test = LikelihoodResult.read(run).splits.get("test", {})
         keys = [k for k in ("exact_l2r_ppl", "exact_sampler_ppl", "nelbo_ppl", "iw4_ppl", "bits_per_byte") if k in test]
         lines += ["| test metric | value |", "|---|---|"] + [f"| {k} | {test[k]:.4g} |" for k in keys] + [""]
-    gen = run / "generation.json"
-    if gen.exists():
-        g = json.loads(gen.read_text())
-        lines += [f"Sampling: generative perplexity {g['gen_ppl']:.4g} under {g['judge']}, entropy "
-                  f"{g['entropy']:.3f}, {g['seconds_per_sample']:.4g} s per sample, NFE {g['nfe']}.", ""]
+    if (run / GenerationResult.FILE).exists():
+        g = GenerationResult.read(run)
+        lines += [f"Sampling: generative perplexity {g.gen_ppl:.4g} under {g.judge}, entropy "
+                  f"{g.entropy:.3f}, {g.seconds_per_sample:.4g} s per sample, NFE {g.nfe}.", ""]
     return "\n".join(lines)

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from esolm.io import write_json, write_text_atomic
+from esolm.results import GenerationResult, LikelihoodResult
 
 # headline key -> (file under runs/<variant>/, dotted key inside it)
 HEADLINE: dict[str, tuple[str, str]] = {
@@ -36,11 +37,11 @@ def _lookup(obj: dict, dotted: str) -> float | None:
 
 
 def variant_headline(run: Path) -> dict[str, float | None]:
-    """The headline numbers of one variant's run folder (None where a stage has not run)."""
+    """The headline numbers of one variant's run folder (None where a stage has not run), read
+    through each file's one reader (``esolm.results``)."""
     loaded: dict[str, dict] = {}
-    for name in {f for f, _ in HEADLINE.values()}:
-        path = run / name
-        loaded[name] = json.loads(path.read_text()) if path.exists() else {}
+    for result in (LikelihoodResult, GenerationResult):
+        loaded[result.FILE] = result.read(run).to_json() if (run / result.FILE).exists() else {}
     return {key: _lookup(loaded[f], dotted) for key, (f, dotted) in HEADLINE.items()}
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from esolm.config import CurveConfig, EvalConfig, ModelConfig, SampleConfig, ScheduleSettings, renamed_family
-from esolm.io import write_json, write_text_atomic
+from esolm.io import write_text_atomic
 from esolm.params import build, section
+from esolm.results import CurvePoint, CurveResult, GenerationResult, LikelihoodResult
 
 
 def data_dir(params: dict) -> Path:
@@ -115,7 +116,8 @@ def evaluate_stage(params: dict, name: str, progress: bool) -> dict:
             raise ValueError(f"split {split!r} of {folder} has no batch of {ev.batch_size} rows")
         result[key] = evaluate_split(model, batches, ev, zmeta["splits"][split]["bytes_per_token"], progress)
         result[key]["seconds"] = time.perf_counter() - t0
-    write_json(run_dir(name) / "likelihood.json", result)
+    splits = {k: v for k, v in result.items() if isinstance(v, dict)}
+    LikelihoodResult(name, model.config.family, model.config.alpha_0, splits).write(run_dir(name))
     return result
 
 
@@ -178,13 +180,13 @@ def sample_stage(params: dict, name: str, progress: bool) -> dict:
             for i, (t, ids, e, n) in enumerate(zip(r["texts"], r["ids"], r["entropies"],
                                                    scores["per_sample_nll"]))]
     write_text_atomic(run_dir(name) / "samples.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-    summary = {"variant": name, "family": model.config.family, "nfe": g.nfe, "seconds": g.seconds,
-               "seconds_per_sample": g.seconds / sc.num_samples,
-               "tokens_per_s": g.tokens.numel() / g.seconds, "kv_cache": g.kv_cache,
-               "gen_ppl": scores["gen_ppl"], "entropy": r["entropy"],
-               "judge": judge.name, "schedule": settings, "num_samples": sc.num_samples}
-    write_json(run_dir(name) / "generation.json", summary)
-    return {**summary, "texts": r["texts"]}
+    result = GenerationResult(
+        variant=name, family=model.config.family, nfe=g.nfe, seconds=g.seconds,
+        seconds_per_sample=g.seconds / sc.num_samples, tokens_per_s=g.tokens.numel() / g.seconds,
+        kv_cache=g.kv_cache, gen_ppl=scores["gen_ppl"], entropy=r["entropy"], judge=judge.name,
+        schedule=settings, num_samples=sc.num_samples)
+    result.write(run_dir(name))
+    return {**result.to_json(), "texts": r["texts"]}
 
 
 def curve_stage(params: dict, name: str, progress: bool) -> dict:
@@ -206,13 +208,13 @@ def curve_stage(params: dict, name: str, progress: bool) -> dict:
         r = judged_samples(model, tok, judge, replace(settings_for(sc, model), steps=steps), cc.num_samples,
                            progress)
         g = r["generation"]
-        points.append({"steps": None if ar else steps, "nfe": g.nfe,
-                       "seconds_per_sample": g.seconds / cc.num_samples,
-                       "gen_ppl": r["scores"]["gen_ppl"], "entropy": r["entropy"]})
-    out = {"variant": name, "family": model.config.family, "alpha_0": model.config.alpha_0,
-           "judge": judge.name, "num_samples": cc.num_samples, "top_p": sc.top_p, "points": points}
-    write_json(run_dir(name) / "curve.json", out)
-    return out
+        points.append(CurvePoint(steps=None if ar else steps, nfe=g.nfe,
+                                 seconds_per_sample=g.seconds / cc.num_samples,
+                                 gen_ppl=r["scores"]["gen_ppl"], entropy=r["entropy"]))
+    out = CurveResult(variant=name, family=model.config.family, alpha_0=model.config.alpha_0,
+                      judge=judge.name, num_samples=cc.num_samples, top_p=sc.top_p, points=points)
+    out.write(run_dir(name))
+    return out.to_json()
 
 
 def prompted_samples(params: dict, name: str, prompt: str | None, infill: str | None) -> list[str]:

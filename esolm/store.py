@@ -19,6 +19,7 @@ import duckdb
 
 from esolm.families import FAMILIES
 from esolm.io import read_jsonl
+from esolm.results import CurveResult, GenerationResult, LikelihoodResult
 
 DEFAULT_DB = Path("reports/results.duckdb")
 
@@ -177,17 +178,11 @@ def _replace(con: duckdb.DuckDBPyConnection, table: str, where: dict, rows: list
     return len(rows)
 
 
-def _likelihood_rows(like: dict) -> list[dict]:
-    """A likelihood.json as long rows: split, metric, value (numbers of the per-split sections)."""
-    return [{"split": split, "metric": k, "value": v} for split, vals in like.items() if isinstance(vals, dict)
-            for k, v in vals.items() if isinstance(v, (int, float))]
-
-
-def _summary_row(rid: str, name: str, s: dict, like: dict) -> dict:
+def _summary_row(rid: str, name: str, s: dict, like: LikelihoodResult | None) -> dict:
     """The variants row of one train.json (and the alpha_0 of its likelihood.json)."""
     warmup = s.get("mask_warmup") or {}
     return {"run_id": rid, "variant": name, "family": s.get("family", s.get("variant")),  # variant: before the rename
-            "alpha_0": like.get("alpha_0"), "steps": s["steps"], "tokens": s["tokens"],
+            "alpha_0": like.alpha_0 if like else None, "steps": s["steps"], "tokens": s["tokens"],
             "final_train_loss": s["final_train_loss"], "final_valid_loss": s["final_valid_loss"],
             "wall_s": s["wall_s"], "tokens_per_s": s["tokens_per_s"],
             "objective": s.get("objective", "nelbo"),  # older train.json: the NELBO
@@ -196,28 +191,28 @@ def _summary_row(rid: str, name: str, s: dict, like: dict) -> dict:
 
 def _variant_rows(rid: str, name: str, run: Path) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
-    like = json.loads((run / "likelihood.json").read_text()) if (run / "likelihood.json").exists() else None
+    like = LikelihoodResult.read(run) if (run / LikelihoodResult.FILE).exists() else None
     if (run / "train.json").exists():
-        out["variants"] = [_summary_row(rid, name, json.loads((run / "train.json").read_text()), like or {})]
+        out["variants"] = [_summary_row(rid, name, json.loads((run / "train.json").read_text()), like)]
     out["training"] = [{"run_id": rid, "variant": name, "step": r["step"], "loss": r["loss"], "lr": r["lr"],
                         "grad_norm": r["grad_norm"], "tokens_per_s": r["tokens_per_s"],
                         "t_max": r.get("t_max", 1.0)}  # older train.jsonl: no masking warm-up
                        for r in _rows_jsonl(run / "train.jsonl")]
     if like is not None:
-        out["likelihood"] = [{"run_id": rid, "variant": name, **r} for r in _likelihood_rows(like)]
-    if (run / "generation.json").exists():
-        g = json.loads((run / "generation.json").read_text())
-        out["sampling"] = [{"run_id": rid, "variant": name, "family": g["family"], "nfe": g["nfe"],
-                            "seconds": g["seconds"], "seconds_per_sample": g["seconds_per_sample"],
-                            "tokens_per_s": g["tokens_per_s"], "gen_ppl": g["gen_ppl"],
-                            "entropy": g["entropy"], "judge": g["judge"], "num_samples": g["num_samples"],
-                            "schedule": json.dumps(g["schedule"])}]
-    if (run / "curve.json").exists():
-        c = json.loads((run / "curve.json").read_text())
-        out["curves"] = [{"run_id": rid, "variant": name, "family": c["family"], "alpha_0": c["alpha_0"],
-                          "steps": p["steps"] if p["steps"] is not None else -1, "nfe": p["nfe"],
-                          "seconds_per_sample": p["seconds_per_sample"], "gen_ppl": p["gen_ppl"],
-                          "entropy": p["entropy"], "judge": c["judge"]} for p in c["points"]]
+        out["likelihood"] = [{"run_id": rid, "variant": name, **r} for r in like.long_rows()]
+    if (run / GenerationResult.FILE).exists():
+        g = GenerationResult.read(run)
+        out["sampling"] = [{"run_id": rid, "variant": name, "family": g.family, "nfe": g.nfe,
+                            "seconds": g.seconds, "seconds_per_sample": g.seconds_per_sample,
+                            "tokens_per_s": g.tokens_per_s, "gen_ppl": g.gen_ppl,
+                            "entropy": g.entropy, "judge": g.judge, "num_samples": g.num_samples,
+                            "schedule": json.dumps(g.schedule)}]
+    if (run / CurveResult.FILE).exists():
+        c = CurveResult.read(run)
+        out["curves"] = [{"run_id": rid, "variant": name, "family": c.family, "alpha_0": c.alpha_0,
+                          "steps": p.steps if p.steps is not None else -1, "nfe": p.nfe,
+                          "seconds_per_sample": p.seconds_per_sample, "gen_ppl": p.gen_ppl,
+                          "entropy": p.entropy, "judge": c.judge} for p in c.points]
     out["generations"] = [{"run_id": rid, "variant": name, "sample_index": r["index"], "text": r["text"],
                            "entropy": r["entropy"], "judge_nll": r["judge_nll"]}
                           for r in _rows_jsonl(run / "samples.jsonl")]
@@ -235,9 +230,8 @@ def _judge_rows(rid: str, names: set[str], runs_dir: Path) -> list[dict]:
     the curves or ``judge.name``; a judge with no such file (not trained here) has no rows."""
     rows = []
     for name in sorted(names):
-        path = runs_dir / name / "likelihood.json"
-        if path.is_file():
-            rows += [{"run_id": rid, "judge": name, **r} for r in _likelihood_rows(json.loads(path.read_text()))]
+        if (runs_dir / name / LikelihoodResult.FILE).is_file():
+            rows += [{"run_id": rid, "judge": name, **r} for r in LikelihoodResult.read(runs_dir / name).long_rows()]
     return rows
 
 

@@ -29,11 +29,13 @@ def _variant(runs: Path, name: str, family: str, judge: str, **summary) -> None:
     """The files of one trained, evaluated and sampled variant."""
     _write(runs / name / "train.json", {"family": family, "steps": 2, "tokens": 64, "final_train_loss": 3.0,
                                         "final_valid_loss": 3.1, "wall_s": 1.0, "tokens_per_s": 64.0, **summary})
-    _write(runs / name / "likelihood.json", {"alpha_0": 0.5, "test": {"exact_l2r_ppl": 25.0, "nelbo_ppl": 27.0}})
+    _write(runs / name / "likelihood.json", {"variant": name, "family": family, "alpha_0": 0.5,
+                                             "test": {"exact_l2r_ppl": 25.0, "nelbo_ppl": 27.0}})
     _write(runs / name / "generation.json", {
-        "family": family, "nfe": 8, "seconds": 0.1, "seconds_per_sample": 0.05, "tokens_per_s": 320.0,
+        "variant": name, "kv_cache": True, "family": family, "nfe": 8, "seconds": 0.1, "seconds_per_sample": 0.05, "tokens_per_s": 320.0,
         "gen_ppl": 50.0, "entropy": 5.0, "judge": judge, "num_samples": 2, "schedule": {"steps": 8}})
-    _write(runs / name / "curve.json", {"family": family, "alpha_0": 0.5, "judge": judge, "points": [
+    _write(runs / name / "curve.json", {"variant": name, "family": family, "alpha_0": 0.5, "judge": judge,
+                                        "num_samples": 2, "top_p": 1.0, "points": [
         {"steps": t, "nfe": t, "seconds_per_sample": 0.01 * t, "gen_ppl": 80.0 / t, "entropy": 5.0} for t in (4, 8)]})
     (runs / name / "samples.jsonl").write_text(json.dumps(
         {"index": 0, "text": f"a sample of {name}", "entropy": 5.0, "judge_nll": 3.9}) + "\n")
@@ -50,7 +52,8 @@ def project(tmp_path, monkeypatch):
     _variant(runs, "eso", "eso_b", "judge", objective="low_var", init="Normal(0, 0.02) weights, zero biases",
              mask_warmup={"steps": 200, "start": 0.3})
     _variant(runs, "mdlm", "mdlm", "gpt2")  # a train.json that recorded neither objective nor init
-    _write(runs / "judge" / "likelihood.json", {"test": {"exact_l2r_ppl": 12.34}, "valid": {"exact_l2r_ppl": 13.0}})
+    _write(runs / "judge" / "likelihood.json", {"variant": "judge", "family": "ar", "alpha_0": 0.0,
+                                               "test": {"exact_l2r_ppl": 12.34}, "valid": {"exact_l2r_ppl": 13.0}})
     search = tmp_path / "reports" / "search"
     trials = [*FRONT, {**FRONT[0], "trial": 2, "feasible": False, "gen_ppl": 60.0, "seconds": 0.02}]
     search.mkdir(parents=True)

@@ -54,8 +54,8 @@ WARMUP_STEPS = 16
 PAPER_BATCH = {2048: 256, 8192: 64}
 """The authors' throughput batches per sequence length (``batch_sizes`` entry "paper")."""
 
-# named settings: ``esolm bench --set bench.preset=paper-gpu`` (one command on a GPU)
-PRESETS: dict[str, dict] = {
+# bench suites, named sets of settings: ``esolm bench --set bench.suite=paper-gpu`` (one command on a GPU)
+SUITES: dict[str, dict] = {
     "": {},
     # the paper's Table 3: L in {2048, 8192}, NFE = L, 768d / 12 layers, GPT-2 vocabulary, at
     # batch 1 and at the authors' batches; MDLM (a full forward per step) timed over a few steps
@@ -93,7 +93,7 @@ class BenchConfig:
     mdlm_max_steps: int = 0
     step_mode: str = "auto"
     seed: int = 0
-    preset: str = ""
+    suite: str = ""
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -103,8 +103,8 @@ class BenchConfig:
             raise ValueError("bench.repeats and bench.batch_size must be >= 1, bench.warmup >= 0")
         if self.dtype not in DTYPES:
             raise ValueError(f"bench.dtype={self.dtype!r} is unknown; use one of {tuple(DTYPES)}")
-        if self.preset not in PRESETS:
-            raise ValueError(f"bench.preset={self.preset!r} is unknown; use one of {tuple(PRESETS)}")
+        if self.suite not in SUITES:
+            raise ValueError(f"bench.suite={self.suite!r} is unknown; use one of {tuple(SUITES)}")
         if self.step_mode != "auto":
             check_step_mode(self.step_mode)
         bad = [b for b in self.batch_sizes if b != "paper" and not (isinstance(b, int) and b >= 1)]
@@ -114,8 +114,8 @@ class BenchConfig:
             raise ValueError("bench.threads and bench.mdlm_max_steps must be >= 0")
 
     def resolved(self) -> BenchConfig:
-        """This config with its preset's settings applied (the preset wins)."""
-        return replace(self, **PRESETS[self.preset], preset="") if self.preset else self
+        """This config with its suite's settings applied (the suite wins)."""
+        return replace(self, **SUITES[self.suite], suite="") if self.suite else self
 
     def batches(self, length: int) -> list[int]:
         """The batch sizes timed at ``length``."""
@@ -148,14 +148,14 @@ def _model(bc: BenchConfig, variant: str, length: int, device: torch.device) -> 
 def _steps(model: Backbone, length: int, nfe: str | int) -> int:
     """Diffusion steps that give the requested NFE (per block for BD3-LM)."""
     budget = length if nfe == "L" else int(nfe)
-    if model.config.spec.blocks:
+    if model.config.family_record.blocks:
         return max(1, budget * model.config.block_size // length)
     return max(1, budget)
 
 
 def kv_cache_bytes(model: Backbone, batch: int) -> int:
     """Bytes of the static KV cache the family's sampler allocates (0 for MDLM: no cache)."""
-    if not model.config.spec.kv_cache:
+    if not model.config.family_record.kv_cache:
         return 0
     c = model.config
     item = next(model.parameters()).element_size()
@@ -216,7 +216,7 @@ def _setup(bc: BenchConfig, variant: str, length: int, nfe: str | int, batch: in
     model = _model(bc, variant, length, device)
     steps = _steps(model, length, nfe)
     scale = 1.0
-    if not model.config.spec.kv_cache and 0 < bc.mdlm_max_steps < steps:  # a full forward every step
+    if not model.config.family_record.kv_cache and 0 < bc.mdlm_max_steps < steps:  # a full forward every step
         scale, steps = steps / bc.mdlm_max_steps, bc.mdlm_max_steps
     for i in range(bc.warmup):
         generate(model, _settings(bc, steps, bc.seed + 1000 + i, device), num_samples=batch,
@@ -306,7 +306,7 @@ def run_bench(bc: BenchConfig, device: torch.device, progress: bool = True,
 def settings_line(bc: BenchConfig, device: torch.device) -> str:
     """Every setting of a bench run, in one line."""
     bc = bc.resolved()
-    keep = {k: v for k, v in asdict(bc).items() if k not in ("variants", "lengths", "preset")}
+    keep = {k: v for k, v in asdict(bc).items() if k not in ("variants", "lengths", "suite")}
     keep["step_mode"] = bc.mode(device)
     text = " ".join(f"{k}={v}" for k, v in keep.items())
     return (f"bench on {_device_name(device)}, torch {torch.__version__}: {text}; random weights, "

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 ATTN_BACKENDS = ("sdpa", "math", "flex", "flash")
 
 # name -> (d_model, n_layers, n_heads), method.md section 3
-SIZE_PRESETS: dict[str, tuple[int, int, int]] = {
+MODEL_SIZES: dict[str, tuple[int, int, int]] = {
     "tiny": (256, 8, 8),
     "small": (768, 12, 12),
     "medium": (1024, 24, 16),
@@ -75,7 +75,7 @@ class ModelConfig:
     init: str = "adaln_zero"
 
     def __post_init__(self) -> None:
-        spec = self.spec  # an unknown family is an error naming the closest one
+        spec = self.family_record  # an unknown family is an error naming the closest one
         if self.attn_backend not in ATTN_BACKENDS:
             raise _bad("attn_backend", self.attn_backend, f"use one of {ATTN_BACKENDS}")
         if self.init not in INITS:
@@ -109,7 +109,7 @@ class ModelConfig:
             raise _bad("pad_token_id", self.pad_token_id, "must differ from mask_token_id")
 
     @property
-    def spec(self) -> Family:
+    def family_record(self) -> Family:
         """The family's record (``esolm.families``): its terms, masks, sampler and orders."""
         from esolm.families import family  # the table imports the code of every family
 
@@ -134,11 +134,11 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @classmethod
-    def preset(cls, size: str, **overrides: object) -> ModelConfig:
-        """A config with the named size preset (tiny, small, medium) and any overrides."""
-        if size not in SIZE_PRESETS:
-            raise ValueError(f"size preset {size!r} is unknown; use one of {tuple(SIZE_PRESETS)}")
-        d, n_layers, heads = SIZE_PRESETS[size]
+    def sized(cls, size: str, **overrides: object) -> ModelConfig:
+        """A config of the named model size (tiny, small, medium: ``MODEL_SIZES``) and any overrides."""
+        if size not in MODEL_SIZES:
+            raise ValueError(f"model size {size!r} is unknown; use one of {tuple(MODEL_SIZES)}")
+        d, n_layers, heads = MODEL_SIZES[size]
         return cls(**{"d_model": d, "n_layers": n_layers, "n_heads": heads, **overrides})
 
     def replace(self, **changes: object) -> ModelConfig:

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from esolm.device import is_accelerator, pick_device
 from esolm.io import write_text_atomic
-from esolm.model.attention import BACKENDS, MaskSpec, flash_available, sdpa_flash_available
+from esolm.model.attention import BACKENDS, AttentionMask, flash_available, sdpa_flash_available
 
 OK, FAILED, UNAVAILABLE, NOT_APPLICABLE = "ok", "FAILED", "unavailable", "not applicable"
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -71,7 +71,7 @@ def rel_error(got: Tensor, ref: Tensor) -> float:
 
 
 # --------------------------------------------------------------------------- attention backends
-def mask_cases(L: int, B: int, device: torch.device) -> list[tuple[str, MaskSpec, int, int]]:
+def mask_cases(L: int, B: int, device: torch.device) -> list[tuple[str, AttentionMask, int, int]]:
     """(label, spec, n_q, n_kv) for every mask kind of ``MASK_KINDS`` (two_stream with each inner
     mask, over two halves of L // 2), padding keys, and cached decode steps (a block of queries
     after L // 2 cached keys, a single query after L - 1). Three shapes in all, (L, L),
@@ -82,23 +82,24 @@ def mask_cases(L: int, B: int, device: torch.device) -> list[tuple[str, MaskSpec
     clean_half = torch.randint(0, half + 1, (B,), generator=g).to(device)
     keep, keep_half = ((torch.rand(B, n, generator=g) > 0.3).to(device) for n in (L, half))
     two = dict(kind="two_stream", half=half)
-    cases = [("causal", MaskSpec("causal")), ("full", MaskSpec("full")),
-             ("prefix", MaskSpec("prefix", n_clean=n_clean)), ("block_causal", MaskSpec("block_causal", block=4)),
-             ("two_stream/causal", MaskSpec(**two, inner="causal")),
-             ("two_stream/prefix", MaskSpec(**two, inner="prefix", n_clean=clean_half)),
-             ("two_stream/block4", MaskSpec(**two, block=4, inner="block_causal")),
-             ("full+padding", MaskSpec("full", keep=keep)),
-             ("two_stream/block4+padding", MaskSpec(**two, block=4, inner="block_causal",
+    cases = [("causal", AttentionMask("causal")), ("full", AttentionMask("full")),
+             ("prefix", AttentionMask("prefix", n_clean=n_clean)),
+             ("block_causal", AttentionMask("block_causal", block=4)),
+             ("two_stream/causal", AttentionMask(**two, inner="causal")),
+             ("two_stream/prefix", AttentionMask(**two, inner="prefix", n_clean=clean_half)),
+             ("two_stream/block4", AttentionMask(**two, block=4, inner="block_causal")),
+             ("full+padding", AttentionMask("full", keep=keep)),
+             ("two_stream/block4+padding", AttentionMask(**two, block=4, inner="block_causal",
                                                     keep=torch.cat((keep_half, keep_half), 1)))]
     out = [(label, spec, L, L) for label, spec in cases]
     for off in (half, L - 1):
-        out += [(f"decode causal@{off}", MaskSpec("causal", q_offset=off), L - off, L),
-                (f"decode prefix@{off}", MaskSpec("prefix", n_clean=n_clean, q_offset=off), L - off, L)]
-    out.append((f"decode block4@{half}", MaskSpec("block_causal", block=4, q_offset=half), half, L))
+        out += [(f"decode causal@{off}", AttentionMask("causal", q_offset=off), L - off, L),
+                (f"decode prefix@{off}", AttentionMask("prefix", n_clean=n_clean, q_offset=off), L - off, L)]
+    out.append((f"decode block4@{half}", AttentionMask("block_causal", block=4, q_offset=half), half, L))
     return out
 
 
-def attention_error(fn: Callable[[Tensor, Tensor, Tensor], Tensor], spec: MaskSpec, n_q: int, n_kv: int,
+def attention_error(fn: Callable[[Tensor, Tensor, Tensor], Tensor], spec: AttentionMask, n_q: int, n_kv: int,
                     dtype: torch.dtype, device: torch.device, grads: bool, B: int = 2, H: int = 2,
                     D: int = 16, seed: int = 0) -> float:
     """``rel_error`` of ``fn(q, k, v)`` in ``dtype`` against the math backend in float64 on the
@@ -123,7 +124,7 @@ def attention_error(fn: Callable[[Tensor, Tensor, Tensor], Tensor], spec: MaskSp
     return max(rel_error(a, b) for a, b in zip(run(fn, dtype), ref))
 
 
-def backend_error(backend: str, spec: MaskSpec, n_q: int, n_kv: int, dtype: torch.dtype,
+def backend_error(backend: str, spec: AttentionMask, n_q: int, n_kv: int, dtype: torch.dtype,
                   device: torch.device, grads: bool, **size: int) -> float:
     """``attention_error`` of ``attention(..., backend)`` (looked up at call time)."""
     att = importlib.import_module("esolm.model.attention")  # the module (esolm.model exports the function)
@@ -214,9 +215,9 @@ def check_dtype(dtype: torch.dtype, device: torch.device) -> Check:
     tokens = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
     pos = torch.arange(16, device=device).expand(2, 16)
     with torch.no_grad():
-        ref = tiny_model(device, torch.float64)(tokens, pos, MaskSpec("causal"))
+        ref = tiny_model(device, torch.float64)(tokens, pos, AttentionMask("causal"))
         try:
-            got = tiny_model(device, dtype)(tokens, pos, MaskSpec("causal"))
+            got = tiny_model(device, dtype)(tokens, pos, AttentionMask("causal"))
         except (RuntimeError, NotImplementedError) as err:
             if dtype == torch.float32:
                 raise

@@ -38,7 +38,7 @@ from esolm.device import is_accelerator
 from esolm.doctor import TOLERANCE, attention_error, backend_error, backend_support, mask_cases, rel_error, sample
 from esolm.doctor_full import Ctx, Rows, failure
 from esolm.io import write_text_atomic
-from esolm.model.attention import BACKENDS, MaskSpec
+from esolm.model.attention import BACKENDS, AttentionMask
 
 
 def model(family: str, kw: dict, size: dict, device: torch.device, dtype: torch.dtype = torch.float32,
@@ -243,7 +243,7 @@ def _sdpa_kernels(ctx: Ctx, rows: Rows, dtype: torch.dtype, L: int, B: int, H: i
                     return F.scaled_dot_product_attention(q, k, v, is_causal=kind == "causal")
 
             try:
-                err = attention_error(fn, MaskSpec(kind), L, L, dtype, ctx.device, True, B=B, H=H, D=D)
+                err = attention_error(fn, AttentionMask(kind), L, L, dtype, ctx.device, True, B=B, H=H, D=D)
                 row.update(max_err=err, ok=err <= TOLERANCE[dtype])
             except RuntimeError as e:
                 row.update(ok=None, unsupported=str(e).splitlines()[0][:200])

@@ -139,7 +139,7 @@ def bench_config(ctx: Ctx):
     from esolm.bench import BenchConfig
 
     if is_accelerator(ctx.device) and not ctx.smoke:
-        return BenchConfig(preset="paper-gpu").resolved()
+        return BenchConfig(suite="paper-gpu").resolved()
     return BenchConfig(variants=("eso_b", "mdlm", "bd3lm_l4", "ar"), lengths=(32, 64), batch_sizes=(1, 2),
                        d_model=32, n_layers=2, n_heads=4, vocab_size=101, dtype="float32", repeats=2,
                        warmup=1, mdlm_max_steps=8)

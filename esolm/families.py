@@ -5,7 +5,7 @@ Everything that differs between AR, MDLM, BD3-LM and Eso-LM (A)/(B) is written h
 attention masks of the one-stream (clean) pass and of the two-stream ``[z ; x]`` pass, the
 sampling plan and loop, how the exact likelihood is computed, the order law of the
 importance-weighted bound and of the sampler-order metric, and which schedule settings the
-search tunes. Every other module reads ``model.config.spec`` (or ``family(name)``) instead of
+search tunes. Every other module reads ``model.config.family_record`` (or ``family(name)``) instead of
 comparing family names, so adding a family means adding one record below and its functions.
 
 The record holds *names*, never functions: each name is resolved by the module that owns

@@ -34,7 +34,7 @@ class Judge:
     """An esolm AR model and its tokenizer; ``score(texts)`` gives generative perplexity."""
 
     def __init__(self, model: Backbone, tokenizer: Tokenizer, name: str) -> None:
-        if not model.config.spec.autoregressive:
+        if not model.config.family_record.autoregressive:
             raise ValueError(f"the judge must be an AR model, got family {model.config.family!r}")
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
 

@@ -83,7 +83,7 @@ def order_log_prob(model: Backbone, x: Tensor, order: Tensor, chunk: int = 16,
                    progress: bool = False) -> Tensor:
     """Exact log p(x | order) in nats, [B]; padding excluded (pad positions are generated
     last, after every real token, so no real token conditions on them; they never count).
-    How it is computed is the family's (``model.config.spec.exact``).
+    How it is computed is the family's (``model.config.family_record.exact``).
 
     x, order: LongTensor[B, L]; order[b] lists positions in generation order.
     """
@@ -91,7 +91,7 @@ def order_log_prob(model: Backbone, x: Tensor, order: Tensor, chunk: int = 16,
     check_tokens(cfg, x)
     order = order.to(x.device)
     check_order(order, x)
-    return EXACT[cfg.spec.exact](model, x, order, valid_tokens(cfg, x), chunk, progress)
+    return EXACT[cfg.family_record.exact](model, x, order, valid_tokens(cfg, x), chunk, progress)
 
 
 def _pads_last(order: Tensor, valid: Tensor) -> Tensor:
@@ -127,7 +127,7 @@ def _per_position(model: Backbone, x: Tensor, valid: Tensor, order: Tensor, chun
     steps are stacked along the batch dimension of one call."""
     cfg = model.config
     B, L = x.shape
-    if cfg.spec.blocks:
+    if cfg.family_record.blocks:
         blocks = order // cfg.block_size
         if (blocks[:, 1:] < blocks[:, :-1]).any():
             raise ValueError("a BD3-LM order must finish each block before the next one starts")
@@ -152,7 +152,7 @@ def _bidirectional_logits(model: Backbone, z: Tensor, x: Tensor, pos: Tensor, ta
     """Logits at ``target`` of one pass over z (the family's clean mask) or over [z ; x] (its
     two-stream mask, when it has one)."""
     cfg = model.config
-    if cfg.spec.two_stream_mask is None:
+    if cfg.family_record.two_stream_mask is None:
         return model(z, pos, clean_mask(cfg, keep=key_padding(valid)), logits_for=target)
     spec = two_stream_mask(cfg, z.shape[1], keep=key_padding(torch.cat((valid, valid), 1)))
     return model(torch.cat((z, x), 1), torch.cat((pos, pos), 1), spec, logits_for=target)
@@ -191,12 +191,12 @@ def any_order_law(cfg, batch: int, length: int, law: str, generator: torch.Gener
 def draw_orders(model: Backbone, batch: int, length: int, law: str = "sampler",
                 generator: torch.Generator | None = None) -> Tensor:
     """Orders [B, L] from the law of the importance-weighted bound, as the family draws them
-    (``model.config.spec.order_law``). sampler (the paper's): the sampler's order at NFE = L;
+    (``model.config.family_record.order_law``). sampler (the paper's): the sampler's order at NFE = L;
     uniform: a uniformly random order. AR has one order; BD3-LM is random inside its blocks."""
     if law not in IW_LAWS:
         raise ValueError(f"law={law!r} is unknown: use one of {IW_LAWS}")
     cfg = model.config
-    return ORDER_LAWS[cfg.spec.order_law](cfg, batch, length, law, generator)
+    return ORDER_LAWS[cfg.family_record.order_law](cfg, batch, length, law, generator)
 
 
 @_in_inference
@@ -283,7 +283,7 @@ def evaluate_split(model: Backbone, batches: list[Tensor], ev: EvalConfig, bytes
     and on the first ``ev.exact_batches`` of them the exact likelihood left to right (and under
     the sampler's order where the family's differs) and each importance-weighted bound; nats per
     token, perplexities, standard errors and bits per byte."""
-    cfg, spec = model.config, model.config.spec
+    cfg, spec = model.config, model.config.family_record
     gen = torch.Generator().manual_seed(ev.seed)
     nelbo = nelbo_per_token(model, batches, ev.nelbo_draws, gen, progress)
     exact = batches[: ev.exact_batches]

@@ -95,7 +95,7 @@ class LitModel(pl.LightningModule):
     def __init__(self, cfg: ModelConfig, tc: TrainConfig) -> None:
         super().__init__()
         self.objective = training_objective(cfg, tc.objective)
-        self.masks = "diffusion" in cfg.spec.terms and cfg.alpha_0 > 0  # a diffusion term draws t
+        self.masks = "diffusion" in cfg.family_record.terms and cfg.alpha_0 > 0  # a diffusion term draws t
         self.cfg, self.tc = cfg, tc
         torch.manual_seed(tc.seed)
         self.model = Backbone(cfg)

@@ -1,6 +1,6 @@
 """Training objectives (negative ELBO in nats) for every family, as plain functions.
 
-``loss(model, x)`` sums the NELBO terms of the model's family (``model.config.spec.terms``,
+``loss(model, x)`` sums the NELBO terms of the model's family (``model.config.family_record.terms``,
 the family table in ``esolm.families``); each term takes its attention masks from the same record.
 All random draws (t, masks, permutations) are made for the *global* batch and sliced to
 this process's rows, so the per-token loss of a global batch does not depend on how it
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from esolm.config import ModelConfig
 from esolm.model.backbone import Backbone
-from esolm.model.masks import MaskSpec, clean_mask, two_stream_mask
+from esolm.model.masks import AttentionMask, clean_mask, two_stream_mask
 from esolm.noise import alpha, antithetic_times, diffusion_weight, uniform
 from esolm.ordering import clean_first_order, left_to_right_key
 
@@ -83,7 +83,7 @@ def valid_tokens(cfg: ModelConfig, x: Tensor) -> Tensor:
 
 def diffusion_rows(cfg: ModelConfig, global_batch: int) -> int:
     """How many rows of the global batch go to the diffusion term (method.md: batch split)."""
-    terms = cfg.spec.terms
+    terms = cfg.family_record.terms
     if "diffusion" not in terms or cfg.alpha_0 == 0.0:
         return 0
     if "sequential" not in terms or cfg.alpha_0 == 1.0:
@@ -165,7 +165,7 @@ def sequential_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tenso
     B, L = x.shape
     masked = (d.u_mask >= cfg.alpha_0) & valid
     l2r = left_to_right_key(B, L, x.device)
-    order = clean_first_order(masked, d.u_perm if cfg.spec.shuffle_clean else l2r, l2r, padding=~valid)
+    order = clean_first_order(masked, d.u_perm if cfg.family_record.shuffle_clean else l2r, l2r, padding=~valid)
     return sequential_nll_for_order(model, x, masked, order, (~masked & valid).sum(1)).sum()
 
 
@@ -192,7 +192,7 @@ def ar_token_nll(model: Backbone, x: Tensor) -> Tensor:
     B, L = x.shape
     bos = torch.full((B, 1), model.config.mask_token_id, dtype=x.dtype, device=x.device)
     pos = torch.arange(L, device=x.device).expand(B, L)
-    return token_nll(model(torch.cat((bos, x[:, :-1]), 1), pos, MaskSpec("causal")), x)
+    return token_nll(model(torch.cat((bos, x[:, :-1]), 1), pos, AttentionMask("causal")), x)
 
 
 def ar_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
@@ -213,7 +213,7 @@ def loss(model: Backbone, x: Tensor, generator: torch.Generator | None = None, r
     valid = valid_tokens(cfg, x)
     zero = torch.zeros((), device=x.device)
     parts = {"diffusion": (zero, zero), "sequential": (zero, zero)}
-    for name, term in cfg.spec.terms.items():
+    for name, term in cfg.family_record.terms.items():
         fn = TERMS[term]
         rows = d.diffusion if name == "diffusion" else ~d.diffusion
         if rows.any():
@@ -249,7 +249,7 @@ def check_tokens(cfg: ModelConfig, x: Tensor) -> None:
                          f"of {x.dtype}")
     if x.shape[1] > cfg.length:
         raise ValueError(f"input length {x.shape[1]} exceeds the model's length={cfg.length}")
-    if cfg.spec.blocks and x.shape[1] % cfg.block_size:
+    if cfg.family_record.blocks and x.shape[1] % cfg.block_size:
         raise ValueError(f"input length {x.shape[1]} is not a multiple of block_size={cfg.block_size}")
     allowed_max = cfg.vocab_size - 1 if cfg.pad_token_id is None else max(cfg.vocab_size - 1,
                                                                            cfg.pad_token_id)

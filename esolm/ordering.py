@@ -183,4 +183,4 @@ PLANS: dict[str, Callable[..., Plan]] = {"prefix_only": _prefix_only, "one": _on
 def plan(cfg: ModelConfig, batch: int, s: ScheduleSettings, given: Tensor, generator: torch.Generator) -> Plan:
     """The family's sampling plan for a batch: its schedule (a list per block for BD3-LM; None
     for AR, which has none) for settings ``s`` and the given (prompt) positions."""
-    return PLANS[cfg.spec.plan](cfg, batch, s, given, generator)
+    return PLANS[cfg.family_record.plan](cfg, batch, s, given, generator)

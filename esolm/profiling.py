@@ -18,7 +18,7 @@ from torch import nn
 
 from esolm.config import ModelConfig
 from esolm.device import synchronize
-from esolm.model.attention import MaskSpec
+from esolm.model.attention import AttentionMask
 from esolm.model.backbone import Backbone
 from esolm.sampling.decode import sample_tokens
 
@@ -42,7 +42,7 @@ def decode_step_fn(model: Backbone, family: str, fill: int) -> Callable[[], None
     tokens = torch.randint(0, model.config.vocab_size, (B, L), generator=gen).to(device)
     order = torch.randperm(L, generator=gen).expand(B, L).to(device)
     cache = model.new_cache(B)
-    causal = MaskSpec("causal")
+    causal = AttentionMask("causal")
     with torch.inference_mode():
         model(tokens.gather(1, order[:, :fill]), order[:, :fill], causal, cache=cache, commit=fill)
     feed_n, commit = (2, 1) if family == "eso_b" else (1, 1)

@@ -27,28 +27,52 @@ from esolm.report_figures import (
 )
 from esolm.report_results import (
     HEADERS,
-    HEADLINE_SQL,
     ORDERING_HEADERS,
     PAPER_TABLE1,
+    RESULTS_TABLE_SQL,
     RUNS_SQL,
     TABLE1_COLUMNS,
     TABLE1_METRICS,
     _fmt,
     display,
-    headline,
     judge_line,
     orderings,
     recipe_line,
+    results_table,
     runs_table,
     table1_rows,
 )
 from esolm.store import DEFAULT_DB, query
 
-__all__ = ["FIGURES", "HEADERS", "HEADLINE_SQL", "ORDERING_HEADERS", "PAPER_TABLE1", "RUNS_SQL", "TABLE1_COLUMNS",
-           "TABLE1_METRICS", "TRAINING_LOSS_LABELS", "_fmt", "_html", "display", "fig_pareto", "fig_ppl_vs_alpha",
-           "fig_search", "fig_speed_quality", "fig_speedup", "fig_training", "headline", "judge_line",
-           "markdown_table", "orderings", "recipe_line", "runs_table", "table1_rows", "write_report",
-           "write_table1"]
+__all__ = [
+    "FIGURES",
+    "HEADERS",
+    "ORDERING_HEADERS",
+    "PAPER_TABLE1",
+    "RESULTS_TABLE_SQL",
+    "RUNS_SQL",
+    "TABLE1_COLUMNS",
+    "TABLE1_METRICS",
+    "TRAINING_LOSS_LABELS",
+    "_fmt",
+    "_html",
+    "display",
+    "fig_pareto",
+    "fig_ppl_vs_alpha",
+    "fig_search",
+    "fig_speed_quality",
+    "fig_speedup",
+    "fig_training",
+    "judge_line",
+    "markdown_table",
+    "orderings",
+    "recipe_line",
+    "results_table",
+    "runs_table",
+    "table1_rows",
+    "write_report",
+    "write_table1",
+]
 
 INTRO = ("Test split; PPL = perplexity per token; exact = exact likelihood for a fixed order (left to right; "
          "sampler order = Binomial(L, alpha_0) random prefix then left to right); the unigram row is the "
@@ -93,7 +117,7 @@ def _markdown(rid: str, cols: list[str], rows: list[tuple], figs: list, samples:
 def write_report(db: Path = DEFAULT_DB, rid: str = "", out: Path = Path("reports"), n_samples: int = 2) -> dict:
     """Write report.md, index.html, table1.csv and the figures for run ``rid``, reading the
     database ``db`` only; returns the headline columns and rows and the figures' paths."""
-    cols, rows = headline(db, rid)
+    cols, rows = results_table(db, rid)
     figs = [(title, out / "figures" / name) for title, name, fn in FIGURES if fn(db, rid, out / "figures" / name)]
     _, samples = query("SELECT variant, sample_index, text FROM generations WHERE run_id = ? AND sample_index < ? "
                        "ORDER BY variant, sample_index", db, [rid, n_samples])

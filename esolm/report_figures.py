@@ -10,7 +10,7 @@ from pathlib import Path
 
 from esolm.families import FAMILIES
 from esolm.plots import speedup
-from esolm.report_results import headline
+from esolm.report_results import results_table
 from esolm.store import query
 
 
@@ -45,7 +45,7 @@ def _baselines(ax, data: list[dict]) -> None:
 def fig_ppl_vs_alpha(db: Path, rid: str, path: Path) -> bool:
     """Test perplexity against alpha_0: a curve per family whose alpha_0 is free (Eso-LMs), a
     line per fixed-alpha_0 baseline (AR exact; MDLM, BD3-LM NELBO) and the unigram baseline."""
-    cols, rows = headline(db, rid)
+    cols, rows = results_table(db, rid)
     data = [dict(zip(cols, r)) for r in rows]
     known = [d for d in data if d["family"] in FAMILIES]
     free = [f for f in FAMILIES.values() if f.fixed_alpha_0 is None]

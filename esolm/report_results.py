@@ -13,7 +13,7 @@ from pathlib import Path
 from esolm.families import AR, ESO_B, MDLM  # the paper's claims name these families
 from esolm.store import query
 
-HEADLINE_SQL = """
+RESULTS_TABLE_SQL = """
 SELECT v.variant, v.family, v.alpha_0,
        max(CASE WHEN l.metric = 'exact_l2r_ppl' THEN l.value END) AS exact_l2r_ppl,
        max(CASE WHEN l.metric = 'exact_sampler_ppl' THEN l.value END) AS exact_sampler_ppl,
@@ -32,8 +32,8 @@ ORDER BY v.family, v.alpha_0 DESC NULLS LAST, v.variant
 """
 
 
-def headline(db: Path, rid: str, split: str = "test") -> tuple[list[str], list[tuple]]:
-    return query(HEADLINE_SQL, db, [split, rid])
+def results_table(db: Path, rid: str, split: str = "test") -> tuple[list[str], list[tuple]]:
+    return query(RESULTS_TABLE_SQL, db, [split, rid])
 
 
 def _fmt(value: object) -> str:

@@ -141,7 +141,7 @@ def settings_for(sc: ScheduleSettings, model) -> ScheduleSettings:
     """The schedule settings of ``sc`` for ``model``: a sampling alpha_0 applies to the families
     whose alpha_0 is free (Eso-LMs); the others keep the value they imply."""
     s = sc.settings()
-    return s if model.config.spec.fixed_alpha_0 is None else replace(s, alpha_0=None)
+    return s if model.config.family_record.fixed_alpha_0 is None else replace(s, alpha_0=None)
 
 
 def judge_of(params: dict, spec: str, device: torch.device):
@@ -202,7 +202,7 @@ def curve_stage(params: dict, name: str, progress: bool) -> dict:
     device = pick_device(sc.device)
     model, tok = load_run(run_dir(name) / "model.ckpt", device=device)
     judge = judge_of(params, sc.judge, device)
-    ar = model.config.spec.autoregressive  # one point: NFE = L
+    ar = model.config.family_record.autoregressive  # one point: NFE = L
     points = []
     for steps in (model.config.length,) if ar else cc.steps:
         r = judged_samples(model, tok, judge, replace(settings_for(sc, model), steps=steps), cc.num_samples,

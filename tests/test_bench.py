@@ -42,14 +42,14 @@ def test_kv_cache_bytes_match_the_cache_the_sampler_allocates():
     assert kv_cache_bytes(model, 3) == cache.k.nbytes + cache.v.nbytes
 
 
-def test_paper_gpu_preset_resolves_to_the_papers_table_settings():
-    bc = BenchConfig(preset="paper-gpu").resolved()
+def test_the_paper_gpu_suite_resolves_to_the_papers_table_settings():
+    bc = BenchConfig(suite="paper-gpu").resolved()
     assert bc.lengths == (2048, 8192) and (bc.d_model, bc.n_layers, bc.n_heads) == (768, 12, 12)
     assert set(bc.variants) == {"eso_b", "mdlm", "bd3lm_l4", "ar"}  # the paper's Table 3 rows
     assert bc.batches(2048) == [1, 256] and bc.batches(8192) == [1, 64]  # the authors' batches too
     assert bc.mode(torch.device("cpu")) == "dynamic" and bc.dtype == "bfloat16"
-    with pytest.raises(ValueError, match="preset"):
-        BenchConfig(preset="fastest")
+    with pytest.raises(ValueError, match="bench.suite='fastest' is unknown"):
+        BenchConfig(suite="fastest")
 
 
 def test_batch_sizes_name_the_bad_value_and_the_paper_lengths():

@@ -15,7 +15,7 @@ from esolm import generate, order_log_prob
 from esolm.config import ModelConfig, ScheduleSettings
 from esolm.families import ALL_DIMS, FAMILIES, Family, family
 from esolm.likelihood import ORDER_LAWS
-from esolm.model.masks import MaskSpec, clean_mask, two_stream_mask
+from esolm.model.masks import AttentionMask, clean_mask, two_stream_mask
 from tests.conftest import FAMILY_NAMES, sharp_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,10 +26,10 @@ def test_the_table_holds_every_family_and_configs_look_it_up():
     for name, spec in FAMILIES.items():
         assert isinstance(spec, Family) and spec.name == name
         cfg = ModelConfig(family=name, length=16, block_size=4)
-        assert cfg.spec is spec
+        assert cfg.family_record is spec
         assert cfg.alpha_0 == (spec.default_alpha_0 if spec.fixed_alpha_0 is None else spec.fixed_alpha_0)
         assert set(spec.terms) and set(spec.terms) <= {"diffusion", "sequential"}
-        assert isinstance(clean_mask(cfg, n_clean=torch.zeros(2, dtype=torch.long)), MaskSpec)
+        assert isinstance(clean_mask(cfg, n_clean=torch.zeros(2, dtype=torch.long)), AttentionMask)
         if spec.two_stream_mask is not None:
             assert two_stream_mask(cfg, 16, n_clean=torch.zeros(2, dtype=torch.long)).kind == "two_stream"
         assert spec.search_dims <= ALL_DIMS and "top_p" in spec.search_dims
@@ -45,8 +45,9 @@ def test_every_family_samples_and_scores_through_its_record(name):
     model = sharp_model(name, block_size=4)
     g = generate(model, ScheduleSettings(steps=4, seed=3), num_samples=2)
     assert g.family == name and g.tokens.shape == (2, 16)
-    assert g.kv_cache == model.config.spec.kv_cache
-    order = ORDER_LAWS[model.config.spec.order_law](model.config, 2, 16, "sampler", torch.Generator().manual_seed(1))
+    assert g.kv_cache == model.config.family_record.kv_cache
+    law = ORDER_LAWS[model.config.family_record.order_law]
+    order = law(model.config, 2, 16, "sampler", torch.Generator().manual_seed(1))
     assert torch.isfinite(order_log_prob(model, g.tokens, order)).all()
 
 
@@ -101,7 +102,7 @@ def test_the_old_variant_key_loads_from_params_model_files_and_exports(tmp_path)
     assert loaded.config == model.config
     x = torch.randint(0, 7, (2, 16), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(16).expand(2, 16)
-    torch.testing.assert_close(loaded(x, pos, MaskSpec("causal")), model(x, pos, MaskSpec("causal")))
+    torch.testing.assert_close(loaded(x, pos, AttentionMask("causal")), model(x, pos, AttentionMask("causal")))
     out = export(tmp_path / "model.ckpt", tmp_path / "export")
     assert json.loads((out / "config.json").read_text())["family"] == "eso_b"
     assert load_run(out)[0].config == model.config

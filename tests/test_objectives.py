@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from esolm import ModelConfig, build_model, loss
-from esolm.model.attention import MaskSpec
+from esolm.model.attention import AttentionMask
 from tests.conftest import FAMILY_NAMES, randomize, sharp_model
 
 
@@ -26,7 +26,7 @@ def _ar_reference_nll(model, x: torch.Tensor) -> torch.Tensor:
     total = torch.zeros(B, dtype=torch.float64)
     for j in range(L):
         tokens = torch.cat((x[:, :j], torch.full((B, 1), m)), 1)
-        logits = model(tokens, torch.arange(j + 1).expand(B, j + 1), MaskSpec("causal"))[:, -1]
+        logits = model(tokens, torch.arange(j + 1).expand(B, j + 1), AttentionMask("causal"))[:, -1]
         total -= torch.log_softmax(logits.double(), -1).gather(1, x[:, j:j + 1]).squeeze(1)
     return total
 
@@ -51,9 +51,9 @@ def test_ar_variant_matches_the_independent_reference_up_to_its_input(gen):
     x = torch.randint(0, 7, (3, 16), generator=gen)
     out = loss(model, x)
     bos = torch.full((3, 1), model.config.mask_token_id)
-    first = model(bos, torch.zeros(3, 1, dtype=torch.long), MaskSpec("causal"))[:, 0]
+    first = model(bos, torch.zeros(3, 1, dtype=torch.long), AttentionMask("causal"))[:, 0]
     nll0 = -torch.log_softmax(first, -1).gather(1, x[:, :1]).sum()
-    full = model(torch.cat((bos, x[:, :-1]), 1), torch.arange(16).expand(3, 16), MaskSpec("causal"))
+    full = model(torch.cat((bos, x[:, :-1]), 1), torch.arange(16).expand(3, 16), AttentionMask("causal"))
     nll = -torch.log_softmax(full, -1).gather(2, x[..., None]).sum()
     torch.testing.assert_close(out.sequential_nll, nll)
     assert nll0 < nll
@@ -114,7 +114,7 @@ def test_each_variant_is_finite_reaches_every_parameter_and_learns(family):
     before = fixed_loss()
     assert torch.isfinite(before)
     with torch.no_grad():  # the training init (adaLN-Zero) predicts uniformly
-        logits = model(x, torch.arange(16).expand(8, 16), MaskSpec("causal"))
+        logits = model(x, torch.arange(16).expand(8, 16), AttentionMask("causal"))
     assert torch.equal(logits[..., :12], torch.zeros(8, 16, 12))
     probe = randomize(build_model(cfg), 0.02)  # with every weight non-zero, every one gets a gradient
     loss(probe, x, generator=torch.Generator().manual_seed(99)).per_token.backward()
@@ -158,13 +158,13 @@ def test_bad_inputs_are_clear_errors(gen):
         loss(sharp_model("bd3lm", block_size=4), torch.zeros(2, 6, dtype=torch.long))
 
 
-def test_presets_build():
-    cfg = ModelConfig.preset("tiny", vocab_size=10, length=8)
+def test_model_sizes_build():
+    cfg = ModelConfig.sized("tiny", vocab_size=10, length=8)
     assert (cfg.d_model, cfg.n_layers, cfg.n_heads) == (256, 8, 8)
-    assert ModelConfig.preset("small").d_model == 768
-    assert ModelConfig.preset("medium").n_layers == 24
-    with pytest.raises(ValueError, match="preset"):
-        ModelConfig.preset("huge")
+    assert ModelConfig.sized("small").d_model == 768
+    assert ModelConfig.sized("medium").n_layers == 24
+    with pytest.raises(ValueError, match="model size 'huge' is unknown"):
+        ModelConfig.sized("huge")
 
 
 def test_gpu_backends_on_cpu_run_or_fall_back_with_a_warning():

@@ -32,7 +32,8 @@ def _variant(runs: Path, name: str, family: str, judge: str, **summary) -> None:
     _write(runs / name / "likelihood.json", {"variant": name, "family": family, "alpha_0": 0.5,
                                              "test": {"exact_l2r_ppl": 25.0, "nelbo_ppl": 27.0}})
     _write(runs / name / "generation.json", {
-        "variant": name, "kv_cache": True, "family": family, "nfe": 8, "seconds": 0.1, "seconds_per_sample": 0.05, "tokens_per_s": 320.0,
+        "variant": name, "kv_cache": True, "family": family, "nfe": 8, "seconds": 0.1, "seconds_per_sample": 0.05,
+        "tokens_per_s": 320.0,
         "gen_ppl": 50.0, "entropy": 5.0, "judge": judge, "num_samples": 2, "schedule": {"steps": 8}})
     _write(runs / name / "curve.json", {"variant": name, "family": family, "alpha_0": 0.5, "judge": judge,
                                         "num_samples": 2, "top_p": 1.0, "points": [

@@ -7,12 +7,12 @@ import torch
 
 from esolm import generate
 from esolm.config import ScheduleSettings
-from esolm.model.attention import MaskSpec
+from esolm.model.attention import AttentionMask
 from esolm.ordering import make_schedule
 from esolm.sampling import nucleus_filter, sample_tokens
 from tests.conftest import FAMILY_NAMES, sharp_model
 
-CAUSAL_SPEC = MaskSpec("causal")
+CAUSAL_SPEC = AttentionMask("causal")
 
 ORDERS = [dict(order="random"), dict(order="block", subcontexts=4),
           dict(order="block", subcontexts=4, shuffle=True),

@@ -8,7 +8,7 @@ import torch
 
 from esolm import generate
 from esolm.config import ScheduleSettings
-from esolm.model.attention import MaskSpec
+from esolm.model.attention import AttentionMask
 from tests.conftest import sharp_model
 
 
@@ -59,7 +59,7 @@ def test_static_cache_serves_causal_steps_only():
     model = sharp_model("bd3lm")
     cache = model.new_cache(1).make_static()
     with pytest.raises(ValueError, match="causal decode steps only"):
-        model(torch.zeros(1, 2, dtype=torch.long), torch.arange(2)[None], MaskSpec("block_causal", block=4),
+        model(torch.zeros(1, 2, dtype=torch.long), torch.arange(2)[None], AttentionMask("block_causal", block=4),
               cache=cache)
 
 

@@ -1,6 +1,6 @@
 """One attention function, several backends: ``attention(q, k, v, spec, backend)``.
 
-The masks are ``esolm.model.masks`` (``MaskSpec``); this module runs them: ``math`` (the
+The masks are ``esolm.model.masks`` (``AttentionMask``); this module runs them: ``math`` (the
 reference), ``sdpa`` (PyTorch's fused kernels; plain and cached causal masks need no dense
 mask), ``flex`` (flex attention's block masks; compiled once on a GPU) and ``flash`` (a
 FlashAttention kernel where the mask allows, else sdpa). ``prebuild`` makes the mask a
@@ -19,15 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from esolm.device import is_accelerator
-from esolm.model.masks import MASK_KINDS, MaskFn, MaskSpec, dense_mask, mask_function, tail_mask
+from esolm.model.masks import MASK_KINDS, AttentionMask, MaskFn, dense_mask, mask_function, tail_mask
 
 BACKENDS = ("sdpa", "math", "flex", "flash")
 CUDA_ONLY_BACKENDS = ("flash",)  # flex runs on CPU too (eager or compiled)
 
 
 
-def prebuild(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.device,
-             backend: str) -> MaskSpec:
+def prebuild(spec: AttentionMask, batch: int, n_q: int, n_kv: int, device: torch.device,
+             backend: str) -> AttentionMask:
     """Build the mask once per forward (not once per layer) where the backend needs one: the
     dense boolean mask, or flex attention's block mask (where flex will run: on a GPU, or
     without autograd; a CPU training step runs sdpa with the dense mask instead)."""
@@ -45,7 +45,7 @@ def prebuild(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.devi
     return replace(spec, dense=dense_mask(spec, batch, n_q, n_kv, device))
 
 
-def _tail_block(spec: MaskSpec, n_q: int, n_kv: int) -> int:
+def _tail_block(spec: AttentionMask, n_q: int, n_kv: int) -> int:
     """Block size b when the queries are the last n_q of the keys (a KV-cached decode step)
     under a causal (b = 1) or block-causal mask with block-aligned queries; else 0."""
     if spec.keep is not None or spec.q_offset + n_q != n_kv:
@@ -57,7 +57,7 @@ def _tail_block(spec: MaskSpec, n_q: int, n_kv: int) -> int:
     return 0
 
 
-def _dense(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.device) -> Tensor:
+def _dense(spec: AttentionMask, batch: int, n_q: int, n_kv: int, device: torch.device) -> Tensor:
     if spec.dense is not None and spec.dense.shape[-2:] == (n_q, n_kv):
         return spec.dense
     return dense_mask(spec, batch, n_q, n_kv, device)
@@ -70,7 +70,7 @@ def _math(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
     return torch.softmax(scores, dim=-1) @ v
 
 
-def _is_plain(spec: MaskSpec, n_q: int, n_kv: int) -> bool:
+def _is_plain(spec: AttentionMask, n_q: int, n_kv: int) -> bool:
     """Full, or causal with queries and keys aligned (sdpa's is_causal fast path)."""
     if spec.keep is not None:
         return False
@@ -81,7 +81,7 @@ _FLEX_CACHE: dict[tuple, object] = {}
 _COMPILED: dict[str, Callable] = {}
 
 
-def _block_mask(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.device):
+def _block_mask(spec: AttentionMask, batch: int, n_q: int, n_kv: int, device: torch.device):
     """flex attention's ``BlockMask`` of ``spec`` for these shapes. Masks equal for every row
     and without an offset (training shapes) are kept and reused across forwards."""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -117,7 +117,7 @@ def _flex_kernel(device: torch.device) -> Callable:
     return _COMPILED["flex"]
 
 
-def _flex(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> Tensor:
+def _flex(q: Tensor, k: Tensor, v: Tensor, spec: AttentionMask) -> Tensor:
     block_mask = spec.block_mask
     if block_mask is None:  # a direct call: built here
         block_mask = _block_mask(spec, q.shape[0], q.shape[-2], k.shape[-2], q.device)
@@ -133,7 +133,7 @@ def _flash_attn_func():
     return flash_attn_func
 
 
-def _flash(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec) -> Tensor | None:
+def _flash(q: Tensor, k: Tensor, v: Tensor, spec: AttentionMask) -> Tensor | None:
     """A FlashAttention kernel where the mask allows it: full, aligned causal, and the causal
     tail of a cached decode step (the queries are the last n_q keys; the causal diagonal is
     then aligned bottom-right). flash-attn when installed (its causal mask is bottom-right
@@ -166,7 +166,7 @@ def _causal_tail_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[-2], k.shape[-2]))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, backend: str = "sdpa") -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionMask, backend: str = "sdpa") -> Tensor:
     """Masked scaled dot-product attention.
 
     q: [B, H, n_q, D]; k, v: [B, H, n_kv, D]; returns [B, H, n_q, D]. Query i has absolute
@@ -248,5 +248,14 @@ def check_backend(backend: str, device: torch.device | None = None) -> None:
                    "or a CUDA build of torch)")
 
 
-__all__ = ["BACKENDS", "MASK_KINDS", "MaskFn", "MaskSpec", "attention", "dense_mask", "mask_function", "prebuild",
-           "tail_mask"]
+__all__ = [
+    "BACKENDS",
+    "MASK_KINDS",
+    "AttentionMask",
+    "MaskFn",
+    "attention",
+    "dense_mask",
+    "mask_function",
+    "prebuild",
+    "tail_mask",
+]

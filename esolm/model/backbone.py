@@ -3,7 +3,7 @@
 Pre-LayerNorm blocks with adaLN modulation from a time embedding (Eso-LMs are time
 invariant and feed t = 0), GELU MLP, untied input/output embeddings, dropout
 (method.md section 3). Every family uses this module; they differ only in the tokens,
-positions and ``MaskSpec`` they feed it.
+positions and ``AttentionMask`` they feed it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from esolm.config import ModelConfig
-from esolm.model.attention import MaskSpec, attention, check_backend, prebuild
+from esolm.model.attention import AttentionMask, attention, check_backend, prebuild
 from esolm.model.cache import KVCache
 
 
@@ -129,7 +129,7 @@ class Block(nn.Module):
     def _drop(self, x: Tensor) -> Tensor:
         return self.drop(x) if self.training and self.drop.p > 0 else x
 
-    def forward(self, h: Tensor, mod: Modulation, rope: tuple[Tensor, Tensor], spec: MaskSpec,
+    def forward(self, h: Tensor, mod: Modulation, rope: tuple[Tensor, Tensor], spec: AttentionMask,
                 cache: tuple[Tensor, Tensor, int | Tensor, int] | None) -> Tensor:
         """h: [B, N, d]; mod: this block's adaLN modulation (``Backbone.conditioning``);
         rope: (C, S) of ``Rotary``; cache: (k_buf, v_buf, start, commit) or None, where start
@@ -209,7 +209,7 @@ class Backbone(nn.Module):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def forward(self, tokens: Tensor, positions: Tensor, spec: MaskSpec, t: Tensor | None = None,
+    def forward(self, tokens: Tensor, positions: Tensor, spec: AttentionMask, t: Tensor | None = None,
                 cache: KVCache | None = None, commit: int = 0,
                 logits_for: slice | Tensor = slice(None), cond: Conditioning | None = None) -> Tensor:
         """cond: the modulations of ``conditioning`` computed once by the caller (a sampler
@@ -248,7 +248,7 @@ class Backbone(nn.Module):
         return logits
 
     @staticmethod
-    def _static_slots(cache: KVCache, spec: MaskSpec, n: int) -> tuple[Tensor, MaskSpec]:
+    def _static_slots(cache: KVCache, spec: AttentionMask, n: int) -> tuple[Tensor, AttentionMask]:
         """Slots pos + [0, n) of n tokens in a static cache and their causal mask over the
         whole buffer ([n, capacity]: key j visible iff j <= the query's slot). No host-side
         value is read here (the caller checks the room), so a compiled step never recompiles

@@ -41,7 +41,7 @@ MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True, eq=False)
-class MaskSpec:
+class AttentionMask:
     """Which keys each query may see.
 
     kind: one of ``MASK_KINDS``; block: block size for block_causal / two_stream;
@@ -83,7 +83,7 @@ class MaskSpec:
             self.n_clean is not None and (self.kind == "prefix" or self.inner == "prefix"))
 
 
-def _inner(kind: str, spec: MaskSpec, b: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+def _inner(kind: str, spec: AttentionMask, b: Tensor, q: Tensor, kv: Tensor) -> Tensor:
     if kind == "causal":
         return kv <= q
     if kind == "full":
@@ -97,7 +97,7 @@ def _inner(kind: str, spec: MaskSpec, b: Tensor, q: Tensor, kv: Tensor) -> Tenso
     raise ValueError(kind)
 
 
-def mask_function(spec: MaskSpec) -> MaskFn:
+def mask_function(spec: AttentionMask) -> MaskFn:
     """The mask of ``spec`` as ``allowed(b, q, kv)`` on broadcastable absolute indices."""
     base = _structure(spec)
     if spec.keep is None:
@@ -106,7 +106,7 @@ def mask_function(spec: MaskSpec) -> MaskFn:
     return lambda b, q, kv: base(b, q, kv) & (keep[b, kv] | (kv == q))
 
 
-def _structure(spec: MaskSpec) -> MaskFn:
+def _structure(spec: AttentionMask) -> MaskFn:
     if spec.kind != "two_stream":
         return lambda b, q, kv: _inner(spec.kind, spec, b, q, kv)
     half, blk = spec.half, spec.block
@@ -122,7 +122,7 @@ def _structure(spec: MaskSpec) -> MaskFn:
     return allowed
 
 
-def dense_mask(spec: MaskSpec, batch: int, n_q: int, n_kv: int, device: torch.device) -> Tensor:
+def dense_mask(spec: AttentionMask, batch: int, n_q: int, n_kv: int, device: torch.device) -> Tensor:
     """Boolean mask [B or 1, 1, n_q, n_kv]; True where attention is allowed."""
     rows = batch if spec.per_row else 1
     b = torch.arange(rows, device=device).view(rows, 1, 1, 1)
@@ -160,52 +160,52 @@ def tail_mask(block: int, n_q: int, n_kv: int, device: torch.device) -> Tensor:
 
 # ----------------------------------------------------------------------------- named factories
 
-def _causal(cfg: ModelConfig, n_clean: Tensor | None, keep: Tensor | None) -> MaskSpec:
-    return MaskSpec("causal")
+def _causal(cfg: ModelConfig, n_clean: Tensor | None, keep: Tensor | None) -> AttentionMask:
+    return AttentionMask("causal")
 
 
-def _full(cfg: ModelConfig, n_clean: Tensor | None, keep: Tensor | None) -> MaskSpec:
-    return MaskSpec("full", keep=keep)
+def _full(cfg: ModelConfig, n_clean: Tensor | None, keep: Tensor | None) -> AttentionMask:
+    return AttentionMask("full", keep=keep)
 
 
-def _prefix(cfg: ModelConfig, n_clean: Tensor | None, keep: Tensor | None) -> MaskSpec:
-    return MaskSpec("prefix", n_clean=n_clean)
+def _prefix(cfg: ModelConfig, n_clean: Tensor | None, keep: Tensor | None) -> AttentionMask:
+    return AttentionMask("prefix", n_clean=n_clean)
 
 
-def _block_causal(cfg: ModelConfig, n_clean: Tensor | None, keep: Tensor | None) -> MaskSpec:
-    return MaskSpec("block_causal", block=cfg.block_size)
+def _block_causal(cfg: ModelConfig, n_clean: Tensor | None, keep: Tensor | None) -> AttentionMask:
+    return AttentionMask("block_causal", block=cfg.block_size)
 
 
-def _two_causal(cfg: ModelConfig, half: int, n_clean: Tensor | None, keep: Tensor | None) -> MaskSpec:
-    return MaskSpec("two_stream", half=half, inner="causal")
+def _two_causal(cfg: ModelConfig, half: int, n_clean: Tensor | None, keep: Tensor | None) -> AttentionMask:
+    return AttentionMask("two_stream", half=half, inner="causal")
 
 
-def _two_prefix(cfg: ModelConfig, half: int, n_clean: Tensor | None, keep: Tensor | None) -> MaskSpec:
-    return MaskSpec("two_stream", half=half, inner="prefix", n_clean=n_clean)
+def _two_prefix(cfg: ModelConfig, half: int, n_clean: Tensor | None, keep: Tensor | None) -> AttentionMask:
+    return AttentionMask("two_stream", half=half, inner="prefix", n_clean=n_clean)
 
 
-def _two_blocks(cfg: ModelConfig, half: int, n_clean: Tensor | None, keep: Tensor | None) -> MaskSpec:
-    return MaskSpec("two_stream", block=cfg.block_size, half=half, inner="block_causal", keep=keep)
+def _two_blocks(cfg: ModelConfig, half: int, n_clean: Tensor | None, keep: Tensor | None) -> AttentionMask:
+    return AttentionMask("two_stream", block=cfg.block_size, half=half, inner="block_causal", keep=keep)
 
 
-CLEAN: dict[str, Callable[..., MaskSpec]] = {
+CLEAN: dict[str, Callable[..., AttentionMask]] = {
     "causal": _causal, "full": _full, "prefix": _prefix, "block_causal": _block_causal}
-"""One pass over the (permuted) clean sequence: (cfg, n_clean, keep) -> MaskSpec."""
-TWO_STREAM: dict[str, Callable[..., MaskSpec]] = {
+"""One pass over the (permuted) clean sequence: (cfg, n_clean, keep) -> AttentionMask."""
+TWO_STREAM: dict[str, Callable[..., AttentionMask]] = {
     "causal": _two_causal, "prefix": _two_prefix, "block_causal": _two_blocks}
-"""The two-stream ``[z ; x]`` pass, by its clean half's mask: (cfg, half, n_clean, keep) -> MaskSpec."""
+"""The two-stream ``[z ; x]`` pass, by its clean half's mask: (cfg, half, n_clean, keep) -> AttentionMask."""
 
 
-def clean_mask(cfg: ModelConfig, n_clean: Tensor | None = None, keep: Tensor | None = None) -> MaskSpec:
+def clean_mask(cfg: ModelConfig, n_clean: Tensor | None = None, keep: Tensor | None = None) -> AttentionMask:
     """The family's mask of one pass over the (permuted) sequence: n_clean [B] clean tokens
     first (prefix masks), keep [B, L] False for padding keys."""
-    return CLEAN[cfg.spec.clean_mask](cfg, n_clean, keep)
+    return CLEAN[cfg.family_record.clean_mask](cfg, n_clean, keep)
 
 
 def two_stream_mask(cfg: ModelConfig, half: int, n_clean: Tensor | None = None,
-                    keep: Tensor | None = None) -> MaskSpec:
+                    keep: Tensor | None = None) -> AttentionMask:
     """The family's mask of the two-stream pass over ``[z ; x]`` (each half long)."""
-    name = cfg.spec.two_stream_mask
+    name = cfg.family_record.two_stream_mask
     if name is None:
         raise ValueError(f"family {cfg.family!r} has no two-stream pass")
     return TWO_STREAM[name](cfg, half, n_clean, keep)

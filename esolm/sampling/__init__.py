@@ -63,12 +63,12 @@ def generate(model: Backbone, settings: ScheduleSettings | None = None, *, promp
     (the block order fixes its own steps). prompt: position -> id, kept and prefilled in the
     first forward. batch_size: rows per batch (default: all). Empty steps cost none. The
     schedule and the token noise come from independent streams derived from the seed. The
-    family's record (``model.config.spec``) names the plan and the loop. record_logits: keep
+    family's record (``model.config.family_record``) names the plan and the loop. record_logits: keep
     every step's logits (tests). stop_after: stop each batch after this many forward passes (a
     benchmark's warm-up on the timed shapes); the tokens not reached stay masked and ``nfe``
     counts the passes run.
     """
-    cfg, spec = model.config, model.config.spec
+    cfg, spec = model.config, model.config.family_record
     s = _checked(model, settings, num_samples, stop_after)
     given, ids = _prompt(prompt, cfg.length, cfg.vocab_size)
     device = next(model.parameters()).device
@@ -112,7 +112,7 @@ def _checked(model: Backbone, settings: ScheduleSettings | None, num_samples: in
         raise ValueError(f"num_samples={num_samples!r} is invalid: use an integer >= 1")
     cfg = model.config
     s = (settings or ScheduleSettings()).settings()
-    if cfg.spec.fixed_alpha_0 is not None and s.alpha_0 is not None and s.alpha_0 != cfg.alpha_0:
+    if cfg.family_record.fixed_alpha_0 is not None and s.alpha_0 is not None and s.alpha_0 != cfg.alpha_0:
         raise ValueError(f"alpha_0={s.alpha_0} applies to Eso-LMs only; {cfg.family} implies {cfg.alpha_0}")
     return s.replace(alpha_0=cfg.alpha_0 if s.alpha_0 is None else s.alpha_0)
 
@@ -172,4 +172,4 @@ def _n_steps(sched: Schedule | list[Schedule] | None, free: int) -> int:
 @torch.inference_mode()  # lighter than no_grad per operator; x is filled in place
 def _run(model: Backbone, x: Tensor, plan, dec: loops.Decoder, kv_cache: bool, n_given: int,
          step_mode: str = "dynamic") -> int:
-    return loops.LOOPS[model.config.spec.sample](model, x, plan, dec, kv_cache, step_mode, n_given)
+    return loops.LOOPS[model.config.family_record.sample](model, x, plan, dec, kv_cache, step_mode, n_given)

@@ -29,11 +29,11 @@ from torch import Tensor
 
 from esolm.config import STEP_MODES as CONFIG_STEP_MODES
 from esolm.device import is_accelerator
-from esolm.model.attention import MaskSpec
+from esolm.model.attention import AttentionMask
 from esolm.model.backbone import Backbone, Conditioning, compute_dtype
 from esolm.model.cache import KVCache
 
-CAUSAL = MaskSpec("causal")
+CAUSAL = AttentionMask("causal")
 
 STEP_MODES = CONFIG_STEP_MODES
 """How cached decode steps run (``ScheduleSettings.step_mode``). dynamic: the cache grows step by

@@ -4,7 +4,7 @@ Each takes the model, the initial tokens ``x`` [B, L] (mask id wherever a token 
 generated), the family's plan (its schedule; AR has none), a ``Decoder``, whether to cache,
 how cached steps run where the family has static steps (``graphs.STEP_MODES``) and the
 number of given (prompt) tokens; it fills ``x`` in place and returns the forward passes run.
-Attention masks come from the family's record (``model.config.spec``).
+Attention masks come from the family's record (``model.config.family_record``).
 
 Eso-LM (B): one KV cache for both phases; each step feeds only the previous step's tokens
 (committed to the cache) and the masks decoded now (scratch), method.md section 4.
@@ -24,12 +24,12 @@ from torch import Tensor
 
 from esolm.model.backbone import Backbone
 from esolm.model.cache import KVCache
-from esolm.model.masks import MaskSpec, clean_mask
+from esolm.model.masks import AttentionMask, clean_mask
 from esolm.ordering import Schedule
 from esolm.sampling.decode import sample_tokens
 from esolm.sampling.graphs import StaticSteps, steps_for
 
-CAUSAL = MaskSpec("causal")  # Eso-LM (A)'s sequential phase: causal past its clean prefix
+CAUSAL = AttentionMask("causal")  # Eso-LM (A)'s sequential phase: causal past its clean prefix
 
 
 @dataclass

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from esolm.device import pick_device
-from esolm.model.attention import MaskSpec, attention, dense_mask, flash_available
+from esolm.model.attention import AttentionMask, attention, dense_mask, flash_available
 
 
-def reference_mask(spec: MaskSpec, B: int, n_q: int, n_kv: int) -> torch.Tensor:
+def reference_mask(spec: AttentionMask, B: int, n_q: int, n_kv: int) -> torch.Tensor:
     """Independent, loop-based statement of each mask of method.md section 3."""
     out = torch.zeros(B, 1, n_q, n_kv, dtype=torch.bool)
     for b in range(B):
@@ -21,7 +21,7 @@ def reference_mask(spec: MaskSpec, B: int, n_q: int, n_kv: int) -> torch.Tensor:
     return out
 
 
-def _allowed(spec: MaskSpec, nc: int | None, q: int, kv: int) -> bool:
+def _allowed(spec: AttentionMask, nc: int | None, q: int, kv: int) -> bool:
     if spec.kind == "causal":
         return kv <= q
     if spec.kind == "full":
@@ -38,20 +38,20 @@ def _allowed(spec: MaskSpec, nc: int | None, q: int, kv: int) -> bool:
     if kv < L:
         return False
     qc, kc = q - L, kv - L
-    inner = MaskSpec(spec.inner, block=blk, n_clean=spec.n_clean)
+    inner = AttentionMask(spec.inner, block=blk, n_clean=spec.n_clean)
     return _allowed(inner, nc, qc, kc)
 
 
 def specs(L: int, B: int, gen: torch.Generator):
     n_clean = torch.randint(0, L + 1, (B,), generator=gen)
-    yield MaskSpec("causal")
-    yield MaskSpec("full")
-    yield MaskSpec("prefix", n_clean=n_clean)  # Eso-LM (A) diffusion
+    yield AttentionMask("causal")
+    yield AttentionMask("full")
+    yield AttentionMask("prefix", n_clean=n_clean)  # Eso-LM (A) diffusion
     for blk in [b for b in (1, 2, 4, 8) if L % b == 0]:
-        yield MaskSpec("block_causal", block=blk)
-        yield MaskSpec("two_stream", block=blk, half=L, inner="block_causal")  # BD3-LM
-    yield MaskSpec("two_stream", half=L, inner="causal")  # Eso-LM (B) sequential, block 1
-    yield MaskSpec("two_stream", half=L, inner="prefix", n_clean=n_clean)  # Eso-LM (A) sequential
+        yield AttentionMask("block_causal", block=blk)
+        yield AttentionMask("two_stream", block=blk, half=L, inner="block_causal")  # BD3-LM
+    yield AttentionMask("two_stream", half=L, inner="causal")  # Eso-LM (B) sequential, block 1
+    yield AttentionMask("two_stream", half=L, inner="prefix", n_clean=n_clean)  # Eso-LM (A) sequential
 
 
 @pytest.mark.parametrize("L", [1, 4, 8, 12])
@@ -68,8 +68,8 @@ def test_masks_with_cached_prefix_match_reference(offset, gen):
     """Queries that start after ``offset`` cached keys (KV-cached decoding)."""
     B, n_q = 2, 4
     n_clean = torch.randint(0, offset + n_q + 1, (B,), generator=gen)
-    for spec in (MaskSpec("causal", q_offset=offset), MaskSpec("block_causal", block=2, q_offset=offset),
-                 MaskSpec("prefix", n_clean=n_clean, q_offset=offset)):
+    for spec in (AttentionMask("causal", q_offset=offset), AttentionMask("block_causal", block=2, q_offset=offset),
+                 AttentionMask("prefix", n_clean=n_clean, q_offset=offset)):
         got = dense_mask(spec, B, n_q, offset + n_q, torch.device("cpu")).expand(B, 1, n_q, -1)
         assert torch.equal(got, reference_mask(spec, B, n_q, offset + n_q)), spec.kind
 
@@ -93,7 +93,7 @@ def test_backends_match_math_with_gradients(backend, dtype, gen):
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
     for spec in specs(L, B, gen):
         n = 2 * L if spec.kind == "two_stream" else L
-        spec = MaskSpec(spec.kind, spec.block, None if spec.n_clean is None else spec.n_clean.to(device),
+        spec = AttentionMask(spec.kind, spec.block, None if spec.n_clean is None else spec.n_clean.to(device),
                         spec.half, spec.inner)
         q, k, v = (torch.randn(B, H, n, D, generator=gen, dtype=dtype).to(device).requires_grad_()
                    for _ in range(3))
@@ -118,16 +118,16 @@ def test_sdpa_takes_the_causal_fast_path_without_a_dense_mask(monkeypatch):
     monkeypatch.setattr(att, "dense_mask", boom)
     q = torch.randn(1, 2, 16, 8)
     for kind in ("causal", "full"):
-        att.attention(q, q, q, MaskSpec(kind), "sdpa")
+        att.attention(q, q, q, AttentionMask(kind), "sdpa")
 
 
 def test_bad_mask_specs_are_clear_errors():
     with pytest.raises(ValueError, match="unknown"):
-        MaskSpec("sideways")
+        AttentionMask("sideways")
     with pytest.raises(ValueError, match="n_clean"):
-        MaskSpec("prefix")
+        AttentionMask("prefix")
     with pytest.raises(ValueError, match="half"):
-        MaskSpec("two_stream")
+        AttentionMask("two_stream")
     with pytest.raises(ValueError, match="backend"):
         attention(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2),
-                  MaskSpec("full"), "fastest")
+                  AttentionMask("full"), "fastest")

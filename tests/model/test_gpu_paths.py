@@ -14,7 +14,7 @@ import torch
 
 from esolm import generate, loss
 from esolm.config import ScheduleSettings
-from esolm.model.attention import MaskSpec, attention, tail_mask
+from esolm.model.attention import AttentionMask, attention, tail_mask
 from esolm.sampling.decode import sample_tokens
 from tests.conftest import randomize, sharp_model
 from tests.model.test_attention import reference_mask, specs
@@ -40,22 +40,22 @@ def _all_specs(L: int, B: int, gen: torch.Generator):
     """Every mask of the project, with key padding, and cached-decode offsets."""
     yield from specs(L, B, gen)
     keep = torch.rand(B, L, generator=gen) > 0.3
-    yield MaskSpec("full", keep=keep)  # MDLM with padding
-    yield MaskSpec("causal", keep=keep)
+    yield AttentionMask("full", keep=keep)  # MDLM with padding
+    yield AttentionMask("causal", keep=keep)
     n_clean = torch.randint(0, L + 1, (B,), generator=gen)
     for off in (1, L // 2):
-        yield MaskSpec("causal", q_offset=off)
-        yield MaskSpec("block_causal", block=2, q_offset=off)
-        yield MaskSpec("prefix", n_clean=n_clean, q_offset=off)
+        yield AttentionMask("causal", q_offset=off)
+        yield AttentionMask("block_causal", block=2, q_offset=off)
+        yield AttentionMask("prefix", n_clean=n_clean, q_offset=off)
 
 
-def _shapes(spec: MaskSpec, L: int) -> tuple[int, int]:
+def _shapes(spec: AttentionMask, L: int) -> tuple[int, int]:
     n = 2 * L if spec.kind == "two_stream" else L
     n_q = n - spec.q_offset
     return n_q, n
 
 
-def _attention_closure(spec: MaskSpec, L: int, gen: torch.Generator, grads: bool):
+def _attention_closure(spec: AttentionMask, L: int, gen: torch.Generator, grads: bool):
     B, H, D = 2, 2, 8
     n_q, n_kv = _shapes(spec, L)
     q = torch.randn(B, H, n_q, D, generator=gen).requires_grad_(grads)
@@ -83,7 +83,7 @@ def test_flex_gradients_on_cpu_fall_back_to_sdpa_with_the_same_mask(gen):
     equal math for every mask."""
     att._WARNED.clear()
     with pytest.warns(RuntimeWarning, match="no backward on CPU"):
-        attention(*(torch.randn(1, 1, 4, 8).requires_grad_() for _ in range(3)), MaskSpec("causal"), "flex")
+        attention(*(torch.randn(1, 1, 4, 8).requires_grad_() for _ in range(3)), AttentionMask("causal"), "flex")
     for spec in _all_specs(8, 2, gen):
         runs = run_under_backends(_attention_closure(spec, 8, gen, grads=True), ("math", "flex"))
         for got, ref in zip(runs["flex"], runs["math"]):
@@ -96,7 +96,7 @@ def test_flex_gradients_on_cuda_like_math(gen):
     device = torch.device("cuda")
     B, H, D, L = 2, 2, 16, 128
     for spec in _all_specs(L, B, gen):
-        spec = MaskSpec(spec.kind, spec.block, None if spec.n_clean is None else spec.n_clean.to(device),
+        spec = AttentionMask(spec.kind, spec.block, None if spec.n_clean is None else spec.n_clean.to(device),
                         spec.half, spec.inner, spec.q_offset,
                         None if spec.keep is None else spec.keep.to(device))
         n_q, n_kv = _shapes(spec, L)
@@ -155,11 +155,11 @@ def test_flash_on_cpu_falls_back_to_sdpa_with_one_warning():
     att._WARNED.clear()
     q = torch.randn(1, 2, 6, 8)
     with pytest.warns(RuntimeWarning, match="flash.*using sdpa"):
-        out = attention(q, q, q, MaskSpec("causal"), "flash")
-    torch.testing.assert_close(out, attention(q, q, q, MaskSpec("causal"), "sdpa"))
+        out = attention(q, q, q, AttentionMask("causal"), "flash")
+    torch.testing.assert_close(out, attention(q, q, q, AttentionMask("causal"), "sdpa"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # only once per process
-        attention(q, q, q, MaskSpec("causal"), "flash")
+        attention(q, q, q, AttentionMask("causal"), "flash")
 
 
 @pytest.mark.parametrize("block", [1, 2, 4, 3])
@@ -170,7 +170,7 @@ def test_decode_tail_masks_are_views_equal_to_the_reference(block):
         start = start // block * block
         n_kv = start + n_q
         kind = "causal" if block == 1 else "block_causal"
-        spec = MaskSpec(kind, block=block, q_offset=start)
+        spec = AttentionMask(kind, block=block, q_offset=start)
         got = tail_mask(block, n_q, n_kv, torch.device("cpu"))
         assert got.shape == (n_q, n_kv)
         if n_kv <= 40:
@@ -260,9 +260,9 @@ def test_train_compile_true_matches_eager_loss_and_gradients(gen):
 
 def _decode_specs():
     """Masks the flash backend serves: full, aligned causal, and cached causal tails."""
-    return [(MaskSpec("full"), 12, 12), (MaskSpec("causal"), 12, 12),
-            (MaskSpec("causal", q_offset=11), 1, 12), (MaskSpec("causal", q_offset=9), 3, 12),
-            (MaskSpec("block_causal", block=2, q_offset=8), 4, 12)]
+    return [(AttentionMask("full"), 12, 12), (AttentionMask("causal"), 12, 12),
+            (AttentionMask("causal", q_offset=11), 1, 12), (AttentionMask("causal", q_offset=9), 3, 12),
+            (AttentionMask("block_causal", block=2, q_offset=8), 4, 12)]
 
 
 @pytest.mark.parametrize("sdpa_flash", [True, False])
@@ -289,7 +289,7 @@ def test_flash_backend_takes_flash_attn_with_a_bottom_right_causal_tail(monkeypa
 
     def fake(q, k, v, causal):  # flash-attn layout [B, N, H, D]; bottom-right aligned causal
         calls.append((q.shape[1], k.shape[1], causal))
-        spec = MaskSpec("causal", q_offset=k.shape[1] - q.shape[1]) if causal else MaskSpec("full")
+        spec = AttentionMask("causal", q_offset=k.shape[1] - q.shape[1]) if causal else AttentionMask("full")
         return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), spec, "math").transpose(1, 2)
 
     monkeypatch.setattr(att, "is_accelerator", lambda device: True)
@@ -332,10 +332,10 @@ def test_bf16_autocast_gives_attention_one_dtype_and_a_bf16_cache(monkeypatch, g
 
 def test_single_query_decode_step_builds_no_mask_and_matches_math(gen):
     """One query at the tail of the keys sees every key: no dense mask is built for it."""
-    spec = MaskSpec("causal", q_offset=20)
+    spec = AttentionMask("causal", q_offset=20)
     assert att.prebuild(spec, 2, 1, 21, torch.device("cpu"), "sdpa").dense is None
     assert att.prebuild(spec, 2, 1, 21, torch.device("cpu"), "math").dense is not None
-    assert att.prebuild(MaskSpec("causal", q_offset=18), 2, 3, 21, torch.device("cpu"), "sdpa").dense is not None
+    assert att.prebuild(AttentionMask("causal", q_offset=18), 2, 3, 21, torch.device("cpu"), "sdpa").dense is not None
     q = torch.randn(2, 2, 1, 8, generator=gen, dtype=torch.float64)
     k, v = (torch.randn(2, 2, 21, 8, generator=gen, dtype=torch.float64) for _ in range(2))
     torch.testing.assert_close(attention(q, k, v, spec, "sdpa"), attention(q, k, v, spec, "math"))
@@ -376,7 +376,7 @@ def test_flex_builds_one_block_mask_per_forward_not_per_layer(monkeypatch, gen):
     B, L = 2, model.config.length
     x = torch.randint(0, 7, (B, L), generator=gen)
     pos = torch.arange(L).expand(B, L)
-    spec = MaskSpec("prefix", n_clean=torch.tensor([3, 9]))
+    spec = AttentionMask("prefix", n_clean=torch.tensor([3, 9]))
     outs = {}
     with torch.no_grad():
         for backend in ("flex", "math"):
@@ -385,9 +385,9 @@ def test_flex_builds_one_block_mask_per_forward_not_per_layer(monkeypatch, gen):
             if backend == "flex":
                 assert len(built) == 1
             cache = model.new_cache(B)  # a cached step after 10 tokens
-            model(x[:, :10], pos[:, :10], MaskSpec("causal"), cache=cache, commit=10)
+            model(x[:, :10], pos[:, :10], AttentionMask("causal"), cache=cache, commit=10)
             built.clear()
-            outs[backend + "_step"] = model(x[:, 10:12], pos[:, 10:12], MaskSpec("causal"), cache=cache, commit=1)
+            outs[backend + "_step"] = model(x[:, 10:12], pos[:, 10:12], AttentionMask("causal"), cache=cache, commit=1)
             if backend == "flex":
                 assert len(built) == 1
     torch.testing.assert_close(outs["flex"], outs["math"], atol=1e-4, rtol=1e-4)
@@ -414,6 +414,6 @@ def test_flex_on_a_gpu_is_compiled_once_and_reused(monkeypatch, gen):
     q = torch.randn(1, 2, 8, 16, generator=gen)
     with torch.no_grad():
         for _ in range(3):
-            out = attention(q, q, q, MaskSpec("causal"), "flex")
+            out = attention(q, q, q, AttentionMask("causal"), "flex")
     assert compiled == [{"dynamic": False}]
-    torch.testing.assert_close(out, attention(q, q, q, MaskSpec("causal"), "math"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, attention(q, q, q, AttentionMask("causal"), "math"), atol=1e-5, rtol=1e-5)

@@ -35,7 +35,8 @@ import time
 import torch
 
 from esolm.device import is_accelerator
-from esolm.doctor import TOLERANCE, attention_error, backend_error, backend_support, mask_cases, rel_error, sample
+from esolm.doctor import sample
+from esolm.doctor_checks import TOLERANCE, attention_error, backend_error, backend_support, mask_cases, rel_error
 from esolm.doctor_full import Ctx, Rows, failure
 from esolm.io import write_text_atomic
 from esolm.model.attention import BACKENDS, AttentionMask

@@ -181,6 +181,11 @@ class EvalConfig:
 
 ORDERS = ("random", "block")
 STEP_MODES = ("dynamic", "static", "compile", "cuda_graphs")
+"""How cached decode steps run (``ScheduleSettings.step_mode``, ``esolm.sampling.graphs``): dynamic
+(the cache grows step by step, the reference path), static (a fixed-size cache: every step of one
+shape runs the same kernels), compile (the static step through ``torch.compile``, once per step
+shape) or cuda_graphs (the static step captured once per shape as a CUDA graph on a GPU;
+elsewhere it runs as static)."""
 SCHEDULES = ("loglinear", "power")
 SHUFFLES = ("none", "shared", "per_chunk")
 

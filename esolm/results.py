@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from esolm.io import write_json
 
@@ -40,8 +40,22 @@ def _plain(cls: type[T], values: dict, where: str) -> T:
     return cls(**{n: values[n] for n in names})
 
 
+class _RunFile:
+    """A result stored as ``runs/<variant>/<FILE>``: its one writer and its one reader."""
+
+    FILE: str
+
+    def write(self, run: Path) -> None:
+        write_json(Path(run) / self.FILE, self.to_json())
+
+    @classmethod
+    def read(cls, run: Path) -> Self:
+        path = Path(run) / cls.FILE
+        return cls.from_json(_read(path), str(path))
+
+
 @dataclass
-class LikelihoodResult:
+class LikelihoodResult(_RunFile):
     """Every likelihood metric of one model, per split (``likelihood.evaluate_split``)."""
 
     variant: str | None
@@ -66,14 +80,6 @@ class LikelihoodResult:
         return cls(values.get("variant"), values["family"], values.get("alpha_0"),
                    {k: v for k, v in values.items() if isinstance(v, dict)})
 
-    def write(self, run: Path) -> None:
-        write_json(Path(run) / self.FILE, self.to_json())
-
-    @classmethod
-    def read(cls, run: Path) -> LikelihoodResult:
-        path = Path(run) / cls.FILE
-        return cls.from_json(_read(path), str(path))
-
     def long_rows(self) -> list[dict]:
         """The numbers as long rows: split, metric, value."""
         return [{"split": split, "metric": k, "value": v} for split, vals in self.splits.items()
@@ -81,7 +87,7 @@ class LikelihoodResult:
 
 
 @dataclass
-class GenerationResult:
+class GenerationResult(_RunFile):
     """The samples of one model, judged (``esolm sample``)."""
 
     variant: str
@@ -118,14 +124,6 @@ class GenerationResult:
     def from_json(cls, values: dict, where: str = FILE) -> GenerationResult:
         return _plain(cls, values, where)
 
-    def write(self, run: Path) -> None:
-        write_json(Path(run) / self.FILE, self.to_json())
-
-    @classmethod
-    def read(cls, run: Path) -> GenerationResult:
-        path = Path(run) / cls.FILE
-        return cls.from_json(_read(path), str(path))
-
 
 @dataclass
 class CurvePoint:
@@ -144,7 +142,7 @@ class CurvePoint:
 
 
 @dataclass
-class CurveResult:
+class CurveResult(_RunFile):
     """Generative perplexity against sampling time over a grid of T (``esolm curve``)."""
 
     variant: str
@@ -172,11 +170,3 @@ class CurveResult:
         flat = _plain(cls, values, where)
         flat.points = [_plain(CurvePoint, p, f"{where} points") for p in values["points"]]
         return flat
-
-    def write(self, run: Path) -> None:
-        write_json(Path(run) / self.FILE, self.to_json())
-
-    @classmethod
-    def read(cls, run: Path) -> CurveResult:
-        path = Path(run) / cls.FILE
-        return cls.from_json(_read(path), str(path))

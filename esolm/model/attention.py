@@ -9,6 +9,7 @@ backend needs once per forward, not once per layer.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -124,8 +125,10 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, spec: AttentionMask) -> Tensor:
     return _flex_kernel(q.device)(q, k, v, block_mask=block_mask)
 
 
+@functools.cache
 def _flash_attn_func():
-    """flash-attn's ``flash_attn_func`` when the package is installed, else None."""
+    """flash-attn's ``flash_attn_func`` when the package is installed, else None (looked up once:
+    a failed import costs ~30 us, and ``_flash`` runs in every layer of every step)."""
     try:
         from flash_attn import flash_attn_func  # type: ignore[import-not-found]
     except ImportError:
@@ -239,7 +242,7 @@ def sdpa_flash_available() -> bool:
     return bool(probe()) if probe is not None else False
 
 
-def check_backend(backend: str, device: torch.device | None = None) -> None:
+def check_backend(backend: str) -> None:
     """At model construction: one warning when ``flash`` has no FlashAttention kernel here
     (neither the flash-attn package nor SDPA's flash kernel); it then runs as sdpa."""
     if backend == "flash" and not flash_available() and not sdpa_flash_available():

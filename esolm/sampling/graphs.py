@@ -27,21 +27,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from esolm.config import STEP_MODES as CONFIG_STEP_MODES
+from esolm.config import STEP_MODES
 from esolm.device import is_accelerator
 from esolm.model.attention import AttentionMask
 from esolm.model.backbone import Backbone, Conditioning, compute_dtype
 from esolm.model.cache import KVCache
 
 CAUSAL = AttentionMask("causal")
-
-STEP_MODES = CONFIG_STEP_MODES
-"""How cached decode steps run (``ScheduleSettings.step_mode``). dynamic: the cache grows step by
-step (the reference path);
-static: a fixed-size cache, every step of one shape runs the same kernels; compile: the static
-step through ``torch.compile`` (one compilation per step shape: tokens fed, committed, with
-logits); cuda_graphs: the static step captured once per shape as a CUDA graph on a GPU
-(elsewhere it runs as static)."""
 
 
 BUCKET: bool | None = None

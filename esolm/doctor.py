@@ -70,10 +70,10 @@ def check_backend(backend: str, dtype: torch.dtype, device: torch.device, L: int
     worst, where, done, t0 = 0.0, "", 0, time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fallbacks warn once; the doctor reports them itself
-        for label, spec, n_q, n_kv in cases:
+        for label, mask, n_q, n_kv in cases:
             if time.perf_counter() - t0 > time_limit:
                 break
-            err = backend_error(backend, spec, n_q, n_kv, dtype, device, grads)
+            err = backend_error(backend, mask, n_q, n_kv, dtype, device, grads)
             done += 1
             if not err <= worst:
                 worst, where = err, label

@@ -31,7 +31,7 @@ def rel_error(got: Tensor, ref: Tensor) -> float:
 
 # --------------------------------------------------------------------------- attention backends
 def mask_cases(L: int, B: int, device: torch.device) -> list[tuple[str, AttentionMask, int, int]]:
-    """(label, spec, n_q, n_kv) for every mask kind of ``MASK_KINDS`` (two_stream with each inner
+    """(label, mask, n_q, n_kv) for every mask kind of ``MASK_KINDS`` (two_stream with each inner
     mask, over two halves of L // 2), padding keys, and cached decode steps (a block of queries
     after L // 2 cached keys, a single query after L - 1). Three shapes in all, (L, L),
     (L // 2, L) and (1, L), so that a compiled kernel compiles few times. L % 8 == 0."""
@@ -50,7 +50,7 @@ def mask_cases(L: int, B: int, device: torch.device) -> list[tuple[str, Attentio
              ("full+padding", AttentionMask("full", keep=keep)),
              ("two_stream/block4+padding", AttentionMask(**two, block=4, inner="block_causal",
                                                     keep=torch.cat((keep_half, keep_half), 1)))]
-    out = [(label, spec, L, L) for label, spec in cases]
+    out = [(label, mask, L, L) for label, mask in cases]
     for off in (half, L - 1):
         out += [(f"decode causal@{off}", AttentionMask("causal", q_offset=off), L - off, L),
                 (f"decode prefix@{off}", AttentionMask("prefix", n_clean=n_clean, q_offset=off), L - off, L)]
@@ -58,7 +58,7 @@ def mask_cases(L: int, B: int, device: torch.device) -> list[tuple[str, Attentio
     return out
 
 
-def attention_error(fn: Callable[[Tensor, Tensor, Tensor], Tensor], spec: AttentionMask, n_q: int, n_kv: int,
+def attention_error(fn: Callable[[Tensor, Tensor, Tensor], Tensor], mask: AttentionMask, n_q: int, n_kv: int,
                     dtype: torch.dtype, device: torch.device, grads: bool, B: int = 2, H: int = 2,
                     D: int = 16, seed: int = 0) -> float:
     """``rel_error`` of ``fn(q, k, v)`` in ``dtype`` against the math backend in float64 on the
@@ -79,16 +79,16 @@ def attention_error(fn: Callable[[Tensor, Tensor, Tensor], Tensor], spec: Attent
                 return [out]
             return [out, *torch.autograd.grad((out.double() * w).sum(), ins)]
 
-    ref = run(lambda a, b, c: att.attention(a, b, c, spec, "math"), torch.float64)
+    ref = run(lambda a, b, c: att.attention(a, b, c, mask, "math"), torch.float64)
     return max(rel_error(a, b) for a, b in zip(run(fn, dtype), ref))
 
 
-def backend_error(backend: str, spec: AttentionMask, n_q: int, n_kv: int, dtype: torch.dtype,
+def backend_error(backend: str, mask: AttentionMask, n_q: int, n_kv: int, dtype: torch.dtype,
                   device: torch.device, grads: bool, **size: int) -> float:
     """``attention_error`` of ``attention(..., backend)`` (looked up at call time)."""
     att = importlib.import_module("esolm.model.attention")  # the module (esolm.model exports the function)
 
-    return attention_error(lambda a, b, c: att.attention(a, b, c, spec, backend), spec, n_q, n_kv, dtype,
+    return attention_error(lambda a, b, c: att.attention(a, b, c, mask, backend), mask, n_q, n_kv, dtype,
                            device, grads, **size)
 
 

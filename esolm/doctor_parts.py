@@ -107,9 +107,9 @@ def part_a(ctx: Ctx) -> bool:
     seen: set[tuple[str, ...]] = set()
     original = backbone.attention
 
-    def spy(q, k, v, spec, backend="sdpa"):
+    def spy(q, k, v, mask, backend="sdpa"):
         seen.add(tuple(str(t.dtype).removeprefix("torch.") for t in (q, k, v)))
-        return original(q, k, v, spec, backend)
+        return original(q, k, v, mask, backend)
 
     if hasattr(backbone, "attention"):  # the backbone's one attention call: q, k, v dtypes seen
         backbone.attention = spy
@@ -212,14 +212,14 @@ def part_b(ctx: Ctx) -> bool:
             if not runs:
                 rows.add({"backend": backend, "dtype": str(dtype)[6:], "ok": None, "unavailable": note})
                 continue
-            for label, spec, n_q, n_kv in mask_cases(L, B, ctx.device):
+            for label, mask, n_q, n_kv in mask_cases(L, B, ctx.device):
                 row = {"backend": backend, "dtype": str(dtype)[6:], "mask": label, "n_q": n_q, "n_kv": n_kv,
                        "gradients": grads}
                 if ctx.left() < 3:
                     rows.add({**row, "ok": None, "skipped": "no time left"})
                     continue
                 try:
-                    err = backend_error(backend, spec, n_q, n_kv, dtype, ctx.device, grads, B=B, H=H, D=D)
+                    err = backend_error(backend, mask, n_q, n_kv, dtype, ctx.device, grads, B=B, H=H, D=D)
                     row.update(max_err=err, ok=err <= TOLERANCE[dtype])
                 except Exception as e:  # recorded in the row
                     row.update(failure(e))

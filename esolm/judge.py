@@ -1,6 +1,6 @@
 """Quality of samples: generative perplexity under a judge LM, and unigram entropy.
 
-The judge is never a contestant. ``load_judge(spec)`` gives either the pipeline's dedicated AR
+The judge is never a contestant. ``load_judge(judge_name)`` gives either the pipeline's dedicated AR
 judge (``judge``: trained by its own stage, larger or longer than the contestants) or any other
 esolm AR model file, or ``hf:<name or folder>``: a Hugging Face causal LM through
 ``transformers`` (GPT-2 Large in the paper), ``trust_remote_code`` never. Samples are decoded to
@@ -111,16 +111,16 @@ class HFJudge:
                 "tokens": count, "per_sample_nll": per_sample}
 
 
-def load_judge(spec: str, run_dir: Path, device: torch.device, contestants: tuple[str, ...] = ()) -> Judge | HFJudge:
+def load_judge(judge_name: str, run_dir: Path, device: torch.device, contestants: tuple[str, ...] = ()) -> Judge | HFJudge:
     """``hf:<name or folder>`` -> ``HFJudge``; any other name -> the esolm AR model file
     ``run_dir / name / model.ckpt`` (the dedicated judge is ``judge``). A contestant's name is
     refused: no model grades its own samples."""
-    if spec.startswith("hf:"):
-        return HFJudge(spec[3:], device)
-    if spec in contestants:
-        raise ValueError(f"sample.judge={spec!r} is a contestant (a variant under variants:), so it would grade "
+    if judge_name.startswith("hf:"):
+        return HFJudge(judge_name[3:], device)
+    if judge_name in contestants:
+        raise ValueError(f"sample.judge={judge_name!r} is a contestant (a variant under variants:), so it would grade "
                          "its own samples: use judge (the dedicated AR judge stage) or hf:<model>")
-    path = run_dir / spec / "model.ckpt"
+    path = run_dir / judge_name / "model.ckpt"
     if not path.exists():
         raise FileNotFoundError(f"judge model {path} not found: train it first (esolm judge, or dvc repro judge)")
     return Judge.from_checkpoint(path, device)

@@ -154,8 +154,8 @@ def _bidirectional_logits(model: Backbone, z: Tensor, x: Tensor, pos: Tensor, ta
     cfg = model.config
     if cfg.family_record.two_stream_mask is None:
         return model(z, pos, clean_mask(cfg, keep=key_padding(valid)), logits_for=target)
-    spec = two_stream_mask(cfg, z.shape[1], keep=key_padding(torch.cat((valid, valid), 1)))
-    return model(torch.cat((z, x), 1), torch.cat((pos, pos), 1), spec, logits_for=target)
+    mask = two_stream_mask(cfg, z.shape[1], keep=key_padding(torch.cat((valid, valid), 1)))
+    return model(torch.cat((z, x), 1), torch.cat((pos, pos), 1), mask, logits_for=target)
 
 
 def bd3lm_random_order(batch: int, length: int, block: int,
@@ -283,7 +283,7 @@ def evaluate_split(model: Backbone, batches: list[Tensor], ev: EvalConfig, bytes
     and on the first ``ev.exact_batches`` of them the exact likelihood left to right (and under
     the sampler's order where the family's differs) and each importance-weighted bound; nats per
     token, perplexities, standard errors and bits per byte."""
-    cfg, spec = model.config, model.config.family_record
+    cfg, record = model.config, model.config.family_record
     gen = torch.Generator().manual_seed(ev.seed)
     nelbo = nelbo_per_token(model, batches, ev.nelbo_draws, gen, progress)
     exact = batches[: ev.exact_batches]
@@ -292,12 +292,12 @@ def evaluate_split(model: Backbone, batches: list[Tensor], ev: EvalConfig, bytes
     l2r = exact_per_token(model, exact, lambda b, n, g: left_to_right(b, n), gen, progress)
     out.update(exact_l2r_nats=l2r["nats_per_token"], exact_l2r_ppl=_ppl(l2r["nats_per_token"]),
                exact_l2r_stderr=l2r["stderr"], tokens=l2r["tokens"])
-    if spec.sampler_metric:
+    if record.sampler_metric:
         smp = exact_per_token(model, exact, lambda b, n, g: draw_orders(model, b, n, "sampler", g), gen, progress)
         out.update(exact_sampler_nats=smp["nats_per_token"], exact_sampler_ppl=_ppl(smp["nats_per_token"]),
                    exact_sampler_stderr=smp["stderr"])
     for k in ev.iw_orders:  # the paper's bound (sampler-law orders), then uniform orders
-        for law in spec.iw_laws:  # AR has one order, BD3-LM is random inside blocks: one law
+        for law in record.iw_laws:  # AR has one order, BD3-LM is random inside blocks: one law
             name = f"iw{k}" if law == "sampler" else f"iw{k}_{law}"
             rows = [v for x in exact for v in (-iw_log_prob(model, x, k, gen, law=law)).double().cpu().tolist()]
             iw = ratio_summary(rows, [n for x in exact for n in valid_tokens(cfg, x).sum(1).cpu().tolist()])

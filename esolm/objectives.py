@@ -134,8 +134,8 @@ def _natural(x: Tensor) -> Tensor:
 def mdlm_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
     """MDLM: bidirectional attention (the family's clean mask) over the natural order."""
     z, masked, weight = _noised(model, x, valid, d)
-    spec = clean_mask(model.config, keep=key_padding(valid))
-    nll = token_nll(model(z, _natural(x), spec), x)
+    mask = clean_mask(model.config, keep=key_padding(valid))
+    nll = token_nll(model(z, _natural(x), mask), x)
     return (weight * nll * masked).sum()
 
 
@@ -144,8 +144,8 @@ def bd3lm_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Tensor:
     z, masked, weight = _noised(model, x, valid, d)
     L, pos = x.shape[1], _natural(x)
     keep = key_padding(torch.cat((valid, valid), 1))
-    spec = two_stream_mask(model.config, L, keep=keep)
-    logits = model(torch.cat((z, x), 1), torch.cat((pos, pos), 1), spec, logits_for=slice(0, L))
+    mask = two_stream_mask(model.config, L, keep=keep)
+    logits = model(torch.cat((z, x), 1), torch.cat((pos, pos), 1), mask, logits_for=slice(0, L))
     return (weight * token_nll(logits, x) * masked).sum()
 
 
@@ -154,8 +154,8 @@ def eso_diffusion_nll(model: Backbone, x: Tensor, valid: Tensor, d: Draws) -> Te
     attention for (B), prefix attention (bidirectional among clean tokens) for (A)."""
     z, masked, weight = _noised(model, x, valid, d)
     order = clean_first_order(masked, d.u_perm, d.u_perm, padding=~valid)
-    spec = clean_mask(model.config, n_clean=(~masked & valid).sum(1))
-    nll = token_nll(model(z.gather(1, order), order, spec), x.gather(1, order))
+    mask = clean_mask(model.config, n_clean=(~masked & valid).sum(1))
+    nll = token_nll(model(z.gather(1, order), order, mask), x.gather(1, order))
     return (weight * nll * masked.gather(1, order)).sum()
 
 
@@ -181,9 +181,9 @@ def sequential_nll_for_order(model: Backbone, x: Tensor, masked: Tensor, order: 
     cfg = model.config
     L = x.shape[1]
     z0 = torch.where(masked, cfg.mask_token_id, x)
-    spec = two_stream_mask(cfg, L, n_clean=n_clean)
+    mask = two_stream_mask(cfg, L, n_clean=n_clean)
     tokens = torch.cat((z0.gather(1, order), x.gather(1, order)), 1)
-    logits = model(tokens, torch.cat((order, order), 1), spec, logits_for=slice(0, L))
+    logits = model(tokens, torch.cat((order, order), 1), mask, logits_for=slice(0, L))
     return token_nll(logits, x.gather(1, order)) * masked.gather(1, order)
 
 

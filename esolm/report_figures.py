@@ -34,11 +34,11 @@ def _save(plt, fig, path: Path) -> bool:
 def _baselines(ax, data: list[dict]) -> None:
     """A horizontal line per fixed-alpha_0 baseline (AR exact; MDLM, BD3-LM NELBO) and the unigram."""
     for d in data:
-        spec = FAMILIES.get(d["family"])
-        if d["family"] == "unigram" or (spec is not None and spec.fixed_alpha_0 is not None):
-            exact = spec is None or spec.autoregressive  # the unigram baseline is exact too
+        record = FAMILIES.get(d["family"])
+        if d["family"] == "unigram" or (record is not None and record.fixed_alpha_0 is not None):
+            exact = record is None or record.autoregressive  # the unigram baseline is exact too
             value = d["exact_l2r_ppl"] if exact else d["nelbo_ppl"]
-            color = "tab:gray" if spec is None else spec.color
+            color = "tab:gray" if record is None else record.color
             ax.axhline(value, ls=":", lw=1, color=color, label=f"{d['variant']} ({'exact' if exact else 'NELBO'})")
 
 

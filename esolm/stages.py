@@ -144,11 +144,11 @@ def settings_for(sc: ScheduleSettings, model) -> ScheduleSettings:
     return s if model.config.family_record.fixed_alpha_0 is None else replace(s, alpha_0=None)
 
 
-def judge_of(params: dict, spec: str, device: torch.device):
-    """The judge ``spec`` (``sample.judge``), never one of the contestants under ``variants``."""
+def judge_of(params: dict, judge_name: str, device: torch.device):
+    """The judge ``judge_name`` (``sample.judge``), never one of the contestants under ``variants``."""
     from esolm.judge import load_judge
 
-    return load_judge(spec, Path("runs"), device, contestants=tuple(section(params, "variants")))
+    return load_judge(judge_name, Path("runs"), device, contestants=tuple(section(params, "variants")))
 
 
 def judged_samples(model, tok, judge, settings: ScheduleSettings, num_samples: int, progress: bool) -> dict:

@@ -17,6 +17,7 @@ from typing import Any
 
 import duckdb
 
+from esolm.config import renamed_family
 from esolm.families import FAMILIES
 from esolm.io import read_jsonl
 from esolm.results import CurveResult, GenerationResult, LikelihoodResult
@@ -181,7 +182,7 @@ def _replace(con: duckdb.DuckDBPyConnection, table: str, where: dict, rows: list
 def _summary_row(rid: str, name: str, s: dict, like: LikelihoodResult | None) -> dict:
     """The variants row of one train.json (and the alpha_0 of its likelihood.json)."""
     warmup = s.get("mask_warmup") or {}
-    return {"run_id": rid, "variant": name, "family": s.get("family", s.get("variant")),  # variant: before the rename
+    return {"run_id": rid, "variant": name, "family": renamed_family(s).get("family"),
             "alpha_0": like.alpha_0 if like else None, "steps": s["steps"], "tokens": s["tokens"],
             "final_train_loss": s["final_train_loss"], "final_valid_loss": s["final_valid_loss"],
             "wall_s": s["wall_s"], "tokens_per_s": s["tokens_per_s"],

@@ -33,7 +33,7 @@ def test_quick_doctor_passes_on_this_cpu_and_reports_every_backend(tmp_path, cap
 def test_a_backend_that_returns_wrong_values_is_reported_failed(monkeypatch, capsys):
     att = importlib.import_module("esolm.model.attention")
     real = att._flex
-    monkeypatch.setattr(att, "_flex", lambda q, k, v, spec: real(q, k, v, spec) * 1.01)
+    monkeypatch.setattr(att, "_flex", lambda q, k, v, mask: real(q, k, v, mask) * 1.01)
     monkeypatch.setattr(doctor, "check_compile", lambda device: doctor.Check("torch.compile", doctor.OK))
     with pytest.raises(SystemExit) as exit_:
         main(["doctor", "--device", "cpu"])

@@ -23,20 +23,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_table_holds_every_family_and_configs_look_it_up():
     assert tuple(FAMILIES) == FAMILY_NAMES
-    for name, spec in FAMILIES.items():
-        assert isinstance(spec, Family) and spec.name == name
+    for name, record in FAMILIES.items():
+        assert isinstance(record, Family) and record.name == name
         cfg = ModelConfig(family=name, length=16, block_size=4)
-        assert cfg.family_record is spec
-        assert cfg.alpha_0 == (spec.default_alpha_0 if spec.fixed_alpha_0 is None else spec.fixed_alpha_0)
-        assert set(spec.terms) and set(spec.terms) <= {"diffusion", "sequential"}
+        assert cfg.family_record is record
+        assert cfg.alpha_0 == (record.default_alpha_0 if record.fixed_alpha_0 is None else record.fixed_alpha_0)
+        assert set(record.terms) and set(record.terms) <= {"diffusion", "sequential"}
         assert isinstance(clean_mask(cfg, n_clean=torch.zeros(2, dtype=torch.long)), AttentionMask)
-        if spec.two_stream_mask is not None:
+        if record.two_stream_mask is not None:
             assert two_stream_mask(cfg, 16, n_clean=torch.zeros(2, dtype=torch.long)).kind == "two_stream"
-        assert spec.search_dims <= ALL_DIMS and "top_p" in spec.search_dims
-        assert ("alpha_0" in spec.search_dims) == (spec.fixed_alpha_0 is None)
-        assert spec.iw_laws[0] == "sampler"
-        for law in spec.iw_laws:
-            order = ORDER_LAWS[spec.order_law](cfg, 3, 16, law, torch.Generator().manual_seed(0))
+        assert record.search_dims <= ALL_DIMS and "top_p" in record.search_dims
+        assert ("alpha_0" in record.search_dims) == (record.fixed_alpha_0 is None)
+        assert record.iw_laws[0] == "sampler"
+        for law in record.iw_laws:
+            order = ORDER_LAWS[record.order_law](cfg, 3, 16, law, torch.Generator().manual_seed(0))
             assert torch.equal(order.sort(1).values, torch.arange(16).expand(3, 16))
 
 

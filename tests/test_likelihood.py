@@ -50,11 +50,11 @@ def test_enumeration_detects_a_leak(monkeypatch):
     model = sharp_model("eso_b", vocab_size=3, length=4, dtype=torch.float64)
     honest = att.mask_function
 
-    def leaky(spec):
-        fn = honest(spec)
-        if spec.kind != "two_stream":
+    def leaky(mask):
+        fn = honest(mask)
+        if mask.kind != "two_stream":
             return fn
-        return lambda b, q, kv: fn(b, q, kv) | (kv == q + spec.half)
+        return lambda b, q, kv: fn(b, q, kv) | (kv == q + mask.half)
 
     monkeypatch.setattr(att, "mask_function", leaky)
     total = order_log_prob(model, ALL, left_to_right(81, 4)).exp().sum()

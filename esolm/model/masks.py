@@ -83,52 +83,52 @@ class AttentionMask:
             self.n_clean is not None and (self.kind == "prefix" or self.inner == "prefix"))
 
 
-def _inner(kind: str, spec: AttentionMask, b: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+def _inner(kind: str, mask: AttentionMask, b: Tensor, q: Tensor, kv: Tensor) -> Tensor:
     if kind == "causal":
         return kv <= q
     if kind == "full":
         return torch.ones_like(kv <= q)
     if kind == "prefix":
-        return (kv <= q) | (kv < spec.n_clean[b])
+        return (kv <= q) | (kv < mask.n_clean[b])
     if kind == "block_causal":
-        return torch.div(kv, spec.block, rounding_mode="floor") <= torch.div(
-            q, spec.block, rounding_mode="floor"
+        return torch.div(kv, mask.block, rounding_mode="floor") <= torch.div(
+            q, mask.block, rounding_mode="floor"
         )
     raise ValueError(kind)
 
 
-def mask_function(spec: AttentionMask) -> MaskFn:
-    """The mask of ``spec`` as ``allowed(b, q, kv)`` on broadcastable absolute indices."""
-    base = _structure(spec)
-    if spec.keep is None:
+def mask_function(mask: AttentionMask) -> MaskFn:
+    """The mask of ``mask`` as ``allowed(b, q, kv)`` on broadcastable absolute indices."""
+    base = _structure(mask)
+    if mask.keep is None:
         return base
-    keep = spec.keep
+    keep = mask.keep
     return lambda b, q, kv: base(b, q, kv) & (keep[b, kv] | (kv == q))
 
 
-def _structure(spec: AttentionMask) -> MaskFn:
-    if spec.kind != "two_stream":
-        return lambda b, q, kv: _inner(spec.kind, spec, b, q, kv)
-    half, blk = spec.half, spec.block
+def _structure(mask: AttentionMask) -> MaskFn:
+    if mask.kind != "two_stream":
+        return lambda b, q, kv: _inner(mask.kind, mask, b, q, kv)
+    half, blk = mask.half, mask.block
 
     def allowed(b: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         q_noisy, kv_noisy = q < half, kv < half
         qb = torch.div(q % half, blk, rounding_mode="floor")
         kb = torch.div(kv % half, blk, rounding_mode="floor")
         noisy_row = torch.where(kv_noisy, qb == kb, kb < qb)
-        clean_row = ~kv_noisy & _inner(spec.inner, spec, b, q - half, kv - half)
+        clean_row = ~kv_noisy & _inner(mask.inner, mask, b, q - half, kv - half)
         return torch.where(q_noisy, noisy_row, clean_row)
 
     return allowed
 
 
-def dense_mask(spec: AttentionMask, batch: int, n_q: int, n_kv: int, device: torch.device) -> Tensor:
+def dense_mask(mask: AttentionMask, batch: int, n_q: int, n_kv: int, device: torch.device) -> Tensor:
     """Boolean mask [B or 1, 1, n_q, n_kv]; True where attention is allowed."""
-    rows = batch if spec.per_row else 1
+    rows = batch if mask.per_row else 1
     b = torch.arange(rows, device=device).view(rows, 1, 1, 1)
-    q = (torch.arange(n_q, device=device) + spec.q_offset).view(1, 1, n_q, 1)
+    q = (torch.arange(n_q, device=device) + mask.q_offset).view(1, 1, n_q, 1)
     kv = torch.arange(n_kv, device=device).view(1, 1, 1, n_kv)
-    return mask_function(spec)(b, q, kv).expand(rows, 1, n_q, n_kv)
+    return mask_function(mask)(b, q, kv).expand(rows, 1, n_q, n_kv)
 
 
 _BANDS: dict[tuple[torch.device, int], Tensor] = {}

@@ -68,7 +68,7 @@ def generate(model: Backbone, settings: ScheduleSettings | None = None, *, promp
     benchmark's warm-up on the timed shapes); the tokens not reached stay masked and ``nfe``
     counts the passes run.
     """
-    cfg, spec = model.config, model.config.family_record
+    cfg, record = model.config, model.config.family_record
     s = _checked(model, settings, num_samples, stop_after)
     given, ids = _prompt(prompt, cfg.length, cfg.vocab_size)
     device = next(model.parameters()).device
@@ -97,9 +97,9 @@ def generate(model: Backbone, settings: ScheduleSettings | None = None, *, promp
             bar.close()
             out.append(x)
             schedules.append(plan)
-    used = s.replace(kv_cache=s.kv_cache and spec.kv_cache)
+    used = s.replace(kv_cache=s.kv_cache and record.kv_cache)
     return Generation(torch.cat(out), nfe, seconds, used.kv_cache, cfg.family, schedules,
-                      dec.logits if record_logits else None, _settings(spec.autoregressive, schedules[0], used))
+                      dec.logits if record_logits else None, _settings(record.autoregressive, schedules[0], used))
 
 
 def _checked(model: Backbone, settings: ScheduleSettings | None, num_samples: int,

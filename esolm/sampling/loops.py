@@ -106,9 +106,9 @@ def eso_a(model: Backbone, x: Tensor, sched: Schedule, dec: Decoder, kv_cache: b
                            logits_for=slice(1, None), cond=cond)
         else:  # diffusion step, the first sequential step (it fills the cache), or uncached
             feed = order[:, :start + k]
-            spec = clean_mask(cfg, n_clean=torch.full((B,), n_clean, device=x.device))
+            mask = clean_mask(cfg, n_clean=torch.full((B,), n_clean, device=x.device))
             commit = start if cache is not None and start == n_clean_end else 0
-            logits = model(x.gather(1, feed), feed, spec, cache=cache if commit else None,
+            logits = model(x.gather(1, feed), feed, mask, cache=cache if commit else None,
                            commit=commit, logits_for=slice(start, None), cond=cond)
         dec(x, cur, logits)
         start += k
@@ -139,7 +139,7 @@ def bd3lm(model: Backbone, x: Tensor, blocks: list[Schedule], dec: Decoder, kv_c
     of earlier blocks; a finished block is committed by the next block's first forward."""
     B = x.shape[0]
     size = model.config.block_size
-    spec = clean_mask(model.config)
+    mask = clean_mask(model.config)
     cache = model.new_cache(B) if kv_cache else None
     cond = model.conditioning()
     positions = torch.arange(model.config.length, device=x.device).expand(B, -1)
@@ -150,7 +150,7 @@ def bd3lm(model: Backbone, x: Tensor, blocks: list[Schedule], dec: Decoder, kv_c
         for k in sched.counts:
             cur = order[:, start:start + k]
             first = cache.length if cache is not None else 0
-            logits = model(x[:, first:(b + 1) * size], positions[:, first:(b + 1) * size], spec,
+            logits = model(x[:, first:(b + 1) * size], positions[:, first:(b + 1) * size], mask,
                            cache=cache, commit=b * size - first, logits_for=cur - first, cond=cond)
             dec(x, cur, logits)
             start += k

@@ -9,28 +9,28 @@ from esolm.device import pick_device
 from esolm.model.attention import AttentionMask, attention, dense_mask, flash_available
 
 
-def reference_mask(spec: AttentionMask, B: int, n_q: int, n_kv: int) -> torch.Tensor:
+def reference_mask(mask: AttentionMask, B: int, n_q: int, n_kv: int) -> torch.Tensor:
     """Independent, loop-based statement of each mask of method.md section 3."""
     out = torch.zeros(B, 1, n_q, n_kv, dtype=torch.bool)
     for b in range(B):
-        nc = int(spec.n_clean[b]) if spec.n_clean is not None else None
+        nc = int(mask.n_clean[b]) if mask.n_clean is not None else None
         for i in range(n_q):
-            q = i + spec.q_offset
+            q = i + mask.q_offset
             for kv in range(n_kv):
-                out[b, 0, i, kv] = _allowed(spec, nc, q, kv)
+                out[b, 0, i, kv] = _allowed(mask, nc, q, kv)
     return out
 
 
-def _allowed(spec: AttentionMask, nc: int | None, q: int, kv: int) -> bool:
-    if spec.kind == "causal":
+def _allowed(mask: AttentionMask, nc: int | None, q: int, kv: int) -> bool:
+    if mask.kind == "causal":
         return kv <= q
-    if spec.kind == "full":
+    if mask.kind == "full":
         return True
-    if spec.kind == "prefix":  # clean tokens see all clean tokens; masks see clean + earlier masks
+    if mask.kind == "prefix":  # clean tokens see all clean tokens; masks see clean + earlier masks
         return kv <= q or kv < nc
-    if spec.kind == "block_causal":
-        return kv // spec.block <= q // spec.block
-    L, blk = spec.half, spec.block
+    if mask.kind == "block_causal":
+        return kv // mask.block <= q // mask.block
+    L, blk = mask.half, mask.block
     if q < L:  # noisy query: its own noisy block, and clean blocks strictly before it
         if kv < L:
             return kv // blk == q // blk
@@ -38,7 +38,7 @@ def _allowed(spec: AttentionMask, nc: int | None, q: int, kv: int) -> bool:
     if kv < L:
         return False
     qc, kc = q - L, kv - L
-    inner = AttentionMask(spec.inner, block=blk, n_clean=spec.n_clean)
+    inner = AttentionMask(mask.inner, block=blk, n_clean=mask.n_clean)
     return _allowed(inner, nc, qc, kc)
 
 
@@ -57,10 +57,10 @@ def specs(L: int, B: int, gen: torch.Generator):
 @pytest.mark.parametrize("L", [1, 4, 8, 12])
 def test_masks_match_dense_reference(L, gen):
     B = 3
-    for spec in specs(L, B, gen):
-        n = 2 * L if spec.kind == "two_stream" else L
-        got = dense_mask(spec, B, n, n, torch.device("cpu")).expand(B, 1, n, n)
-        assert torch.equal(got, reference_mask(spec, B, n, n)), spec.kind
+    for mask in specs(L, B, gen):
+        n = 2 * L if mask.kind == "two_stream" else L
+        got = dense_mask(mask, B, n, n, torch.device("cpu")).expand(B, 1, n, n)
+        assert torch.equal(got, reference_mask(mask, B, n, n)), mask.kind
 
 
 @pytest.mark.parametrize("offset", [1, 5])
@@ -68,10 +68,10 @@ def test_masks_with_cached_prefix_match_reference(offset, gen):
     """Queries that start after ``offset`` cached keys (KV-cached decoding)."""
     B, n_q = 2, 4
     n_clean = torch.randint(0, offset + n_q + 1, (B,), generator=gen)
-    for spec in (AttentionMask("causal", q_offset=offset), AttentionMask("block_causal", block=2, q_offset=offset),
+    for mask in (AttentionMask("causal", q_offset=offset), AttentionMask("block_causal", block=2, q_offset=offset),
                  AttentionMask("prefix", n_clean=n_clean, q_offset=offset)):
-        got = dense_mask(spec, B, n_q, offset + n_q, torch.device("cpu")).expand(B, 1, n_q, -1)
-        assert torch.equal(got, reference_mask(spec, B, n_q, offset + n_q)), spec.kind
+        got = dense_mask(mask, B, n_q, offset + n_q, torch.device("cpu")).expand(B, 1, n_q, -1)
+        assert torch.equal(got, reference_mask(mask, B, n_q, offset + n_q)), mask.kind
 
 
 def _backends() -> list[str]:
@@ -91,14 +91,14 @@ def test_backends_match_math_with_gradients(backend, dtype, gen):
     device = pick_device("auto")
     B, H, D, L = 2, 2, 8, 8
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
-    for spec in specs(L, B, gen):
-        n = 2 * L if spec.kind == "two_stream" else L
-        spec = AttentionMask(spec.kind, spec.block, None if spec.n_clean is None else spec.n_clean.to(device),
-                        spec.half, spec.inner)
+    for mask in specs(L, B, gen):
+        n = 2 * L if mask.kind == "two_stream" else L
+        mask = AttentionMask(mask.kind, mask.block, None if mask.n_clean is None else mask.n_clean.to(device),
+                        mask.half, mask.inner)
         q, k, v = (torch.randn(B, H, n, D, generator=gen, dtype=dtype).to(device).requires_grad_()
                    for _ in range(3))
-        out = attention(q, k, v, spec, backend)
-        ref = attention(q, k, v, spec, "math")
+        out = attention(q, k, v, mask, backend)
+        ref = attention(q, k, v, mask, "math")
         torch.testing.assert_close(out, ref, **tol)
         w = torch.randn_like(out)
         grads = torch.autograd.grad((out * w).sum(), (q, k, v))

@@ -49,21 +49,21 @@ def _all_specs(L: int, B: int, gen: torch.Generator):
         yield AttentionMask("prefix", n_clean=n_clean, q_offset=off)
 
 
-def _shapes(spec: AttentionMask, L: int) -> tuple[int, int]:
-    n = 2 * L if spec.kind == "two_stream" else L
-    n_q = n - spec.q_offset
+def _shapes(mask: AttentionMask, L: int) -> tuple[int, int]:
+    n = 2 * L if mask.kind == "two_stream" else L
+    n_q = n - mask.q_offset
     return n_q, n
 
 
-def _attention_closure(spec: AttentionMask, L: int, gen: torch.Generator, grads: bool):
+def _attention_closure(mask: AttentionMask, L: int, gen: torch.Generator, grads: bool):
     B, H, D = 2, 2, 8
-    n_q, n_kv = _shapes(spec, L)
+    n_q, n_kv = _shapes(mask, L)
     q = torch.randn(B, H, n_q, D, generator=gen).requires_grad_(grads)
     k, v = (torch.randn(B, H, n_kv, D, generator=gen).requires_grad_(grads) for _ in range(2))
     w = torch.randn(B, H, n_q, D, generator=gen)
 
     def closure(backend: str) -> tuple[torch.Tensor, ...]:
-        out = attention(q, k, v, spec, backend)
+        out = attention(q, k, v, mask, backend)
         return (out, *torch.autograd.grad((out * w).sum(), (q, k, v))) if grads else (out,)
 
     return closure
@@ -71,10 +71,10 @@ def _attention_closure(spec: AttentionMask, L: int, gen: torch.Generator, grads:
 
 def test_flex_runs_every_mask_on_cpu_like_math(gen):
     """Values of flex attention (its mask_mod and block mask) equal math for every mask."""
-    for spec in _all_specs(8, 2, gen):
-        runs = run_under_backends(_attention_closure(spec, 8, gen, grads=False), ("math", "flex"))
+    for mask in _all_specs(8, 2, gen):
+        runs = run_under_backends(_attention_closure(mask, 8, gen, grads=False), ("math", "flex"))
         torch.testing.assert_close(runs["flex"][0], runs["math"][0], atol=1e-5, rtol=1e-5,
-                                   msg=lambda m, spec=spec: f"{spec}: {m}")
+                                   msg=lambda m, mask=mask: f"{mask}: {m}")
 
 
 def test_flex_gradients_on_cpu_fall_back_to_sdpa_with_the_same_mask(gen):
@@ -84,10 +84,10 @@ def test_flex_gradients_on_cpu_fall_back_to_sdpa_with_the_same_mask(gen):
     att._WARNED.clear()
     with pytest.warns(RuntimeWarning, match="no backward on CPU"):
         attention(*(torch.randn(1, 1, 4, 8).requires_grad_() for _ in range(3)), AttentionMask("causal"), "flex")
-    for spec in _all_specs(8, 2, gen):
-        runs = run_under_backends(_attention_closure(spec, 8, gen, grads=True), ("math", "flex"))
+    for mask in _all_specs(8, 2, gen):
+        runs = run_under_backends(_attention_closure(mask, 8, gen, grads=True), ("math", "flex"))
         for got, ref in zip(runs["flex"], runs["math"]):
-            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=lambda m, spec=spec: f"{spec}: {m}")
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=lambda m, mask=mask: f"{mask}: {m}")
 
 
 @pytest.mark.gpu
@@ -95,14 +95,14 @@ def test_flex_gradients_on_cpu_fall_back_to_sdpa_with_the_same_mask(gen):
 def test_flex_gradients_on_cuda_like_math(gen):
     device = torch.device("cuda")
     B, H, D, L = 2, 2, 16, 128
-    for spec in _all_specs(L, B, gen):
-        spec = AttentionMask(spec.kind, spec.block, None if spec.n_clean is None else spec.n_clean.to(device),
-                        spec.half, spec.inner, spec.q_offset,
-                        None if spec.keep is None else spec.keep.to(device))
-        n_q, n_kv = _shapes(spec, L)
+    for mask in _all_specs(L, B, gen):
+        mask = AttentionMask(mask.kind, mask.block, None if mask.n_clean is None else mask.n_clean.to(device),
+                        mask.half, mask.inner, mask.q_offset,
+                        None if mask.keep is None else mask.keep.to(device))
+        n_q, n_kv = _shapes(mask, L)
         q = torch.randn(B, H, n_q, D, device=device, requires_grad=True)
         k, v = (torch.randn(B, H, n_kv, D, device=device, requires_grad=True) for _ in range(2))
-        outs = {b: attention(q, k, v, spec, b) for b in ("flex", "math")}
+        outs = {b: attention(q, k, v, mask, b) for b in ("flex", "math")}
         grads = {b: torch.autograd.grad(o.sum(), (q, k, v)) for b, o in outs.items()}
         torch.testing.assert_close(outs["flex"], outs["math"], atol=1e-4, rtol=1e-4)
         for a, b in zip(grads["flex"], grads["math"]):
@@ -170,12 +170,12 @@ def test_decode_tail_masks_are_views_equal_to_the_reference(block):
         start = start // block * block
         n_kv = start + n_q
         kind = "causal" if block == 1 else "block_causal"
-        spec = AttentionMask(kind, block=block, q_offset=start)
+        mask = AttentionMask(kind, block=block, q_offset=start)
         got = tail_mask(block, n_q, n_kv, torch.device("cpu"))
         assert got.shape == (n_q, n_kv)
         if n_kv <= 40:
-            assert torch.equal(got[None, None].expand(B, 1, -1, -1), reference_mask(spec, B, n_q, n_kv))
-        assert torch.equal(got, att.dense_mask(spec, B, n_q, n_kv, torch.device("cpu"))[0, 0])
+            assert torch.equal(got[None, None].expand(B, 1, -1, -1), reference_mask(mask, B, n_q, n_kv))
+        assert torch.equal(got, att.dense_mask(mask, B, n_q, n_kv, torch.device("cpu"))[0, 0])
 
 
 # ----------------------------------------------------------------------------- bf16 autocast
@@ -273,11 +273,11 @@ def test_flash_backend_without_flash_attn_runs_like_math(monkeypatch, sdpa_flash
     monkeypatch.setattr(att, "is_accelerator", lambda device: True)
     monkeypatch.setattr(att, "_flash_attn_func", lambda: None)
     monkeypatch.setattr(att, "sdpa_flash_available", lambda: sdpa_flash)
-    for spec, n_q, n_kv in _decode_specs():
+    for mask, n_q, n_kv in _decode_specs():
         q = torch.randn(2, 2, n_q, 16, generator=gen).bfloat16()
         k, v = (torch.randn(2, 2, n_kv, 16, generator=gen).bfloat16() for _ in range(2))
-        out = attention(q, k, v, spec, "flash")
-        ref = attention(q.double(), k.double(), v.double(), spec, "math")
+        out = attention(q, k, v, mask, "flash")
+        ref = attention(q.double(), k.double(), v.double(), mask, "math")
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
 
@@ -289,16 +289,16 @@ def test_flash_backend_takes_flash_attn_with_a_bottom_right_causal_tail(monkeypa
 
     def fake(q, k, v, causal):  # flash-attn layout [B, N, H, D]; bottom-right aligned causal
         calls.append((q.shape[1], k.shape[1], causal))
-        spec = AttentionMask("causal", q_offset=k.shape[1] - q.shape[1]) if causal else AttentionMask("full")
-        return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), spec, "math").transpose(1, 2)
+        mask = AttentionMask("causal", q_offset=k.shape[1] - q.shape[1]) if causal else AttentionMask("full")
+        return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, "math").transpose(1, 2)
 
     monkeypatch.setattr(att, "is_accelerator", lambda device: True)
     monkeypatch.setattr(att, "_flash_attn_func", lambda: fake)
-    for spec, n_q, n_kv in _decode_specs():
+    for mask, n_q, n_kv in _decode_specs():
         q = torch.randn(1, 2, n_q, 8, generator=gen).bfloat16()
         k, v = (torch.randn(1, 2, n_kv, 8, generator=gen).bfloat16() for _ in range(2))
-        torch.testing.assert_close(attention(q, k, v, spec, "flash").double(),
-                                   attention(q.double(), k.double(), v.double(), spec, "math"),
+        torch.testing.assert_close(attention(q, k, v, mask, "flash").double(),
+                                   attention(q.double(), k.double(), v.double(), mask, "math"),
                                    atol=2e-2, rtol=2e-2)
     assert calls == [(12, 12, False), (12, 12, True), (1, 12, False), (3, 12, True)]  # not block_causal
 
@@ -312,9 +312,9 @@ def test_bf16_autocast_gives_attention_one_dtype_and_a_bf16_cache(monkeypatch, g
     seen = []
     orig = bb.attention
 
-    def spy(q, k, v, spec, backend="sdpa"):
+    def spy(q, k, v, mask, backend="sdpa"):
         seen.append((q.dtype, k.dtype, v.dtype))
-        return orig(q, k, v, spec, backend)
+        return orig(q, k, v, mask, backend)
 
     monkeypatch.setattr(bb, "attention", spy)
     for family in ("eso_b", "ar", "bd3lm"):
@@ -332,13 +332,13 @@ def test_bf16_autocast_gives_attention_one_dtype_and_a_bf16_cache(monkeypatch, g
 
 def test_single_query_decode_step_builds_no_mask_and_matches_math(gen):
     """One query at the tail of the keys sees every key: no dense mask is built for it."""
-    spec = AttentionMask("causal", q_offset=20)
-    assert att.prebuild(spec, 2, 1, 21, torch.device("cpu"), "sdpa").dense is None
-    assert att.prebuild(spec, 2, 1, 21, torch.device("cpu"), "math").dense is not None
+    mask = AttentionMask("causal", q_offset=20)
+    assert att.prebuild(mask, 2, 1, 21, torch.device("cpu"), "sdpa").dense is None
+    assert att.prebuild(mask, 2, 1, 21, torch.device("cpu"), "math").dense is not None
     assert att.prebuild(AttentionMask("causal", q_offset=18), 2, 3, 21, torch.device("cpu"), "sdpa").dense is not None
     q = torch.randn(2, 2, 1, 8, generator=gen, dtype=torch.float64)
     k, v = (torch.randn(2, 2, 21, 8, generator=gen, dtype=torch.float64) for _ in range(2))
-    torch.testing.assert_close(attention(q, k, v, spec, "sdpa"), attention(q, k, v, spec, "math"))
+    torch.testing.assert_close(attention(q, k, v, mask, "sdpa"), attention(q, k, v, mask, "math"))
 
 
 def test_sampling_never_runs_cudnn_attention(monkeypatch):
@@ -349,9 +349,9 @@ def test_sampling_never_runs_cudnn_attention(monkeypatch):
     states = []
     orig = bb.attention
 
-    def spy(q, k, v, spec, backend="sdpa"):
+    def spy(q, k, v, mask, backend="sdpa"):
         states.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return orig(q, k, v, spec, backend)
+        return orig(q, k, v, mask, backend)
 
     monkeypatch.setattr(bb, "attention", spy)
     assert torch.backends.cuda.cudnn_sdp_enabled()
@@ -376,12 +376,12 @@ def test_flex_builds_one_block_mask_per_forward_not_per_layer(monkeypatch, gen):
     B, L = 2, model.config.length
     x = torch.randint(0, 7, (B, L), generator=gen)
     pos = torch.arange(L).expand(B, L)
-    spec = AttentionMask("prefix", n_clean=torch.tensor([3, 9]))
+    mask = AttentionMask("prefix", n_clean=torch.tensor([3, 9]))
     outs = {}
     with torch.no_grad():
         for backend in ("flex", "math"):
             built.clear()
-            outs[backend] = with_backend(model, backend)(x, pos, spec)
+            outs[backend] = with_backend(model, backend)(x, pos, mask)
             if backend == "flex":
                 assert len(built) == 1
             cache = model.new_cache(B)  # a cached step after 10 tokens

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,13 @@ class MicroBatches(IterableDataset):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary name and renamed; loaded with weights_only=True."""
+    """Checkpoints written to a temporary name and renamed; loaded with weights_only=True.
+    ``before_first_save`` runs once, just before the first checkpoint of this run is written
+    (``training.Superseded.settle``: an earlier run's state is set aside only then)."""
+
+    def __init__(self, before_first_save: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self.before_first_save = before_first_save
 
     def save_checkpoint(self, checkpoint: dict, path: str | os.PathLike, storage_options: Any = None) -> None:
         bad = [k for k, v in checkpoint.get("state_dict", {}).items()
@@ -64,6 +70,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise RuntimeError(f"non-finite weights ({bad[0]}{' and others' if len(bad) > 1 else ''}) "
                                f"at step {checkpoint.get('global_step')}; {path} keeps the last finite "
                                f"state ({_step_of(Path(path))}): lower train.lr or check the data")
+        if self.before_first_save is not None:
+            self.before_first_save()
+            self.before_first_save = None
         atomic_save(checkpoint, Path(path))
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None,
@@ -166,16 +175,19 @@ class JsonlLog(pl.Callback):
     """The working curve ``runs/NAME/checkpoints/train.jsonl``, kept beside the resumable
     checkpoint: one row per ``log_every`` optimizer steps (rank 0 only). On resume the rows after
     the restored step are dropped, so the file is the curve of one run. ``train`` copies it to
-    ``runs/NAME/train.jsonl`` (the stage output) when training ends."""
+    ``runs/NAME/train.jsonl`` (the stage output) when training ends. While ``ready()`` is false
+    (a fresh run has not yet written its first checkpoint, so an earlier run's curve is still in
+    place) rows wait in memory; ``flush`` writes them."""
 
-    def __init__(self, path: Path, tc: TrainConfig, length: int) -> None:
-        self.path, self.tc, self.length = path, tc, length
+    def __init__(self, path: Path, tc: TrainConfig, length: int, ready: Callable[[], bool] = lambda: True) -> None:
+        self.path, self.tc, self.length, self.ready = path, tc, length, ready
         self.t_last, self.step_last = 0.0, 0
+        self.waiting: list[dict] = []
 
     def on_train_start(self, trainer: pl.Trainer, module: LitModel) -> None:
         import time
 
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.ready():
             keep = [r for r in read_jsonl(self.path) if r["step"] <= trainer.global_step]
             write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         self.t_last, self.step_last = time.perf_counter(), trainer.global_step
@@ -196,7 +208,15 @@ class JsonlLog(pl.Callback):
         module.losses.clear()
         self.t_last, self.step_last = now, step
         if trainer.is_global_zero:
+            self.waiting.append(row)
+            self.flush()
+
+    def flush(self) -> None:
+        """Append the waiting rows, once the earlier run's curve is out of the way."""
+        if self.waiting and self.ready():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write("".join(json.dumps(r) + "\n" for r in self.waiting))
+            self.waiting.clear()
 
 

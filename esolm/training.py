@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -65,71 +65,139 @@ def _val_loader(data_dir: Path, tc: TrainConfig, rank: int) -> DataLoader:
     return DataLoader(rows, batch_size=None)
 
 
-def trainer_for(tc: TrainConfig, run_dir: Path, progress: bool, callbacks: list) -> pl.Trainer:
+def trainer_for(tc: TrainConfig, run_dir: Path, progress: bool, callbacks: list,
+                before_first_save: Callable[[], None] | None = None) -> pl.Trainer:
+    """The Lightning trainer of ``tc``. Building it writes nothing, so a setting this machine
+    cannot run (``train.accelerator=gpu`` without one, ``fsdp`` on a CPU) is refused here, as one
+    line naming the setting, before a run folder is touched."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", every_n_train_steps=tc.ckpt_every,
                            save_top_k=1, enable_version_counter=False)
-    return pl.Trainer(
-        max_steps=tc.steps, accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
-        strategy=tc.strategy, precision=_precision(tc), gradient_clip_val=tc.grad_clip or None,
-        accumulate_grad_batches=tc.accumulate, val_check_interval=tc.val_every * tc.accumulate,
-        check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=False,
-        enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False,
-        plugins=[AtomicCheckpointIO()], callbacks=[ckpt, *callbacks], default_root_dir=run_dir)
+    try:
+        return pl.Trainer(
+            max_steps=tc.steps, accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes,
+            strategy=tc.strategy, precision=_precision(tc), gradient_clip_val=tc.grad_clip or None,
+            accumulate_grad_batches=tc.accumulate, val_check_interval=tc.val_every * tc.accumulate,
+            check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=False,
+            enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False,
+            plugins=[AtomicCheckpointIO(before_first_save)], callbacks=[ckpt, *callbacks],
+            default_root_dir=run_dir)
+    except (MisconfigurationException, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"train.accelerator={tc.accelerator!r}, strategy={tc.strategy!r}, "
+                         f"precision={tc.precision!r}, devices={tc.devices} cannot run on this machine "
+                         f"({first}); use train.accelerator=cpu or auto, strategy=auto") from None
+
+
+def check_data(tc: TrainConfig, data_dir: Path) -> None:
+    """The shards can feed ``tc``: a micro-step of every process takes ``micro x world`` rows of
+    the train split (``Batches`` drops a partial one), so a larger batch than the split holds is
+    refused before anything moves."""
+    from esolm.data import read_meta
+
+    meta = read_meta(data_dir)
+    rows = meta["splits"].get("train", {}).get("rows", 0)
+    need = tc.micro * tc.world_size
+    if rows < need:
+        raise ValueError(f"train.batch_size={tc.batch_size} needs {need} rows per micro-step "
+                         f"({tc.micro} x {tc.world_size} processes) but {data_dir} has {rows} training rows: "
+                         f"use train.batch_size <= {rows} (or a train.micro_batch_size with accumulation)")
+
+
+class Superseded:
+    """The state of an earlier run that a fresh run replaces: its resumable checkpoint and its
+    working curve. Nothing is moved when the fresh run starts; ``settle`` sets both aside (as
+    ``stale-<time>.ckpt`` / ``.jsonl``) just before the fresh run writes its first checkpoint, so
+    a run that fails earlier (a bad setting, a crash in the first steps) leaves the old state
+    resumable. ``clean`` removes the set-aside files once the fresh run has finished."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.folder = run_dir / "checkpoints"
+        self.files: list[Path] = []
+
+    def replace(self, files: list[Path]) -> None:
+        self.files = [f for f in files if f.exists()]
+
+    @property
+    def settled(self) -> bool:
+        return not self.files
+
+    def settle(self) -> None:
+        import time
+
+        stamp = int(time.time())
+        for f in self.files:
+            if f.exists():
+                aside = f.with_name(f"stale-{stamp}{f.suffix}")
+                os.replace(f, aside)
+                print(f"{f} set aside as {aside.name}: this run has written its first checkpoint")
+        self.files = []
+
+    def clean(self) -> None:
+        for f in self.folder.glob("stale-*"):
+            f.unlink(missing_ok=True)
 
 
 def train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fresh: bool = False,
           progress: bool = True, callbacks: list[pl.Callback] | None = None) -> dict:
     """Train (or resume) one variant; writes checkpoints/ (last.ckpt and the working curve, the
-    resumable state), then model.ckpt, train.jsonl and train.json (the stage's outputs)."""
-    training_objective(cfg, tc.objective)  # before any file is touched
+    resumable state), then model.ckpt, train.jsonl and train.json (the stage's outputs).
 
+    Every setting, the data and the machine are checked before a file is touched, and a
+    resumable state is set aside only when the new run has written its first checkpoint: a
+    rejected or failed run leaves ``run_dir`` as it was."""
+    training_objective(cfg, tc.objective)
+    check_data(tc, data_dir)
+    superseded = Superseded(run_dir)
+    log = JsonlLog(_working_log(run_dir), tc, cfg.length, ready=lambda: superseded.settled)
+
+    def first_save() -> None:  # the earlier state goes aside, then the rows that waited for it
+        superseded.settle()
+        log.flush()
+
+    with lightning_notices(progress):
+        trainer = trainer_for(tc, run_dir, progress, [log, *(callbacks or [])], first_save)
     run_dir.mkdir(parents=True, exist_ok=True)
     primary = os.environ.get("LOCAL_RANK", "0") == "0"  # DDP children share rank 0's lock
     with run_lock(run_dir / "checkpoints", "esolm train") if primary else contextlib.nullcontext():
-        fresh = _prepare_run_dir(cfg, tc, data_dir, run_dir, fresh)
-        return _fit(cfg, tc, data_dir, run_dir, fresh, progress, callbacks)
+        fresh = _plan_run(cfg, tc, data_dir, run_dir, fresh)
+        if fresh and rank_zero_only.rank == 0:
+            superseded.replace([run_dir / "checkpoints" / "last.ckpt", _working_log(run_dir)])
+        summary = _fit(cfg, tc, data_dir, run_dir, fresh, progress, trainer, log)
+        if rank_zero_only.rank == 0:
+            superseded.clean()
+        return summary
 
 
-def _prepare_run_dir(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fresh: bool) -> bool:
-    """Keep a resumable checkpoint, or set aside one from other settings, data or code (rank 0
-    moves it; every rank trains fresh); a checkpoint beyond ``train.steps`` is an error (never
-    silently a longer model). Returns whether training starts fresh."""
-    import time
-
+def _plan_run(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fresh: bool) -> bool:
+    """Whether training starts fresh (reads only): a checkpoint of these settings, data and code
+    is resumed; one from others is replaced (``Superseded``); one beyond ``train.steps`` is an
+    error (never silently a longer model)."""
     last = run_dir / "checkpoints" / "last.ckpt"
-    zero = rank_zero_only.rank == 0  # from the launcher's environment (torchrun, SLURM, Lightning)
     if last.exists() and not fresh:
         ckpt = safe_load(last)
         if ckpt.get("esolm_fingerprint") != fingerprint(cfg, tc, data_dir):
-            if zero:
-                aside = last.with_name(f"stale-{int(time.time())}.ckpt")
-                os.replace(last, aside)
-                print(f"{last} came from other settings, data or code; kept as {aside.name}, "
-                      "training from scratch")
-            fresh = True
-        elif ckpt.get("global_step", 0) > tc.steps:
+            if rank_zero_only.rank == 0:
+                print(f"{last} came from other settings, data or code: training from scratch; it is "
+                      "set aside (stale-*.ckpt) when this run writes its first checkpoint")
+            return True
+        if ckpt.get("global_step", 0) > tc.steps:
             raise ValueError(f"{last} is at step {ckpt['global_step']}, beyond train.steps={tc.steps}: "
                              "raise train.steps to continue it, or pass --fresh to train "
                              f"{tc.steps} steps from scratch")
-    if fresh and zero:
-        for stale in (last, _working_log(run_dir)):
-            stale.unlink(missing_ok=True)
     return fresh
 
 
 def _fit(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fresh: bool, progress: bool,
-         callbacks: list[pl.Callback] | None) -> dict:
+         trainer: pl.Trainer, log: JsonlLog) -> dict:
     import time
 
     last = run_dir / "checkpoints" / "last.ckpt"
-    fp = fingerprint(cfg, tc, data_dir)
     module = LitModel(cfg, tc)
-    module.fingerprint = fp
-    logs = [JsonlLog(_working_log(run_dir), tc, cfg.length), *(callbacks or [])]
+    module.fingerprint = fingerprint(cfg, tc, data_dir)
     with lightning_notices(progress):
-        trainer = trainer_for(tc, run_dir, progress, logs)
         rank = trainer.global_rank
         module.train_data = MicroBatches(Batches(data_dir, "train", tc.micro, seed=tc.seed, rank=rank,
                                                  world_size=tc.world_size))
@@ -139,6 +207,7 @@ def _fit(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fresh
         trainer.fit(module, loader, _val_loader(data_dir, tc, rank), ckpt_path=resume)
         seconds = time.perf_counter() - t0
     trainer.save_checkpoint(last, weights_only=False)
+    log.flush()
     return _finish(module, trainer, tc, data_dir, run_dir, seconds)
 
 

@@ -98,16 +98,78 @@ def test_resume_after_a_kill_is_exact(shards, tmp_path):
     assert losses[0] == losses[1]
 
 
-def test_a_checkpoint_from_other_settings_is_kept_aside_and_training_starts_fresh(shards, tmp_path):
+def test_a_checkpoint_from_other_settings_is_replaced_only_once_the_new_run_has_checkpointed(shards, tmp_path):
     short = TC.__class__(**{**TC.__dict__, "steps": 20})
     train(_cfg(shards, "eso_b"), short, shards, tmp_path / "r", progress=False)
+    old = (tmp_path / "r" / "checkpoints" / "last.ckpt").read_bytes()
+    seen: list[tuple[int, bool]] = []
+
+    class Watch(pl.Callback):  # before the first checkpoint of the new run, the old state is in place
+        def on_train_batch_end(self, trainer, *args):
+            state = tmp_path / "r" / "checkpoints" / "last.ckpt"
+            seen.append((trainer.global_step, state.read_bytes() == old))
+
     other = _cfg(shards, "eso_b").replace(d_model=64)
-    summary = train(other, short, shards, tmp_path / "r", progress=False)
+    summary = train(other, short, shards, tmp_path / "r", progress=False, callbacks=[Watch()])
     assert summary["steps"] == 20
-    assert list((tmp_path / "r" / "checkpoints").glob("stale-*.ckpt"))
+    assert all(same for step, same in seen if step < 20) and len(seen) >= 19
+    assert not list((tmp_path / "r" / "checkpoints").glob("stale-*"))  # cleaned once the run finished
     rows = [json.loads(r) for r in (tmp_path / "r" / "train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [10, 20]
     assert load_model(tmp_path / "r" / "model.ckpt").config.d_model == 64
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def resumable(shards, tmp_path_factory) -> Path:
+    """A finished, resumable run of 20 steps (checkpoints/last.ckpt and its working curve)."""
+    run = tmp_path_factory.mktemp("resumable") / "ar"
+    train(_cfg(shards, "ar"), TC.__class__(**{**TC.__dict__, "steps": 20}), shards, run, progress=False)
+    return run
+
+
+# the six settings of issue #22 that used to move last.ckpt aside and empty the working curve
+# before failing; each is now refused before a file of the run folder is touched
+REJECTED = [(dict(lr=-1.0), r"train.lr=-1.0 is invalid"), (dict(precision="fp7"), r"train.precision='fp7'"),
+            (dict(accelerator="gpu"), r"train.accelerator='gpu'.*cannot run on this machine"),
+            (dict(strategy="fsdp"), r"strategy='fsdp', .*cannot run on this machine"),
+            (dict(seed=-1), r"train.seed=-1 is invalid"),
+            (dict(batch_size=10_000_000), r"train.batch_size=10000000 needs .* training rows"),
+            (dict(grad_clip=-1.0), r"train.grad_clip=-1.0 is invalid.*0 for no clipping")]
+
+
+@pytest.mark.parametrize("change,match", REJECTED, ids=[next(iter(c)) for c, _ in REJECTED])
+def test_a_rejected_run_leaves_the_resumable_run_byte_identical(shards, resumable, change, match):
+    before = _snapshot(resumable)
+    with pytest.raises(ValueError, match=match):
+        train(_cfg(shards, "ar"), TC.__class__(**{**TC.__dict__, "steps": 40, **change}), shards, resumable,
+              progress=False)
+    assert _snapshot(resumable) == before
+
+
+def test_a_fresh_run_that_fails_before_its_first_checkpoint_keeps_the_old_state(shards, resumable, monkeypatch):
+    before = _snapshot(resumable)
+    from esolm import lit
+
+    real = lit.loss
+
+    def failing(*a, **k):  # a crash in the new run's third step
+        failing.calls += 1
+        if failing.calls == 3:
+            raise RuntimeError("crash in step 3")
+        return real(*a, **k)
+
+    failing.calls = 0
+    monkeypatch.setattr(lit, "loss", failing)
+    with pytest.raises(RuntimeError, match="crash in step 3"):
+        train(_cfg(shards, "ar").replace(d_model=64), TC.__class__(**{**TC.__dict__, "steps": 20}), shards,
+              resumable, progress=False)
+    after = _snapshot(resumable)
+    assert {k: v for k, v in after.items() if k != "checkpoints/.lock"} == \
+        {k: v for k, v in before.items() if k != "checkpoints/.lock"}
 
 
 def test_a_finished_run_resumes_to_the_same_model(shards, tmp_path):

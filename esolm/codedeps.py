@@ -153,7 +153,6 @@ STAGES: dict[str, tuple[str, ...]] = {
     "curve": ("esolm.cli:cmd_curve",),
     "bench": ("esolm.cli:cmd_bench",),
     "search": ("esolm.cli:cmd_search",),
-    "metrics": ("esolm.cli:cmd_metrics",),
     "report": ("esolm.cli:cmd_report",),
 }
 

@@ -1,11 +1,16 @@
-"""Headline metrics and training curves as small git-tracked files (``esolm metrics``).
+"""Headline metrics and training curves as small git-tracked files, each written by the stage
+that computes it.
 
-DVC experiments carry only what their commit holds, so the ``metrics`` stage copies the few
-numbers that compare runs out of the cached per-variant outputs into
-``reports/metrics/<variant>.json`` (test exact and NELBO perplexity, generative perplexity,
-seconds per sample) and each variant's training curve into ``reports/curves/<variant>.csv``.
-``dvc metrics show`` prints one row per variant, ``dvc exp show`` one column per number, and
-``dvc plots diff`` overlays the curves of several experiments.
+DVC experiments carry only what their commit holds, and ``dvc exp run ... evaluate@V`` runs
+only the stages that ``evaluate@V`` needs; so every stage writes its own few numbers beside its
+cached outputs (DVC ``metrics:`` / ``plots:`` of that stage):
+
+- ``train@V``: ``reports/curves/V.csv`` (the training curve);
+- ``evaluate@V``: ``reports/metrics/V/likelihood.json`` (test exact and NELBO perplexity);
+- ``sample@V``: ``reports/metrics/V/sampling.json`` (generative perplexity, seconds per sample).
+
+``dvc metrics show`` prints them, ``dvc exp show`` gives each a column, ``dvc plots diff``
+overlays the curves of several experiments, and ``esolm metrics`` prints one row per variant.
 """
 
 from __future__ import annotations
@@ -18,13 +23,11 @@ from pathlib import Path
 from esolm.io import write_json, write_text_atomic
 from esolm.results import GenerationResult, LikelihoodResult
 
-# headline key -> (file under runs/<variant>/, dotted key inside it)
-HEADLINE: dict[str, tuple[str, str]] = {
-    "exact_ppl": ("likelihood.json", "test.exact_l2r_ppl"),
-    "nelbo_ppl": ("likelihood.json", "test.nelbo_ppl"),
-    "gen_ppl": ("generation.json", "gen_ppl"),
-    "s_per_sample": ("generation.json", "seconds_per_sample"),
-}
+REPORTS = Path("reports")
+# headline key -> dotted key inside the stage's result (``esolm.results``), per stage
+LIKELIHOOD_KEYS = {"exact_ppl": "test.exact_l2r_ppl", "nelbo_ppl": "test.nelbo_ppl"}
+SAMPLING_KEYS = {"gen_ppl": "gen_ppl", "s_per_sample": "seconds_per_sample"}
+HEADLINE = (*LIKELIHOOD_KEYS, *SAMPLING_KEYS)
 CURVE_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s")
 
 
@@ -36,13 +39,23 @@ def _lookup(obj: dict, dotted: str) -> float | None:
     return obj if isinstance(obj, (int, float)) else None
 
 
-def variant_headline(run: Path) -> dict[str, float | None]:
-    """The headline numbers of one variant's run folder (None where a stage has not run), read
-    through each file's one reader (``esolm.results``)."""
-    loaded: dict[str, dict] = {}
-    for result in (LikelihoodResult, GenerationResult):
-        loaded[result.FILE] = result.read(run).to_json() if (run / result.FILE).exists() else {}
-    return {key: _lookup(loaded[f], dotted) for key, (f, dotted) in HEADLINE.items()}
+def metrics_file(variant: str, stage: str, out: Path = REPORTS) -> Path:
+    """``out/metrics/<variant>/<stage>.json`` (stage: ``likelihood`` or ``sampling``)."""
+    return out / "metrics" / variant / f"{stage}.json"
+
+
+def write_likelihood_metrics(variant: str, result: LikelihoodResult, out: Path = REPORTS) -> dict:
+    """The evaluate stage's headline numbers (its one writer of them)."""
+    numbers = {k: _lookup(result.to_json(), d) for k, d in LIKELIHOOD_KEYS.items()}
+    write_json(metrics_file(variant, "likelihood", out), numbers)
+    return numbers
+
+
+def write_sampling_metrics(variant: str, result: GenerationResult, out: Path = REPORTS) -> dict:
+    """The sample stage's headline numbers (its one writer of them)."""
+    numbers = {k: _lookup(result.to_json(), d) for k, d in SAMPLING_KEYS.items()}
+    write_json(metrics_file(variant, "sampling", out), numbers)
+    return numbers
 
 
 def curve_csv(train_jsonl: Path) -> str:
@@ -57,18 +70,22 @@ def curve_csv(train_jsonl: Path) -> str:
     return buf.getvalue()
 
 
-def write_headline(variants: list[str], runs: Path = Path("runs"),
-                   out: Path = Path("reports")) -> dict[str, dict]:
-    """Write ``out/metrics/<v>.json`` and ``out/curves/<v>.csv`` for every variant; files of
-    variants no longer in ``variants`` are removed. Returns the headline numbers."""
-    result = {}
-    for folder, suffix in (("metrics", ".json"), ("curves", ".csv")):
-        (out / folder).mkdir(parents=True, exist_ok=True)
-        for old in (out / folder).glob(f"*{suffix}"):
-            if old.stem not in variants:
-                old.unlink()
+def write_curve(variant: str, train_jsonl: Path, out: Path = REPORTS) -> Path:
+    """The train stage's curve file ``out/curves/<variant>.csv`` (its one writer)."""
+    path = out / "curves" / f"{variant}.csv"
+    write_text_atomic(path, curve_csv(train_jsonl))
+    return path
+
+
+def read_headline(variants: list[str], out: Path = REPORTS) -> dict[str, dict[str, float | None]]:
+    """The headline numbers of each variant as its stages wrote them (None where a stage has
+    not run): the reader of the files above, for ``esolm metrics`` and the Prefect artifact."""
+    table = {}
     for name in variants:
-        result[name] = variant_headline(runs / name)
-        write_json(out / "metrics" / f"{name}.json", result[name])
-        write_text_atomic(out / "curves" / f"{name}.csv", curve_csv(runs / name / "train.jsonl"))
-    return result
+        row: dict[str, float | None] = dict.fromkeys(HEADLINE)
+        for stage in ("likelihood", "sampling"):
+            path = metrics_file(name, stage, out)
+            if path.is_file():
+                row.update({k: v for k, v in json.loads(path.read_text()).items() if k in row})
+        table[name] = row
+    return table

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from esolm.config import CurveConfig, EvalConfig, ModelConfig, SampleConfig, ScheduleSettings, renamed_family
+from esolm.headline import write_curve, write_likelihood_metrics, write_sampling_metrics
 from esolm.io import write_text_atomic
 from esolm.params import build, section
 from esolm.results import CurvePoint, CurveResult, GenerationResult, LikelihoodResult
@@ -77,7 +78,9 @@ def train_stage(params: dict, name: str, fresh: bool, progress: bool) -> dict:
     tc = build(TrainConfig, dict(section(params, "train")), "train")  # every setting checked first
     ddir = data_dir(params)
     cfg = model_config(params, name, read_meta(ddir))
-    return train(cfg, tc, ddir, run_dir(name), fresh=fresh, progress=progress)
+    summary = train(cfg, tc, ddir, run_dir(name), fresh=fresh, progress=progress)
+    write_curve(name, run_dir(name) / "train.jsonl")  # the stage's DVC plot
+    return summary
 
 
 def _batches(ddir: Path, split: str, batch_size: int, n: int, device: torch.device) -> list[torch.Tensor]:
@@ -117,7 +120,9 @@ def evaluate_stage(params: dict, name: str, progress: bool) -> dict:
         result[key] = evaluate_split(model, batches, ev, zmeta["splits"][split]["bytes_per_token"], progress)
         result[key]["seconds"] = time.perf_counter() - t0
     splits = {k: v for k, v in result.items() if isinstance(v, dict)}
-    LikelihoodResult(name, model.config.family, model.config.alpha_0, splits).write(run_dir(name))
+    like = LikelihoodResult(name, model.config.family, model.config.alpha_0, splits)
+    like.write(run_dir(name))
+    write_likelihood_metrics(name, like)  # the stage's DVC metrics: its own numbers, never a parent's
     return result
 
 
@@ -165,7 +170,10 @@ def judged_samples(model, tok, judge, settings: ScheduleSettings, num_samples: i
             "entropy": sum(entropies) / len(entropies), "scores": judge.score(texts)}
 
 
-def sample_stage(params: dict, name: str, progress: bool) -> dict:
+def sample_stage(params: dict, name: str, progress: bool, out: Path | None = None) -> dict:
+    """Sample ``name`` with the ``sample:`` settings and judge the samples. The files
+    (``samples.jsonl``, ``generation.json``) are written only to ``out``; the variant's run folder
+    (the DVC stage: ``esolm sample --variant V --out runs/V``) also gets its headline metrics."""
     from esolm.checkpoint import load_run
     from esolm.device import pick_device
 
@@ -179,13 +187,16 @@ def sample_stage(params: dict, name: str, progress: bool) -> dict:
     rows = [{"index": i, "text": t, "ids": ids, "entropy": e, "judge_nll": n, "settings": settings}
             for i, (t, ids, e, n) in enumerate(zip(r["texts"], r["ids"], r["entropies"],
                                                    scores["per_sample_nll"]))]
-    write_text_atomic(run_dir(name) / "samples.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     result = GenerationResult(
         variant=name, family=model.config.family, nfe=g.nfe, seconds=g.seconds,
         seconds_per_sample=g.seconds / sc.num_samples, tokens_per_s=g.tokens.numel() / g.seconds,
         kv_cache=g.kv_cache, gen_ppl=scores["gen_ppl"], entropy=r["entropy"], judge=judge.name,
         schedule=settings, num_samples=sc.num_samples)
-    result.write(run_dir(name))
+    if out is not None:
+        write_text_atomic(out / "samples.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+        result.write(out)
+        if out.resolve() == run_dir(name).resolve():
+            write_sampling_metrics(name, result)
     return {**result.to_json(), "texts": r["texts"]}
 
 

@@ -15,7 +15,7 @@ from prefect.deployments import run_deployment
 
 from tasks.stages import headline_markdown, pull_runs, push_runs, repro_stage, stage_tags
 
-STAGES = ("prepare", "train", "evaluate", "sample", "metrics", "bench", "search", "report")
+STAGES = ("prepare", "train", "evaluate", "sample", "bench", "search", "report")
 
 
 def run_remote_stage(deployment: str, stage: str) -> None:

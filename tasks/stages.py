@@ -111,13 +111,16 @@ def ingest_and_report(repo: str = ".", label: str = "pipeline") -> str:
 
 @task
 def headline_markdown(repo: str = ".") -> str:
-    """The headline table (``reports/metrics/<variant>.json`` of the checkout) as markdown."""
-    from esolm.headline import HEADLINE
+    """The headline table (``reports/metrics/<variant>/*.json`` of the checkout, each written
+    by the stage that computed it) as markdown."""
+    from esolm.headline import HEADLINE, read_headline
     from esolm.report import markdown_table
 
-    rows = [(p.stem, *json.loads(p.read_text()).values())
-            for p in sorted((Path(repo) / "reports" / "metrics").glob("*.json"))]
-    return markdown_table(["variant", *HEADLINE], rows)
+    reports = Path(repo) / "reports"
+    names = sorted(p.name for p in (reports / "metrics").iterdir() if p.is_dir()) \
+        if (reports / "metrics").is_dir() else []
+    table = read_headline(names, reports)
+    return markdown_table(["variant", *HEADLINE], [(n, *table[n].values()) for n in names])
 
 
 def _sets(sets: list[str]) -> list[str]:

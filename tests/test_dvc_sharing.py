@@ -60,7 +60,8 @@ def test_experiments_compare_and_a_remote_shares_runs(tmp_path):
     experiment = next(r for r in table if r["Experiment"] == "draws1")
     for row in (baseline, experiment):
         for key in ("exact_ppl", "nelbo_ppl", "gen_ppl", "s_per_sample"):
-            value = row[f"reports/metrics/eso_b_a05.json:{key}"]
+            stage = "likelihood" if key.endswith("ppl") and key != "gen_ppl" else "sampling"
+            value = row[f"reports/metrics/eso_b_a05/{stage}.json:{key}"]
             assert float(value) > 0, f"{row['rev']} lacks {key}: {value!r}"
     assert experiment["evaluate.nelbo_draws"] == "1" and baseline["evaluate.nelbo_draws"] == "2"
     assert "nelbo_ppl" in run(["dvc", "metrics", "diff", "HEAD", "draws1"], one)

@@ -76,7 +76,7 @@ def test_train_evaluate_sample_write_every_field(project):
     assert judge["train"]["steps"] == 12 and judge["test_ppl"] > 1
     assert json.loads((project / "runs" / "judge" / "likelihood.json").read_text())["family"] == "ar"
     for name in ("ar", "mdlm", "eso_b_a05"):
-        s = sample_stage(params, name, progress=False)
+        s = sample_stage(params, name, progress=False, out=project / "runs" / name)
         assert s["nfe"] > 0 and s["gen_ppl"] > 1 and s["entropy"] > 0 and s["judge"] == "judge"
         rows = (project / "runs" / name / "samples.jsonl").read_text().splitlines()
         assert len(rows) == 4 and {"text", "ids", "settings"} <= set(json.loads(rows[0]))
@@ -93,7 +93,8 @@ def test_search_then_sample_with_the_best_schedule_then_report(project):
     assert out["trials"] == 3
     best = json.loads((project / "search" / "best.json").read_text())
     if best["schedule"] is not None:
-        s = sample_stage(apply_sets(_params(project), ["sample.schedule=best"]), "eso_b_a05", progress=False)
+        s = sample_stage(apply_sets(_params(project), ["sample.schedule=best"]), "eso_b_a05", progress=False,
+                         out=project / "runs" / "eso_b_a05")
         assert s["schedule"]["order"] == best["schedule"]["order"]
         if best["schedule"]["order"] == "random":  # a block order records the steps it ran
             assert s["schedule"]["steps"] == best["schedule"]["steps"]
@@ -156,29 +157,40 @@ def test_the_study_belongs_to_the_model_file_and_workers_share_it(project):
     assert search_trials(params, n_trials=2) == 2 and len(search_study(params)[1].trials) == 2
 
 
-def test_headline_files_hold_a_few_numbers_per_variant_and_the_curves(project):
+def test_each_stage_writes_its_own_headline_numbers_and_the_train_stage_its_curve(project):
+    """The numbers DVC shows for an experiment come from the stage that computed them (issue
+    #22: a metrics stage that `dvc exp run evaluate@V` never ran showed the parent's numbers)."""
     import csv
 
-    from esolm.headline import write_headline
+    from esolm.headline import HEADLINE, read_headline
 
-    (project / "reports" / "metrics").mkdir(parents=True, exist_ok=True)
-    (project / "reports" / "metrics" / "gone.json").write_text("{}")
-    result = write_headline(["ar", "mdlm", "eso_b_a05"], project / "runs", project / "reports")
-    assert sorted(p.name for p in (project / "reports" / "metrics").iterdir()) == [
-        "ar.json", "eso_b_a05.json", "mdlm.json"]
+    table = read_headline(["ar", "mdlm", "eso_b_a05", "nope"], project / "reports")
     for name in ("ar", "mdlm", "eso_b_a05"):
-        saved = json.loads((project / "reports" / "metrics" / f"{name}.json").read_text())
         like = json.loads((project / "runs" / name / "likelihood.json").read_text())
         gen = json.loads((project / "runs" / name / "generation.json").read_text())
-        assert saved == result[name] == {"exact_ppl": like["test"]["exact_l2r_ppl"],
-                                         "nelbo_ppl": like["test"]["nelbo_ppl"], "gen_ppl": gen["gen_ppl"],
-                                         "s_per_sample": gen["seconds_per_sample"]}
+        assert json.loads((project / "reports" / "metrics" / name / "likelihood.json").read_text()) == {
+            "exact_ppl": like["test"]["exact_l2r_ppl"], "nelbo_ppl": like["test"]["nelbo_ppl"]}
+        assert json.loads((project / "reports" / "metrics" / name / "sampling.json").read_text()) == {
+            "gen_ppl": gen["gen_ppl"], "s_per_sample": gen["seconds_per_sample"]}
+        assert table[name] == {"exact_ppl": like["test"]["exact_l2r_ppl"], "nelbo_ppl": like["test"]["nelbo_ppl"],
+                               "gen_ppl": gen["gen_ppl"], "s_per_sample": gen["seconds_per_sample"]}
         rows = list(csv.DictReader((project / "reports" / "curves" / f"{name}.csv").open()))
         logged = [json.loads(r) for r in (project / "runs" / name / "train.jsonl").read_text().splitlines()]
         assert [int(r["step"]) for r in rows] == [r["step"] for r in logged] and rows
         assert [float(r["loss"]) for r in rows] == pytest.approx([r["loss"] for r in logged])
-    assert write_headline(["nope"], project / "runs", project / "reports")["nope"] == dict.fromkeys(
-        ("exact_ppl", "nelbo_ppl", "gen_ppl", "s_per_sample"))
+    assert table["nope"] == dict.fromkeys(HEADLINE)
+
+
+def test_sampling_without_an_out_folder_writes_nothing_dvc_tracks(project):
+    from esolm.stages import sample_stage
+
+    def files() -> dict[str, bytes]:
+        return {str(f): f.read_bytes() for top in ("runs", "reports") for f in sorted((project / top).rglob("*"))
+                if f.is_file()}
+
+    before = files()
+    s = sample_stage(_params(project), "mdlm", progress=False)
+    assert len(s["texts"]) == 4 and files() == before
 
 
 def test_report_escapes_generated_text(project, tmp_path):

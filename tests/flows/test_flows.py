@@ -124,10 +124,10 @@ def test_stage_tasks_carry_the_dvc_and_stage_tags():
 def test_headline_markdown_reads_the_metrics_files_of_the_checkout(tmp_path):
     from tasks.stages import headline_markdown
 
-    folder = tmp_path / "reports" / "metrics"
+    folder = tmp_path / "reports" / "metrics" / "ar"  # each stage's own file (esolm/headline.py)
     folder.mkdir(parents=True)
-    (folder / "ar.json").write_text(json.dumps({"exact_ppl": 12.5, "nelbo_ppl": 13.0, "gen_ppl": 40.0,
-                                                "s_per_sample": 0.01}))
+    (folder / "likelihood.json").write_text(json.dumps({"exact_ppl": 12.5, "nelbo_ppl": 13.0}))
+    (folder / "sampling.json").write_text(json.dumps({"gen_ppl": 40.0, "s_per_sample": 0.01}))
     table = headline_markdown.fn(str(tmp_path))
     assert table.splitlines()[0] == "| variant | exact_ppl | nelbo_ppl | gen_ppl | s_per_sample |"
     assert table.splitlines()[2] == "| ar | 12.5 | 13 | 40 | 0.01 |"

@@ -37,6 +37,7 @@ from esolm.model.backbone import Backbone
 from esolm.profiling import random_weights
 from esolm.sampling import generate
 from esolm.sampling.graphs import check_step_mode
+from esolm.throughput import BenchRow
 
 VARIANTS: dict[str, tuple[str, dict]] = {
     "eso_b": ("eso_b", {"alpha_0": 1.0}),
@@ -46,8 +47,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "bd3lm_l16": ("bd3lm", {"block_size": 16}),
     "ar": ("ar", {}),
 }
-"""The bench's variants: name -> (family, settings). A row of the bench is one variant timed at
-one length, NFE budget and batch size; ``speedup_vs_<variant>`` compares variants of one cell."""
+"""The bench's variants: name -> (family, settings). A row of the bench (``throughput.BenchRow``) is one
+variant timed at one length, NFE budget and batch size; its ``speedup_vs`` compares the variants of one cell."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WARMUP_STEPS = 16
 
@@ -225,9 +226,9 @@ def _setup(bc: BenchConfig, variant: str, length: int, nfe: str | int, batch: in
 
 
 def time_cell(bc: BenchConfig, variants: tuple[str, ...], length: int, nfe: str | int,
-              device: torch.device, batch: int | None = None) -> list[dict]:
+              device: torch.device, batch: int | None = None) -> list[BenchRow]:
     """Median sampling time of each variant at one length, NFE budget and batch, with memory,
-    and the ratios of every variant's median over every other's (``speedup_vs_<variant>``).
+    and the ratios of every other variant's median over each one's (``BenchRow.speedup_vs``).
 
     The repeats are interleaved (repeat r of every variant, then r + 1), so that a change in
     the machine's load during the run hits every variant alike. Besides wall time, each row
@@ -254,30 +255,25 @@ def time_cell(bc: BenchConfig, variants: tuple[str, ...], length: int, nfe: str 
             kind = mem.kind
     rows = [_row(bc, f, length, nfe, device, setups[f], wall[f], cpu[f], nfes[f], peaks.get(f), kind)
             for f in variants]
-    for r in rows:
-        for ref in rows:
-            if ref is not r:
-                r[f"speedup_vs_{ref['variant']}"] = ref["median_s"] / r["median_s"]
-                r[f"cpu_speedup_vs_{ref['variant']}"] = ref["median_cpu_s"] / r["median_cpu_s"]
-    return rows
+    return [replace(r, speedup_vs={q.variant: q.median_s / r.median_s for q in rows if q is not r},
+                    cpu_speedup_vs={q.variant: q.median_cpu_s / r.median_cpu_s for q in rows if q is not r})
+            for r in rows]
 
 
 def _row(bc: BenchConfig, variant: str, length: int, nfe: str | int, device: torch.device,
          setup: tuple[Backbone, int, float], wall: list[float], cpu: list[float], nfes: list[int],
-         peak: int | None, peak_kind: str) -> dict:
+         peak: int | None, peak_kind: str) -> BenchRow:
     model, steps, scale = setup
     median = statistics.median(wall)
-    return {"variant": variant, "family": model.config.family, "length": length,
-            "nfe": int(statistics.median(nfes)), "nfe_budget": str(nfe), "batch_size": bc.batch_size,
-            "median_s": median, "median_cpu_s": statistics.median(cpu),
-            "tokens_per_s": bc.batch_size * length / median, "repeats": bc.repeats,
-            "warmup": bc.warmup, "device": _device_name(device), "d_model": bc.d_model,
-            "n_layers": bc.n_layers, "n_heads": bc.n_heads, "vocab_size": bc.vocab_size,
-            "dtype": bc.dtype, "step_mode": bc.mode(device), "schedule": "power",
-            "params": sum(p.numel() for p in model.parameters()),
-            "kv_cache_bytes": kv_cache_bytes(model, bc.batch_size), "peak_mem_bytes": peak,
-            "peak_mem_kind": peak_kind, "torch": torch.__version__,
-            "extrapolated_from_nfe": steps if scale != 1.0 else None}
+    return BenchRow(
+        variant=variant, family=model.config.family, length=length, nfe=int(statistics.median(nfes)),
+        nfe_budget=str(nfe), batch_size=bc.batch_size, median_s=median, median_cpu_s=statistics.median(cpu),
+        tokens_per_s=bc.batch_size * length / median, repeats=bc.repeats, warmup=bc.warmup,
+        device=_device_name(device), d_model=bc.d_model, n_layers=bc.n_layers, n_heads=bc.n_heads,
+        vocab_size=bc.vocab_size, dtype=bc.dtype, step_mode=bc.mode(device), schedule="power",
+        params=sum(p.numel() for p in model.parameters()), kv_cache_bytes=kv_cache_bytes(model, bc.batch_size),
+        peak_mem_bytes=peak, peak_mem_kind=peak_kind, torch=torch.__version__,
+        extrapolated_from_nfe=steps if scale != 1.0 else None)
 
 
 def _device_name(device: torch.device) -> str:
@@ -287,16 +283,16 @@ def _device_name(device: torch.device) -> str:
 
 
 def run_bench(bc: BenchConfig, device: torch.device, progress: bool = True,
-              on_cell: Callable[[list[dict]], None] | None = None) -> list[dict]:
-    """All cells (length x NFE budget x batch size), each row with ``speedup_vs_<variant>`` ratios
-    (wall time) over every other variant of its cell and ``cpu_speedup_vs_<variant>`` from process
-    CPU time. ``on_cell(rows so far)`` runs after every cell (the caller writes them out)."""
+              on_cell: Callable[[list[BenchRow]], None] | None = None) -> list[BenchRow]:
+    """All cells (length x NFE budget x batch size), each row with its ratios over every other
+    variant of its cell (``speedup_vs``: wall time, ``cpu_speedup_vs``: process CPU time).
+    ``on_cell(rows so far)`` runs after every cell (the caller writes them out: ``write_bench``)."""
     bc = bc.resolved()
     if bc.threads:
         torch.set_num_threads(bc.threads)
     cells = [(L, n, b) for L in bc.lengths for n in bc.nfe for b in bc.batches(L)]
-    rows: list[dict] = []
-    for L, n, b in tqdm(cells, desc="bench", disable=not progress):
+    rows: list[BenchRow] = []
+    for L, n, b in tqdm(cells, desc="bench", disable=None if progress else True):
         rows += time_cell(bc, bc.variants, L, n, device, batch=b)
         if on_cell is not None:
             on_cell(rows)
@@ -314,16 +310,16 @@ def settings_line(bc: BenchConfig, device: torch.device) -> str:
             f"runs of the first {WARMUP_STEPS} forward passes of the timed configuration")
 
 
-def format_rows(rows: list[dict]) -> str:
-    """A plain-text table: time, NFE, tokens/s, KV-cache and peak memory per cell."""
+def format_rows(rows: list[BenchRow]) -> str:
+    """A plain-text table: time, NFE, tokens/s, KV-cache and peak memory per cell ("-": not recorded)."""
     head = (f"{'variant':<10} {'L':>6} {'batch':>5} {'NFE':>6} {'median_s':>10} {'cpu_s':>9} {'tok/s':>9} "
             f"{'kv_MiB':>8} {'peak_MiB':>9}")
     out = [head]
     for r in rows:
-        peak = "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
-        note = f"  (timed at NFE={r['extrapolated_from_nfe']}, scaled linearly)" \
-            if r.get("extrapolated_from_nfe") else ""
-        out.append(f"{r['variant']:<10} {r['length']:>6} {r['batch_size']:>5} {r['nfe']:>6} {r['median_s']:>10.3f} "
-                   f"{r['median_cpu_s']:>9.3f} "
-                   f"{r['tokens_per_s']:>9.1f} {r['kv_cache_bytes'] / 2**20:>8.2f} {peak:>9}{note}")
+        cpu = "-" if r.median_cpu_s is None else f"{r.median_cpu_s:.3f}"
+        kv = "-" if r.kv_cache_bytes is None else f"{r.kv_cache_bytes / 2**20:.2f}"
+        peak = "-" if r.peak_mem_bytes is None else f"{r.peak_mem_bytes / 2**20:.1f}"
+        note = f"  (timed at NFE={r.extrapolated_from_nfe}, scaled linearly)" if r.extrapolated_from_nfe else ""
+        out.append(f"{r.variant:<10} {r.length:>6} {r.batch_size:>5} {r.nfe:>6} {r.median_s:>10.3f} {cpu:>9} "
+                   f"{r.tokens_per_s:>9.1f} {kv:>8} {peak:>9}{note}")
     return "\n".join(out)

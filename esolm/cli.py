@@ -8,8 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from esolm.io import write_json
-from esolm.params import build, load_params, section
+from esolm.params import build, check_variant, load_params, section
 
 
 def cmd_prepare(args: argparse.Namespace, params: dict) -> None:
@@ -22,6 +21,7 @@ def cmd_bench(args: argparse.Namespace, params: dict) -> None:
     from esolm.bench import BenchConfig, format_rows, run_bench, settings_line
     from esolm.device import pick_device
     from esolm.plots import speedup
+    from esolm.throughput import write_bench
 
     values = dict(section(params, "bench"))
     out = Path(values.pop("out", "reports/bench.json"))
@@ -31,16 +31,16 @@ def cmd_bench(args: argparse.Namespace, params: dict) -> None:
     if args.profile:
         return _profile(bc, device)
     # every finished cell is written at once: a run cut short keeps what it timed
-    rows = run_bench(bc, device, progress=not args.quiet, on_cell=lambda done: write_json(out, done))
+    rows = run_bench(bc, device, progress=not args.quiet, on_cell=lambda done: write_bench(out, done))
     png = out.with_suffix(".png")
-    drawn = _bench_figure(speedup, rows, png)
+    drawn = _bench_figure(speedup, [r.to_json() for r in rows], png)  # plain rows: the report's too
     print(settings_line(bc, device))
     print(format_rows(rows))
     for r in rows:
-        if r["variant"] == "eso_b":
-            ratios = ", ".join(f"{k[11:]} {v:.2f}x" for k, v in r.items() if k.startswith("speedup_vs_"))
-            cpu = ", ".join(f"{k[15:]} {v:.2f}x" for k, v in r.items() if k.startswith("cpu_speedup_vs_"))
-            print(f"L={r['length']} NFE={r['nfe']} batch={r['batch_size']}: eso_b {r['median_s']:.3f}s; "
+        if r.variant == "eso_b":
+            ratios = ", ".join(f"{k} {v:.2f}x" for k, v in r.speedup_vs.items())
+            cpu = ", ".join(f"{k} {v:.2f}x" for k, v in r.cpu_speedup_vs.items())
+            print(f"L={r.length} NFE={r.nfe} batch={r.batch_size}: eso_b {r.median_s:.3f}s; "
                   f"speedup over {ratios} (wall); over {cpu} (process CPU time)")
     print(f"wrote {out}" + (f" and {png}" if drawn else ""))
 
@@ -85,7 +85,7 @@ def cmd_train(args: argparse.Namespace, params: dict) -> None:
 
     summary = train_stage(params, args.variant, args.fresh, not args.quiet)
     if rank_zero_only.rank == 0:  # under DDP every process runs this verb; one prints
-        print(json.dumps(summary, indent=2))
+        print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))  # train.json has all
 
 
 def cmd_evaluate(args: argparse.Namespace, params: dict) -> None:
@@ -118,23 +118,78 @@ def cmd_curve(args: argparse.Namespace, params: dict) -> None:
 def cmd_export(args: argparse.Namespace, params: dict) -> None:
     from esolm.checkpoint import export
 
-    out = export(Path("runs") / args.variant / "model.ckpt", Path(args.out or f"exports/{args.variant}"))
-    print(f"wrote {out}/ (config.json, model.safetensors, tokenizer.json, README.md); "
+    if args.layout == "authors":
+        from esolm.published_io import export_authors as export  # type: ignore[assignment]
+    out = export(Path("runs") / args.variant / "model.ckpt", Path(args.out or f"exports/{args.variant}"),
+                 force=args.force)
+    print(f"wrote {out}/ (config.json, model.safetensors, tokenizer.json, README.md; {args.layout} layout); "
           f"load it with esolm.load({str(out)!r})")
 
 
-def cmd_sample(args: argparse.Namespace, params: dict) -> None:
-    from esolm.stages import prompted_samples, sample_stage
+def cmd_import(args: argparse.Namespace, params: dict) -> None:
+    from esolm.published_io import import_model
 
+    out = import_model(args.source, Path("runs") / args.variant / "model.ckpt", family=args.family,
+                       alpha_0=args.alpha_0, batch_split=args.batch_split, raw=args.raw,
+                       tokenizer=args.tokenizer)
+    print(f"wrote {out} from {args.source}; evaluate and sample it with --variant {args.variant}")
+
+
+def cmd_sample(args: argparse.Namespace, params: dict) -> None:
+    from esolm.stages import sample_stage
+    from esolm.text import check_infill
+
+    if args.infill is not None:
+        check_infill(args.infill)  # before any model loads
+    searched = _searched_variant(params, args.variant)
     if args.prompt is not None or args.infill is not None:  # text in, text out; no stage files
-        for i, text in enumerate(prompted_samples(params, args.variant, args.prompt, args.infill)):
+        texts, ran = _prompted_samples(params, args.variant, args.prompt, args.infill)
+        for i, text in enumerate(texts):
             print(f"--- sample {i}\n{text}")
+        note = " (generated tokens between ⟦ ⟧)" if args.infill is not None else ""
+        n = f"{len(texts)} sample{'' if len(texts) == 1 else 's'}"
+        print(f"{args.variant}: {n}{note}; {_schedule_line(ran, searched)}")
         return
-    s = sample_stage(params, args.variant, not args.quiet)
+    s = sample_stage(params, args.variant, not args.quiet, out=None if args.out is None else Path(args.out))
     for i, text in enumerate(s["texts"]):
         print(f"--- sample {i}\n{text}")
     print(f"{args.variant}: {s['num_samples']} samples, NFE {s['nfe']}, {s['seconds']:.2f}s, "
-          f"gen ppl {s['gen_ppl']:.2f}, entropy {s['entropy']:.2f}")
+          f"gen ppl {s['gen_ppl']:.2f}, entropy {s['entropy']:.2f}; {_schedule_line(s['schedule'], searched)}")
+
+
+def _prompted_samples(params: dict, variant: str, prompt: str | None, infill: str | None) -> tuple[list[str], dict]:
+    """``--prompt`` / ``--infill``: the sample section's schedule, printed not stored; generated
+    infill spans marked. Returns the texts and the settings that ran."""
+    from esolm.device import pick_device
+    from esolm.stages import run_dir, sample_config, settings_for
+    from esolm.text import INFILL_MARKS, load, sample_text
+
+    sc = sample_config(params)
+    model, tok = load(run_dir(variant) / "model.ckpt", device=pick_device(sc.device))
+    return sample_text(model, tok, settings_for(sc, model), prompt=prompt, infill=infill,
+                       num_samples=sc.num_samples, marks=INFILL_MARKS if infill is not None else None)
+
+
+def _searched_variant(params: dict, variant: str) -> str | None:
+    """With ``sample.schedule: best``, the variant the search searched (None otherwise); one line
+    of warning when that is not ``variant``, whose own best schedule was never searched."""
+    if section(params, "sample").get("schedule") != "best":
+        return None
+    from esolm.search.results import read_best
+
+    out_dir = Path(section(params, "search")["out_dir"])
+    searched = read_best(out_dir).variant
+    if searched is not None and searched != variant:
+        print(f"esolm sample: warning: sample.schedule=best is the schedule searched on {searched} "
+              f"(the search's choice in {out_dir}/), applied here to {variant}", file=sys.stderr)
+    return searched
+
+
+def _schedule_line(settings: dict | None, searched: str | None = None) -> str:
+    """The sampling schedule that ran, in one phrase (settings that do not apply left out)."""
+    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in (settings or {}).items() if v is not None)
+    return f"schedule: {shown}" + (f" (sample.schedule=best: searched on {searched})" if searched else "")
 
 
 def cmd_report(args: argparse.Namespace, params: dict) -> None:
@@ -149,18 +204,26 @@ def cmd_report(args: argparse.Namespace, params: dict) -> None:
 
 
 def cmd_metrics(args: argparse.Namespace, params: dict) -> None:
-    from esolm.headline import write_headline
+    from esolm.headline import read_headline
 
-    result = write_headline(list(section(params, "variants")))
+    result = read_headline(list(section(params, "variants")))
     for name, numbers in result.items():
         print(f"{name}: " + ", ".join(f"{k} {'-' if v is None else f'{v:.4g}'}" for k, v in numbers.items()))
-    print(f"wrote reports/metrics/ and reports/curves/ ({len(result)} variants)")
+    print("from reports/metrics/<variant>/ (each file written by the stage that computed it; - : not run yet)")
 
 
 def cmd_query(args: argparse.Namespace, params: dict) -> None:
-    from esolm.store import query
+    from esolm import store
 
-    cols, rows = query(args.sql, Path(args.db))
+    db = Path(args.db)
+    if [args.sql is not None, args.tables, args.schema is not None].count(True) != 1:
+        raise ValueError('give one of: SQL (e.g. "SELECT * FROM sampling"), --tables, or --schema TABLE')
+    if args.tables:
+        cols, rows = ["table", "rows", "columns"], store.tables(db)
+    elif args.schema is not None:
+        cols, rows = ["column", "type", "nullable", "primary_key"], store.schema(args.schema, db)
+    else:
+        cols, rows = store.query(args.sql, db)
     if args.format == "json":
         print(json.dumps([dict(zip(cols, r)) for r in rows], indent=2, default=str))
     elif args.format == "csv":
@@ -170,16 +233,17 @@ def cmd_query(args: argparse.Namespace, params: dict) -> None:
         w.writerow(cols)
         w.writerows(rows)
     else:
-        from rich.console import Console
-        from rich.markup import escape
-        from rich.table import Table
-        from rich.text import Text
+        from esolm.tabular import format_table
 
-        table = Table(*(escape(c) for c in cols))
-        for r in rows:  # Text cells: sample text such as "[/Applause]" is data, not Rich markup
-            table.add_row(*(Text("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
-                            for v in r))
-        Console().print(table)
+        print(format_table(cols, rows, full=args.full))
+
+
+def cmd_params(args: argparse.Namespace, params: dict) -> None:
+    from esolm.paramdoc import entries, format_entries, select
+    from esolm.tabular import terminal_width
+
+    items = select(entries(params, Path(args.params).read_text()), args.section)
+    print(format_entries(items, width=min(terminal_width(), 120) - 4))
 
 
 def cmd_search(args: argparse.Namespace, params: dict) -> None:
@@ -232,12 +296,20 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace, dict], None], str]] = {
     "search": (cmd_search, "Optuna search of the sampling schedule for the speed-quality front (params: search)"),
     "export": (cmd_export, ("write a variant's model as a Hugging Face style folder (config.json, "
                             "model.safetensors, tokenizer.json, model card)")),
-    "metrics": (cmd_metrics, ("copy each variant's headline numbers and training curve into small "
-                              "git-tracked files (reports/metrics, reports/curves)")),
+    "import": (cmd_import, ("write runs/<variant>/model.ckpt from a published checkpoint in the authors' "
+                            "layout: a Hugging Face folder, hf:<owner/name>, or an authors' Lightning "
+                            ".ckpt (read safely: EMA weights, --raw for the trained ones), e.g. esolm "
+                            "import hf:sahoo-diffusion/Eso-LM-B-alpha-0_25 --variant eso_b_owt "
+                            "(docs/released-models.md)")),
+    "metrics": (cmd_metrics, ("print each variant's headline numbers, as its stages wrote them "
+                              "(reports/metrics/<variant>/likelihood.json and sampling.json)")),
     "report": (cmd_report, "ingest every stage's files into the results database and write the report"),
     "preset": (cmd_preset, ("choose a preset study in params.yaml for DVC (sets `preset:` and copies "
                             "the preset's variants into the top-level block that dvc.yaml expands)")),
-    "query": (cmd_query, "run SQL on the results database, e.g. esolm query \"SELECT * FROM sampling\""),
+    "query": (cmd_query, ("run one read-only SQL statement on the results database and print the rows, "
+                          "one line each (--tables: the tables; --schema TABLE: its columns)")),
+    "params": (cmd_params, ("list every settable key of the params file (after the preset and --set) "
+                            "with its value and its doc")),
     "doctor": (cmd_doctor, ("check what this machine can run, one line per check, in under a minute "
                             "(CPU or GPU): device, dtypes, every attention backend on every mask against "
                             "math (values and gradients), torch.compile, CUDA graphs; exit code 1 if a "
@@ -246,30 +318,124 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace, dict], None], str]] = {
                             "part finishes; reads no params file")),
 }
 NEEDS_VARIANT = ("train", "evaluate", "sample", "curve", "export")
+# the options a verb has only where they act: no params file / no --set / no progress bars to hide
+NO_PARAMS = ("query", "doctor")
+NO_SET = ("preset", "query", "doctor", "import")
+NO_QUIET = ("export", "import", "metrics", "report", "preset", "query", "doctor", "params")
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "prepare": ("esolm prepare", "esolm prepare --set data.length=32 --set data.tokenizer=bpe:1024"),
+    "train": ("esolm train --variant eso_b_a025", "esolm train --variant mdlm --set train.steps=100 --fresh"),
+    "judge": ("esolm judge", "esolm judge --set judge.train.steps=100 --fresh"),
+    "evaluate": ("esolm evaluate --variant eso_b_a025",
+                 "esolm evaluate --variant mdlm --set 'evaluate.splits=[valid, test]'"),
+    "sample": ("esolm sample --variant eso_b_a025 --num-samples 4 --steps 8 --seed 1",
+               "esolm sample --variant eso_b_a025 --prompt 'Fellow citizens'",
+               "esolm sample --variant mdlm --infill 'The [MASK] [MASK] of the Union is'",
+               "esolm sample --variant eso_b_a025 --set sample.schedule=best"),
+    "curve": ("esolm curve --variant mdlm", "esolm curve --variant eso_b_a025 --set 'curve.steps=[2, 8, 32]'"),
+    "bench": ("esolm bench", "esolm bench --set 'bench.lengths=[256]' --set bench.repeats=1 --device cpu",
+              "esolm bench --profile"),
+    "search": ("esolm search", "esolm search --set search.n_trials=24 --workers 4", "esolm search --only outputs"),
+    "export": ("esolm export --variant eso_b_a025", "esolm export --variant mdlm --out /tmp/mdlm"),
+    "import": ("esolm import hf:sahoo-diffusion/Eso-LM-B-alpha-0_25 --variant eso_b_owt",),
+    "metrics": ("esolm metrics",),
+    "report": ("esolm report", "esolm report --label baseline --db /tmp/results.duckdb"),
+    "preset": ("esolm preset cpu-study", "esolm preset tiny-cpu"),
+    "query": ("esolm query --tables", "esolm query --schema sampling",
+              'esolm query "SELECT variant, nfe, gen_ppl, seconds_per_sample FROM sampling ORDER BY gen_ppl"',
+              'esolm query --full "SELECT variant, schedule FROM sampling"',
+              'esolm query --format csv "SELECT * FROM curves" > curves.csv'),
+    "params": ("esolm params", "esolm params train", "esolm params sample.steps",
+               "esolm params --set preset=cpu-study train"),
+    "doctor": ("esolm doctor", "esolm doctor --device cpu --json /tmp/doctor.json", "esolm doctor --full --budget 300"),
+}
+
+
+def version() -> str:
+    """The installed package's version (the package's ``__version__`` when not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("esolm")
+    except metadata.PackageNotFoundError:
+        import esolm
+
+        return getattr(esolm, "__version__", "unknown (not installed: pip install -e .)")
+
+
+def _variant_help(path: str = "params.yaml") -> str:
+    """--variant's help: the names under ``variants:`` of the params file in this folder."""
+    try:
+        names = list(load_params(path).get("variants") or {})
+    except (OSError, ValueError):
+        names = []
+    where = f"; in {path}: {', '.join(names)}" if names else ""
+    return f"a name under `variants:` in the params file{where}"
 
 
 def parser() -> argparse.ArgumentParser:
+    import textwrap
+
     p = argparse.ArgumentParser(prog="esolm", description="Esoteric Language Models: data, training, "
-                                "likelihood, KV-cached sampling, benchmarks.")
+                                "likelihood, KV-cached sampling, benchmarks.",
+                                epilog="example: esolm train --variant eso_b_a025; esolm VERB --help shows "
+                                       "examples of each verb; esolm params lists every setting")
+    p.add_argument("--version", action="version", version=f"esolm {version()}")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    variant_help = _variant_help()
     for name, (_, help_text) in VERBS.items():
-        s = sub.add_parser(name, help=help_text, description=help_text)
-        s.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
-        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a parameter, e.g. --set data.length=128 (repeatable; "
-                            "same keys as params.yaml and `dvc exp run -S`)")
-        s.add_argument("--quiet", action="store_true", help="no progress bars")
+        examples = "".join(f"\n  {line}" for line in EXAMPLES.get(name, ()))
+        s = sub.add_parser(name, help=help_text, description=textwrap.fill(help_text, 88),
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=f"examples:{examples}" if examples else None)
+        if name not in NO_PARAMS:
+            s.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+        if name not in NO_SET:
+            s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a parameter, e.g. --set data.length=128 (repeatable; "
+                                "same keys as params.yaml and `dvc exp run -S`; esolm params lists them)")
+        if name not in NO_QUIET:
+            s.add_argument("--quiet", action="store_true", help="no progress bars")
         if name in NEEDS_VARIANT:
-            s.add_argument("--variant", required=True, help="a name under `variants` in params.yaml")
+            s.add_argument("--variant", required=True, help=variant_help)
         if name in ("train", "judge"):
             s.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
         if name == "export":
             s.add_argument("--out", default=None, help="output folder (default: exports/<variant>)")
+            s.add_argument("--layout", choices=("esolm", "authors"), default="esolm",
+                           help="esolm: our names (default); authors: the published DiT names and "
+                                "config keys, which the authors' loaders read")
+            s.add_argument("--force", action="store_true",
+                           help="write into a non-empty folder that is not an esolm export")
+        if name == "import":
+            s.add_argument("source", help="hf:<owner/name>, a Hugging Face folder, or a Lightning .ckpt")
+            s.add_argument("--variant", required=True, help="the run folder to write: runs/<variant>/model.ckpt")
+            s.add_argument("--family", default=None, help="ar, mdlm, bd3lm, eso_a or eso_b (default: "
+                           "from the config's model_type / the Lightning config)")
+            s.add_argument("--alpha-0", type=float, default=None, help="alpha_0 of an Eso-LM (default: "
+                           "the Lightning config's algo.alpha_0, or the hub name's alpha-<x>)")
+            s.add_argument("--batch-split", type=float, default=None, help="the Eso-LM batch split "
+                           "(default: the Lightning config's algo.batch_split)")
+            s.add_argument("--raw", action="store_true", help="a Lightning file's trained weights, "
+                           "not its EMA weights")
+            s.add_argument("--tokenizer", default=None, help="tokenizer to embed: gpt2, "
+                           "file:<tokenizer.json>, chars (a placeholder for toy models); default: "
+                           "the folder's tokenizer.json, else gpt2 for a 50257-token vocabulary, else chars")
         if name == "sample":
             s.add_argument("--prompt", default=None, help="continue this text (prints the samples; "
                            "writes no stage files)")
             s.add_argument("--infill", default=None, help="fill the [MASK] marks (one token each) "
-                           "of this text and everything after it (not for AR)")
+                           "of this text and everything after it (not for AR); the generated tokens "
+                           "print between ⟦ ⟧")
+            s.add_argument("--num-samples", type=int, default=None, metavar="N", help="samples to draw "
+                           "(sets sample.num_samples)")
+            s.add_argument("--steps", type=int, default=None, metavar="T", help="diffusion steps T "
+                           "(sets sample.steps)")
+            s.add_argument("--seed", type=int, default=None, metavar="S", help="seed of the sampling "
+                           "streams (sets sample.seed)")
+            s.add_argument("--out", default=None, metavar="DIR", help="write samples.jsonl and "
+                           "generation.json there (the DVC stage: --out runs/<variant>, which also writes "
+                           "reports/metrics/<variant>/sampling.json); default: print only, write nothing")
         if name in ("report", "query"):
             s.add_argument("--db", default="reports/results.duckdb", help="the results database")
         if name == "report":
@@ -278,8 +444,17 @@ def parser() -> argparse.ArgumentParser:
         if name == "preset":
             s.add_argument("name", help="a name under `presets:` in the params file, e.g. cpu-study")
         if name == "query":
-            s.add_argument("sql", help="the SQL to run (read-only)")
-            s.add_argument("--format", choices=("table", "csv", "json"), default="table")
+            s.add_argument("sql", nargs="?", default=None, help="one read-only statement: SELECT (WITH, FROM "
+                           "t, VALUES), SHOW TABLES, DESCRIBE t, SUMMARIZE t or EXPLAIN")
+            s.add_argument("--tables", action="store_true", help="list the tables with their row counts")
+            s.add_argument("--schema", default=None, metavar="TABLE", help="list a table's columns and types")
+            s.add_argument("--full", action="store_true", help="show every cell whole (no cut to the "
+                           "terminal's width)")
+            s.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                           help="table (default: one line per row), csv or json (always whole)")
+        if name == "params":
+            s.add_argument("section", nargs="?", default=None, help="a section (train), or a dotted prefix "
+                           "(search.space, train.lr); default: all")
         if name == "search":
             s.add_argument("--workers", type=int, default=1,
                            help="worker processes that run trials of the one study (default 1)")
@@ -302,7 +477,8 @@ def parser() -> argparse.ArgumentParser:
 # trains, evaluates, samples and benchmarks without any of them (tests/test_lean_install.py)
 EXTRAS = {"dvc": "pipeline", "prefect": "pipeline", "duckdb": "pipeline", "optuna": "pipeline",
           "pandas": "pipeline", "pyarrow": "pipeline", "matplotlib": "pipeline", "datasets": "pipeline",
-          "sqlalchemy": "pipeline", "transformers": "hf", "psycopg": "postgres", "flash_attn": "flash"}
+          "sqlalchemy": "pipeline", "lm_eval": "lmeval", "transformers": "hf", "psycopg": "postgres",
+          "flash_attn": "flash"}
 
 
 def missing_extra(err: ImportError) -> str | None:
@@ -321,13 +497,50 @@ def duckdb_error() -> type[Exception]:
     return duckdb.Error
 
 
+# verb options that are short for a --set: (option, key)
+FLAG_SETS = {"sample": (("num_samples", "sample.num_samples"), ("steps", "sample.steps"), ("seed", "sample.seed"))}
+
+
+def _flag_sets(args: argparse.Namespace) -> list[str]:
+    """``--num-samples 4`` as ``sample.num_samples=4`` (after the --set items: the option wins)."""
+    return [f"{key}={getattr(args, opt)}" for opt, key in FLAG_SETS.get(args.verb, ())
+            if getattr(args, opt, None) is not None]
+
+
+# what to do about a file system error that names no fix of its own
+OS_FIXES = {"ENOSPC": "free space and run again", "EACCES": "check its permissions",
+            "EPERM": "check its permissions", "EISDIR": "a folder is where a file belongs: move it away",
+            "ENOTDIR": "a file is where a folder belongs: move it away",
+            "ENAMETOOLONG": "use a shorter name", "EROFS": "the file system is read-only"}
+
+
+def error_line(err: BaseException) -> str:
+    """An error as the one line ``esolm <verb>`` prints: an OSError as its file, what happened
+    and what to do (``io.atomic_path`` words a full disk itself); any message on one line."""
+    import errno
+
+    text = str(err)
+    if isinstance(err, OSError) and err.strerror:
+        fix = OS_FIXES.get(errno.errorcode.get(err.errno or 0, ""), "")
+        text = err.strerror + (f": {err.filename}" if err.filename else "")
+        if fix and fix not in text:
+            text += f"; {fix}"
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        params = load_params(args.params, args.set)
+        sets = [*getattr(args, "set", []), *_flag_sets(args)]
+        params = load_params(args.params, sets) if getattr(args, "params", None) else {}
+        if getattr(args, "variant", None) is not None and args.verb != "import":  # import makes a new one
+            # a verb that reads a model file also takes a run folder that has one (the judge, an import)
+            runs = () if args.verb == "train" else tuple(p.parent.name for p in
+                                                         sorted(Path("runs").glob("*/model.ckpt")))
+            check_variant(params, args.variant, runs)
         VERBS[args.verb][0](args, params)
-    except (ValueError, FileNotFoundError, RuntimeError, duckdb_error()) as err:
-        print(f"esolm {args.verb}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, duckdb_error()) as err:  # OSError: a full disk, ...
+        print(f"esolm {args.verb}: error: {error_line(err)}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as err:  # a feature of an extra on a lean install
         if (hint := missing_extra(err)) is None:

@@ -222,7 +222,7 @@ def run_quick(device: torch.device, json_path: str | Path | None = None, echo: b
 # --------------------------------------------------------------------------- command line
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The doctor's options (``esolm doctor`` and ``python -m esolm.doctor``)."""
-    p.set_defaults(params=os.devnull)  # the doctor reads no parameter file: it runs in any folder
+    p.set_defaults(params=None)  # the doctor reads no parameter file (cli.main skips it): it runs in any folder
     p.add_argument("--device", default="auto", help="auto (default: the GPU if there is one), cpu, or a CUDA "
                    "device such as cuda:1")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the quick check's results here")

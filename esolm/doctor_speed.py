@@ -18,6 +18,7 @@ import torch
 from esolm.device import is_accelerator, synchronize
 from esolm.doctor_full import Ctx, Rows, failure
 from esolm.io import write_text_atomic
+from esolm.throughput import BenchRow
 
 BF16_PEAK_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 """Dense BF16 tensor-core peaks by GPU name (SXM parts; a PCIe H100 peaks lower): MFU's denominator."""
@@ -125,7 +126,7 @@ def _flops_per_token(net, cfg, tc, rows: np.ndarray, device: torch.device) -> fl
 
 
 # --------------------------------------------------------------------------- e: sampling speed
-def bench_row(bc, family: str, length: int, batch: int, device: torch.device) -> dict:
+def bench_row(bc, family: str, length: int, batch: int, device: torch.device) -> BenchRow:
     """One family at one length and batch, NFE = L, timed by ``esolm.bench`` (the one call to
     adapt when the bench's API changes)."""
     from esolm.bench import time_cell
@@ -159,7 +160,7 @@ def plan(bc) -> list[tuple[str, int, int]]:
     return out
 
 
-def projected_run_s(bc, family: str, length: int, batch: int, done: list[dict]) -> float | None:
+def projected_run_s(bc, family: str, length: int, batch: int, done: list[BenchRow]) -> float | None:
     """Seconds one timed run should take, from this family's nearest smaller measured row: its
     time per step scaled by sqrt(L x batch) (decode steps at these sizes are bound by the host
     and by memory, not by arithmetic: an optimistic guess, used only to skip rows that cannot
@@ -167,11 +168,11 @@ def projected_run_s(bc, family: str, length: int, batch: int, done: list[dict]) 
     from esolm.bench import VARIANTS
     from esolm.families import family as spec_of
 
-    seen = [r for r in done if r.get("variant") == family and r.get("median_s")]
+    seen = [r for r in done if r.variant == family and r.median_s]
     if not seen:
         return None
-    ref = max(seen, key=lambda r: (r["length"] * r["batch_size"] <= length * batch, r["length"] * r["batch_size"]))
-    step_s = ref["median_s"] / ref["nfe"] * max(1.0, length * batch / (ref["length"] * ref["batch_size"])) ** 0.5
+    ref = max(seen, key=lambda r: (r.length * r.batch_size <= length * batch, r.length * r.batch_size))
+    step_s = ref.median_s / ref.nfe * max(1.0, length * batch / (ref.length * ref.batch_size)) ** 0.5
     scaled = not spec_of(VARIANTS[family][0]).kv_cache and 0 < bc.mdlm_max_steps < length
     return step_s * (bc.mdlm_max_steps if scaled else length)
 
@@ -180,9 +181,10 @@ def part_e(ctx: Ctx) -> bool:
     from esolm.bench import format_rows
 
     bc = bench_config(ctx)
-    rows = Rows(ctx.out / "e_bench.jsonl")
+    rows = Rows(ctx.out / "e_bench.jsonl")  # the bench's rows, with the part's keys (ok, projected_s, ...)
+    timed: list[BenchRow] = []
     for family, length, batch in plan(bc):
-        proj = projected_run_s(bc, family, length, batch, rows.rows)
+        proj = projected_run_s(bc, family, length, batch, timed)
         head = {"variant": family, "length": length, "batch_size": batch, "nfe_budget": "L"}
         if proj is not None and proj + 5 > ctx.left():
             rows.add({**head, "ok": None, "projected_s": proj, "skipped": "projected time exceeds the time left"})
@@ -190,7 +192,8 @@ def part_e(ctx: Ctx) -> bool:
         repeats = bc.repeats if proj is not None and proj * bc.repeats + 5 < 0.2 * ctx.left() else 1
         row = {**head, "projected_s": proj}
         try:
-            row.update(bench_row(replace(bc, repeats=repeats), family, length, batch, ctx.device), ok=True)
+            timed.append(bench_row(replace(bc, repeats=repeats), family, length, batch, ctx.device))
+            row.update(timed[-1].to_json(), ok=True)
         except torch.OutOfMemoryError as err:  # the machine's limit, not a fault: recorded, not failed
             row.update(ok=None, error=f"out of memory: {str(err).splitlines()[0][:200]}")
         except Exception as err:  # recorded in the row
@@ -199,18 +202,17 @@ def part_e(ctx: Ctx) -> bool:
         gc.collect()
         if is_accelerator(ctx.device):
             torch.cuda.empty_cache()
-    timed = [r for r in rows.rows if r.get("median_s")]
     table = "\n".join([format_rows(timed) if timed else "no row was timed", *speedups(timed)])
     write_text_atomic(ctx.out / "e_table.txt", table + "\n")
     print(table)
     return rows.ok
 
 
-def speedups(rows: list[dict]) -> list[str]:
+def speedups(rows: list[BenchRow]) -> list[str]:
     """Eso-LM (B)'s speedup over every other family timed at the same length and batch."""
     out = []
-    for length, batch in sorted({(r["length"], r["batch_size"]) for r in rows}):
-        cell = {r["variant"]: r["median_s"] for r in rows if (r["length"], r["batch_size"]) == (length, batch)}
+    for length, batch in sorted({(r.length, r.batch_size) for r in rows}):
+        cell = {r.variant: r.median_s for r in rows if (r.length, r.batch_size) == (length, batch)}
         if "eso_b" in cell and len(cell) > 1:
             ratios = ", ".join(f"{f} {s / cell['eso_b']:.2f}x" for f, s in cell.items() if f != "eso_b")
             out.append(f"L={length} batch={batch}: eso_b {cell['eso_b']:.3f}s; speedup over {ratios}")

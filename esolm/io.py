@@ -34,6 +34,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs: a scratch folder named after a dead one is a leftover of a
+    killed run (SIGKILL runs no clean-up), which the next run removes."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 @contextmanager
 def run_lock(folder: str | Path, what: str = "esolm") -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (a ``.lock`` file inside it) for one writer: a second
@@ -95,15 +107,34 @@ def atomic_save(obj: dict, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def remake(path: Path) -> str:
+    """What writes a model file or checkpoint again: the training state ``runs/V/checkpoints/
+    last.ckpt`` is dropped by --fresh; ``runs/V/model.ckpt`` is rewritten by its stage."""
+    path = Path(path)
+    if path.parent.name == "checkpoints":
+        name = path.parent.parent.name
+        verb = "judge" if name == "judge" else f"train --variant {name}"
+        return f"delete it or train from scratch with --fresh (esolm {verb} --fresh)"
+    if path.name == "model.ckpt":
+        name = path.parent.name
+        if name == "judge":
+            return "rerun the stage that writes it: dvc repro -f judge (or esolm judge)"
+        return f"rerun the stage that writes it: dvc repro -f train@{name} (or esolm train --variant {name})"
+    return "replace it with a complete copy"
+
+
 def safe_load(path: Path, map_location: Any = "cpu") -> dict:
-    """torch.load with weights_only=True and a clear error for missing, truncated or foreign files."""
+    """torch.load with weights_only=True and a clear error for missing, truncated or foreign
+    files: one line naming the file and how to write it again."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         obj = torch.load(path, map_location=map_location or "cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is "
-                         "truncated, corrupt or not an esolm/Lightning checkpoint") from err
+        reason = " ".join(str(err).split())
+        reason = reason if len(reason) <= 120 else reason[:117] + "..."
+        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {reason}); it is "
+                         f"truncated, corrupt or not an esolm/Lightning checkpoint: {remake(path)}") from err
     if not isinstance(obj, dict):
         raise ValueError(  # noqa: TRY004 - a bad file, reported like the others
             f"checkpoint {path} holds a {type(obj).__name__}, not a checkpoint dict")

@@ -111,7 +111,8 @@ class HFJudge:
                 "tokens": count, "per_sample_nll": per_sample}
 
 
-def load_judge(judge_name: str, run_dir: Path, device: torch.device, contestants: tuple[str, ...] = ()) -> Judge | HFJudge:
+def load_judge(judge_name: str, run_dir: Path, device: torch.device,
+               contestants: tuple[str, ...] = ()) -> Judge | HFJudge:
     """``hf:<name or folder>`` -> ``HFJudge``; any other name -> the esolm AR model file
     ``run_dir / name / model.ckpt`` (the dedicated judge is ``judge``). A contestant's name is
     refused: no model grades its own samples."""

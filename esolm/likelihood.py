@@ -134,7 +134,7 @@ def _per_position(model: Backbone, x: Tensor, valid: Tensor, order: Tensor, chun
     rank = torch.argsort(order, dim=1)
     total = torch.zeros(B, device=x.device)
     pos = torch.arange(L, device=x.device)
-    for j0 in tqdm(range(0, L, chunk), disable=not progress, desc="exact likelihood", leave=False):
+    for j0 in tqdm(range(0, L, chunk), disable=None if progress else True, desc="exact likelihood", leave=False):
         js = torch.arange(j0, min(j0 + chunk, L), device=x.device)
         n = len(js)
         masked = rank.unsqueeze(0) >= js.view(n, 1, 1)  # [n, B, L]
@@ -209,7 +209,7 @@ def iw_log_prob(model: Backbone, x: Tensor, num_orders: int = 1,
         raise ValueError(f"num_orders={num_orders!r} is invalid: use an integer >= 1")
     B, L = x.shape
     lps = []
-    for _ in tqdm(range(num_orders), disable=not progress, desc="orders", leave=False):
+    for _ in tqdm(range(num_orders), disable=None if progress else True, desc="orders", leave=False):
         order = draw_orders(model, B, L, law, generator)
         lps.append(order_log_prob(model, x, order.to(x.device)))
     return torch.logsumexp(torch.stack(lps), dim=0) - math.log(num_orders)
@@ -222,23 +222,42 @@ OrderFn = Callable[[int, int, torch.Generator], Tensor]
 
 @_in_inference
 def nelbo_per_token(model: Backbone, batches: Iterable[Tensor], draws: int = 4,
-                    generator: torch.Generator | None = None, progress: bool = False) -> dict:
+                    generator: torch.Generator | None = None, progress: bool = False, paired: int = 0) -> dict:
     """Monte Carlo NELBO over a split: ``draws`` passes (fresh antithetic t each), each giving
-    the per-token NELBO of the whole split; returns mean, standard error and token count."""
+    the per-token NELBO of the whole split; returns mean, standard error and token count. With
+    ``paired`` > 0 also ``"paired"``: the same summary over the first ``paired`` batches alone,
+    from the same draws (the tokens the exact likelihoods are computed on: one row compares
+    like with like)."""
     if draws < 1:
         raise ValueError(f"draws={draws!r} is invalid: use an integer >= 1")
     batches = list(batches)
     if not batches:
         raise ValueError("the split is empty: no batches to evaluate")
-    values, tokens = [], 0
-    for _ in tqdm(range(draws), disable=not progress, desc="NELBO draws", leave=False):
+    values, firsts, tokens, first_tokens = [], [], 0, 0
+    for _ in tqdm(range(draws), disable=None if progress else True, desc="NELBO draws", leave=False):
         sums = torch.zeros(4, dtype=torch.float64)
-        for x in batches:
+        first = torch.zeros(4, dtype=torch.float64)
+        for i, x in enumerate(batches):
             out = loss(model, x, generator=generator)
-            sums += torch.stack([out.diffusion_nll, out.diffusion_tokens, out.sequential_nll,
+            piece = torch.stack([out.diffusion_nll, out.diffusion_tokens, out.sequential_nll,
                                  out.sequential_tokens]).double().cpu()
+            sums += piece
             tokens += int(out.num_tokens) if not values else 0
+            if i < paired:
+                first += piece
+                first_tokens += int(out.num_tokens) if not values else 0
         values.append(float(combine(*sums)))
+        if paired:
+            firsts.append(float(combine(*first)))
+    summary = _draw_summary(values, tokens)
+    if paired:
+        summary["paired"] = _draw_summary(firsts, first_tokens)
+    return summary
+
+
+def _draw_summary(values: list[float], tokens: int) -> dict:
+    """Mean over independent draws, its standard error (NaN for one draw), tokens, draws."""
+    draws = len(values)
     mean = sum(values) / draws
     var = sum((v - mean) ** 2 for v in values) / (draws - 1) if draws > 1 else float("nan")
     return {"nats_per_token": mean, "stderr": math.sqrt(var / draws) if draws > 1 else float("nan"),
@@ -251,7 +270,7 @@ def exact_per_token(model: Backbone, batches: Iterable[Tensor], order_fn: OrderF
     """Exact -log p(x | order) summed over a split, per counted (non-pad) token, with the
     standard error of that ratio over sequences (``ratio_stderr``)."""
     per_row, counts = [], []
-    for x in tqdm(list(batches), disable=not progress, desc="exact likelihood", leave=False):
+    for x in tqdm(list(batches), disable=None if progress else True, desc="exact likelihood", leave=False):
         order = order_fn(x.shape[0], x.shape[1], generator).to(x.device)
         per_row += (-order_log_prob(model, x, order)).double().cpu().tolist()
         counts += valid_tokens(model.config, x).sum(1).cpu().tolist()
@@ -279,16 +298,20 @@ def _ppl(nats: float) -> float:
 def evaluate_split(model: Backbone, batches: list[Tensor], ev: EvalConfig, bytes_per_token: float,
                    progress: bool = False) -> dict:
     """Every likelihood metric of one split (method.md section 5), as ``esolm evaluate`` stores
-    it in ``likelihood.json``: the Monte Carlo NELBO over ``batches`` (``ev.nelbo_draws`` passes),
+    it in ``likelihood.json``: the Monte Carlo NELBO over ``batches`` (``ev.nelbo_draws`` passes;
+    ``nelbo_paired_*``: the same draws on the exact metrics' tokens alone),
     and on the first ``ev.exact_batches`` of them the exact likelihood left to right (and under
     the sampler's order where the family's differs) and each importance-weighted bound; nats per
     token, perplexities, standard errors and bits per byte."""
     cfg, record = model.config, model.config.family_record
     gen = torch.Generator().manual_seed(ev.seed)
-    nelbo = nelbo_per_token(model, batches, ev.nelbo_draws, gen, progress)
+    nelbo = nelbo_per_token(model, batches, ev.nelbo_draws, gen, progress, paired=ev.exact_batches)
     exact = batches[: ev.exact_batches]
+    same = nelbo["paired"]  # the NELBO on the exact metrics' own tokens: "exact <= NELBO" compares these
     out = {"nelbo_nats": nelbo["nats_per_token"], "nelbo_ppl": _ppl(nelbo["nats_per_token"]),
-           "nelbo_stderr": nelbo["stderr"], "nelbo_tokens": nelbo["tokens"]}
+           "nelbo_stderr": nelbo["stderr"], "nelbo_tokens": nelbo["tokens"],
+           "nelbo_paired_nats": same["nats_per_token"], "nelbo_paired_ppl": _ppl(same["nats_per_token"]),
+           "nelbo_paired_stderr": same["stderr"]}
     l2r = exact_per_token(model, exact, lambda b, n, g: left_to_right(b, n), gen, progress)
     out.update(exact_l2r_nats=l2r["nats_per_token"], exact_l2r_ppl=_ppl(l2r["nats_per_token"]),
                exact_l2r_stderr=l2r["stderr"], tokens=l2r["tokens"])

@@ -220,3 +220,57 @@ class JsonlLog(pl.Callback):
             self.waiting.clear()
 
 
+
+
+class ProgressLines(pl.Callback):
+    """Training progress for a log (``dvc repro``, a CI job, a batch system): one line every
+    ``every_s`` seconds and at the end, never a bar's carriage returns: the step, the training
+    loss, tokens per second, the elapsed time and the time left at that rate."""
+
+    def __init__(self, name: str, tc: TrainConfig, length: int, every_s: float = 30.0,
+                 clock: Any = None, out: Any = None) -> None:
+        import sys
+        import time
+
+        self.name, self.tc, self.length, self.every_s = name, tc, length, every_s
+        self.clock = clock or time.monotonic
+        self.out = out or sys.stderr
+        self.t0 = self.last = 0.0
+        self.step0 = 0
+
+    def on_train_start(self, trainer: pl.Trainer, module: LitModel) -> None:
+        self.t0 = self.last = self.clock()
+        self.step0 = trainer.global_step
+        if trainer.is_global_zero:
+            start = f"resuming at step {self.step0}" if self.step0 else "from step 0"
+            print(f"train {self.name}: {self.tc.steps} steps of {self.tc.batch_size} x {self.length} tokens, "
+                  f"{start}; a line every {self.every_s:g} s", file=self.out, flush=True)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: LitModel, *args: Any) -> None:
+        now = self.clock()
+        step = trainer.global_step
+        if not trainer.is_global_zero or (now - self.last < self.every_s and step < self.tc.steps):
+            return
+        self.last = now
+        print(self.line(step, trainer.callback_metrics.get("train_loss"), now - self.t0), file=self.out, flush=True)
+
+    def line(self, step: int, loss: Any, elapsed: float) -> str:
+        done = step - self.step0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = (self.tc.steps - step) / rate if rate > 0 else float("nan")
+        loss_text = "-" if loss is None else f"{float(loss):.4f}"
+        return (f"train {self.name}: step {step}/{self.tc.steps} loss {loss_text} "
+                f"{rate * self.tc.batch_size * self.length:,.0f} tok/s, {_clock(elapsed)} elapsed, "
+                f"ETA {_clock(left)}")
+
+
+def _clock(seconds: float) -> str:
+    """12s, 3m05s, 1h02m; '?' when unknown."""
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -26,6 +26,28 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+SECTIONS = ("preset", "presets", "data", "model", "variants", "train", "evaluate", "judge", "sample",
+            "curve", "bench", "search")
+"""The top-level keys a params file may hold (every one but ``preset`` a mapping)."""
+
+
+def _yaml_problem(err: yaml.YAMLError) -> tuple[str, str, bool]:
+    """(where: "line N", what is wrong, whether it is a refused tag) of a YAML error: a tag such
+    as ``!!python/object/apply:...`` is refused by the safe loader, never constructed."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}" if mark is not None else ""
+    if isinstance(err, yaml.reader.ReaderError):
+        code = ord(err.character) if isinstance(err.character, str) else int(err.character)
+        return "", f"it holds the character 0x{code:02x} at offset {err.position}, not text", False
+    problem = " ".join(str(getattr(err, "problem", None) or err).split())
+    tag = re.search(r"the tag '([^']*)'", problem)
+    if isinstance(err, yaml.constructor.ConstructorError) and tag:
+        name = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+        return where, (f"the tag {name} is refused (values are plain YAML, read and never executed): "
+                       "remove the tag"), True
+    return where, problem, False
+
+
 def _closest(key: str, options: list[str], noun: str = "valid keys") -> str:
     """'; did you mean X?' for a near miss, else the list of ``noun`` there are."""
     match = difflib.get_close_matches(key, options, n=1)
@@ -37,7 +59,12 @@ def parse_set(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ValueError(f"--set {item!r} must look like dotted.key=value")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml_load(raw) if raw.strip() else ""
+    try:
+        return key.strip().split("."), yaml_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        _, problem, tag = _yaml_problem(err)
+        raise ValueError(f"--set {item}: {problem}" if tag else f"--set {item}: {raw.strip()!r} is not "
+                         f"a YAML value ({problem}); quote a text value: --set '{key}=\"...\"'") from None
 
 
 def apply_sets(params: dict, sets: list[str]) -> dict:
@@ -52,6 +79,12 @@ def apply_sets(params: dict, sets: list[str]) -> dict:
                 raise ValueError(f"unknown parameter {'.'.join(path)!r} (no {part!r} under {where})"
                                  + _closest(part, options))
             if depth == len(path) - 1:
+                if isinstance(node[part], dict) and not isinstance(value, dict):
+                    what = f"section {part!r}" if depth == 0 else f"mapping {'.'.join(path)!r}"
+                    example = next(iter(node[part]), "KEY")
+                    raise ValueError(f"--set {item} would replace the {what} by {value!r}: set one of "
+                                     f"its keys, --set {'.'.join(path)}.KEY=VALUE (e.g. "
+                                     f"{'.'.join(path)}.{example}=...)")
                 node[part] = value
             else:
                 node = node[part]
@@ -74,17 +107,7 @@ def load_params(path: str | Path = "params.yaml", sets: list[str] | None = None)
     """params.yaml, then the chosen preset merged over its sections, then the --set overrides
     (a --set of ``preset`` itself is applied first)."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"parameter file {path} does not exist; run from the project root "
-                                "or pass --params PATH")
-    try:
-        params = yaml_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from err
-    if not isinstance(params, dict):
-        raise ValueError(  # noqa: TRY004 - a bad file, reported like the others
-            f"{path} must hold a mapping of sections (data:, model:, train:, ...), "
-            f"not a {type(params).__name__}")
+    params = read_params_file(path)
     sets = list(sets or [])
     apply_sets(params, [s for s in sets if s.split("=", 1)[0].strip() == "preset"])
     name = params.get("preset")
@@ -94,9 +117,57 @@ def load_params(path: str | Path = "params.yaml", sets: list[str] | None = None)
             raise ValueError(f"preset {name!r} is not defined" + _closest(name, list(presets)))
         merge(params, presets[name] or {})
     params = apply_sets(params, [s for s in sets if s.split("=", 1)[0].strip() != "preset"])
+    check_sections(params, path)
     check_names(params.get("variants") or {})
     check_search_variant(params)
+    check_judge_names(params)
     return params
+
+
+def read_params_file(path: Path) -> dict:
+    """The mapping a params file holds; a folder, a binary or empty file, a YAML error (with its
+    line) or an unknown section (with the closest name) is one line naming the file and the fix."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a parameter file: pass the file, e.g. "
+                         f"--params {path / 'params.yaml'}")
+    if not path.exists():
+        raise FileNotFoundError(f"parameter file {path} does not exist; run from the project root "
+                                "or pass --params PATH")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                         f"{err.start}): pass a YAML params file (--params PATH), e.g. the "
+                         "project's params.yaml") from None
+    try:
+        params = yaml_load(text)
+    except yaml.YAMLError as err:
+        where, problem, tag = _yaml_problem(err)
+        raise ValueError(f"{path} {where}: {problem}" if tag else f"{path} is not valid YAML"
+                         f"{' at ' + where if where else ''}: {problem}; fix it or pass --params PATH") from None
+    if params is None:
+        raise ValueError(f"{path} is empty: it must hold the sections of the study (data:, model:, "
+                         "train:, ...); restore it (git checkout params.yaml) or pass --params PATH")
+    if not isinstance(params, dict):
+        raise ValueError(  # noqa: TRY004 - a bad file, reported like the others
+            f"{path} must hold a mapping of sections (data:, model:, train:, ...), "
+            f"not a {type(params).__name__}: pass a params file (--params PATH)")
+    for key in params:
+        if key not in SECTIONS:
+            raise ValueError(f"{path}: unknown section {key!r}" + _closest(str(key), list(SECTIONS), "sections")
+                             + " (rename or remove it)")
+    return params
+
+
+def check_sections(params: dict, path: Path | str = "params.yaml") -> None:
+    """Every section but ``preset`` is a mapping (an empty one is read as {})."""
+    for key in SECTIONS[1:]:
+        if params.get(key, {}) is None:
+            params[key] = {}
+        elif not isinstance(params.get(key, {}), dict):
+            raise ValueError(f"{path}: section {key!r} must be a mapping of its settings "
+                             f"({key}: {{key: value, ...}}), not the {type(params[key]).__name__} "
+                             f"{params[key]!r}")
 
 
 def choose_preset(text: str, name: str) -> str:
@@ -129,16 +200,39 @@ def choose_preset(text: str, name: str) -> str:
     return "".join(lines)
 
 
-VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+NAME_RULE = "use letters, digits, '_' and '-', starting with a letter or digit, at most 64 characters"
+
+
+def _shown(name: Any) -> str:
+    """``repr(name)``, cut short for a very long one."""
+    return repr(name) if len(repr(name)) <= 70 else f"{repr(name)[:40]}... ({len(name)} characters)"
+
+
+def check_name(name: Any, what: str) -> None:
+    """A run folder name (a variant, the judge): it becomes a folder and a word of DVC stage
+    commands, so letters, digits, ``_`` and ``-`` only (no ``/``, ``..``, ``;``, quote or space),
+    at most 64 characters (a ``.`` would also split DVC's dotted ``variants.<name>`` params)."""
+    if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name):
+        raise ValueError(f"{what} is invalid: {NAME_RULE} (rename it in params.yaml)")
 
 
 def check_names(variants: dict) -> None:
-    """Variant names become folders and words of DVC stage commands: letters, digits, ``_``
-    and ``-`` only (a ``;`` would run a shell command through dvc.yaml)."""
+    """Variant names become folders and words of DVC stage commands (``check_name``)."""
     for name in variants:
-        if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name):
-            raise ValueError(f"variant name {name!r} is invalid: use letters, digits, '_' and '-' "
-                             "(starting with a letter or digit)")
+        check_name(name, f"variant name {_shown(name)}")
+
+
+def check_judge_names(params: dict) -> None:
+    """``judge.name`` (the judge stage's run folder) and ``sample.judge`` (a run folder, or
+    ``hf:<name>``) follow the rule of variant names: ``../../x`` would write or read a model
+    outside the project."""
+    judge = params.get("judge") or {}
+    if "name" in judge:
+        check_name(judge["name"], f"judge.name={_shown(judge['name'])}")
+    chosen = (params.get("sample") or {}).get("judge")
+    if chosen is not None and not (isinstance(chosen, str) and chosen.startswith("hf:")):
+        check_name(chosen, f"sample.judge={_shown(chosen)} (a run folder name, or hf:<name>)")
 
 
 def check_search_variant(params: dict) -> None:
@@ -151,6 +245,19 @@ def check_search_variant(params: dict) -> None:
         raise ValueError(f"search.variant={chosen!r} is not a variant of this study"
                          + _closest(str(chosen), list(variants), "variants")
                          + " (set search.variant to one of them)")
+
+
+def check_variant(params: dict, name: str, also: tuple[str, ...] = ()) -> None:
+    """``name`` is a variant of ``variants:`` (or one of ``also``, e.g. run folders with a model
+    file); else one line naming the closest and every valid name."""
+    variants = list(params.get("variants") or {})
+    if name in variants or name in also:
+        return
+    others = [n for n in also if n not in variants]
+    match = difflib.get_close_matches(name, variants + others, n=1)
+    raise ValueError(f"unknown variant {name!r}" + (f" (did you mean {match[0]!r}?)" if match else "")
+                     + f"; the variants are: {', '.join(variants) or 'none (variants: is empty)'}"
+                     + (f"; other run folders with a model file: {', '.join(others)}" if others else ""))
 
 
 def section(params: dict, name: str) -> dict:

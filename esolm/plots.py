@@ -9,9 +9,10 @@ SPEEDUP_OF = "eso_b"  # the bench variant whose speedup over every other variant
 
 
 def speedup(rows: list[dict], path: str | Path) -> bool:
-    """Speedup of Eso-LM (B) over each bench variant against sequence length, from rows with
-    variant, length, nfe_budget, median_s, batch_size and (optionally) device, d_model, n_layers,
-    vocab_size: the NFE = L rows of the smallest batch size. False when there is none."""
+    """Speedup of Eso-LM (B) over each bench variant against sequence length, from plain rows
+    (``BenchRow.to_json()``, or the throughput table's columns) with variant, length, nfe_budget,
+    median_s, batch_size and (optionally) device, d_model, n_layers, vocab_size: the NFE = L rows
+    of the smallest batch size. False when there is none."""
     rows = [r for r in rows if r.get("nfe_budget", "L") == "L"]
     if rows:  # one batch size per figure: the smallest timed
         rows = [r for r in rows if r.get("batch_size", 1) == min(q.get("batch_size", 1) for q in rows)]

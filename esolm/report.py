@@ -40,6 +40,7 @@ from esolm.report_results import (
     recipe_line,
     results_table,
     runs_table,
+    settings_line,
     table1_rows,
 )
 from esolm.store import DEFAULT_DB, query
@@ -69,6 +70,7 @@ __all__ = [
     "recipe_line",
     "results_table",
     "runs_table",
+    "settings_line",
     "table1_rows",
     "write_report",
     "write_table1",
@@ -121,7 +123,7 @@ def write_report(db: Path = DEFAULT_DB, rid: str = "", out: Path = Path("reports
     figs = [(title, out / "figures" / name) for title, name, fn in FIGURES if fn(db, rid, out / "figures" / name)]
     _, samples = query("SELECT variant, sample_index, text FROM generations WHERE run_id = ? AND sample_index < ? "
                        "ORDER BY variant, sample_index", db, [rid, n_samples])
-    judged = " ".join(filter(None, (judge_line(db, rid), recipe_line(db, rid))))
+    judged = " ".join(filter(None, (judge_line(db, rid), recipe_line(db, rid), settings_line(db, rid))))
     shown_cols, shown = display(cols, rows)
     tables = _tables(db, rid)
     write_text_atomic(out / "report.md", _markdown(rid, shown_cols, shown, figs, samples, judged, tables, out))

@@ -17,8 +17,12 @@ RESULTS_TABLE_SQL = """
 SELECT v.variant, v.family, v.alpha_0,
        max(CASE WHEN l.metric = 'exact_l2r_ppl' THEN l.value END) AS exact_l2r_ppl,
        max(CASE WHEN l.metric = 'exact_sampler_ppl' THEN l.value END) AS exact_sampler_ppl,
-       max(CASE WHEN l.metric = 'nelbo_ppl' THEN l.value END) AS nelbo_ppl,
-       max(CASE WHEN l.metric = 'nelbo_stderr' THEN l.value END) AS nelbo_stderr,
+       -- the NELBO on the exact metrics' own tokens (older runs: on its own, larger, set of tokens)
+       coalesce(max(CASE WHEN l.metric = 'nelbo_paired_ppl' THEN l.value END),
+                max(CASE WHEN l.metric = 'nelbo_ppl' THEN l.value END)) AS nelbo_ppl,
+       CASE WHEN max(CASE WHEN l.metric = 'nelbo_paired_ppl' THEN l.value END) IS NOT NULL
+            THEN max(CASE WHEN l.metric = 'nelbo_paired_stderr' THEN l.value END)
+            ELSE max(CASE WHEN l.metric = 'nelbo_stderr' THEN l.value END) END AS nelbo_stderr,
        max(CASE WHEN l.metric = 'iw4_ppl' THEN l.value END) AS iw4_ppl,
        max(CASE WHEN l.metric = 'bits_per_byte' THEN l.value END) AS bits_per_byte,
        any_value(s.gen_ppl) AS gen_ppl, any_value(s.entropy) AS entropy, any_value(s.nfe) AS nfe,
@@ -51,7 +55,7 @@ def _fmt(value: object) -> str:
 
 # headline column -> header with its unit (perplexities are per token; s = seconds)
 HEADERS = {"alpha_0": "alpha_0", "exact_l2r_ppl": "exact PPL, left to right",
-           "exact_sampler_ppl": "exact PPL, sampler order", "nelbo_ppl": "NELBO PPL (± s.e.)",
+           "exact_sampler_ppl": "exact PPL, sampler order", "nelbo_ppl": "NELBO PPL, exact's tokens (± s.e.)",
            "iw4_ppl": "IW bound PPL, K=4", "bits_per_byte": "bits/byte", "gen_ppl": "gen. PPL (judge)",
            "entropy": "entropy (nats)", "nfe": "NFE", "seconds_per_sample": "s/sample"}
 
@@ -92,7 +96,7 @@ ORDER BY r.ingested_at, l.variant
 """
 
 
-TABLE1_METRICS = ("exact_l2r", "exact_sampler", "nelbo")  # then every iwK (the paper's law)
+TABLE1_METRICS = ("exact_l2r", "exact_sampler", "nelbo", "nelbo_paired")  # then every iwK (the paper's law)
 TABLE1_COLUMNS = ["variant", "family", "alpha_0", "split", "metric", "value", "stderr"]
 
 
@@ -124,8 +128,8 @@ Values = dict[tuple[str, str], tuple[float, float | None]]  # (variant, metric) 
 
 def _ppl_and_se(info: Info, val: Values, variant: str, base: str) -> tuple[float, float] | None:
     """(perplexity, standard error in nats) of one metric; table1_rows holds it in PPL."""
-    if info[variant][0] == AR.name and base in ("exact_sampler", "nelbo"):
-        base = "exact_l2r"  # AR: one order, and its NELBO is its exact likelihood
+    if info[variant][0] == AR.name and base == "exact_sampler":
+        base = "exact_l2r"  # AR: one order
     ppl, se = val.get((variant, f"{base}_ppl"), (None, None))
     if ppl is None or math.isnan(ppl):
         return None
@@ -143,7 +147,7 @@ def _ordering_row(info: Info, val: Values, claim: str, lo: str, hi: str, base: s
     margin = gap / se if se > 0 else (math.inf if gap > 0 else -math.inf if gap < 0 else 0.0)
     verdict = "yes" if margin > 2 else "yes, within noise" if margin > 0 else \
         "no, within noise" if margin > -2 else "no"
-    label = base.replace("_", " ") + ("" if hi_base is None else f" vs {hi_base}")
+    label = base.replace("_", " ") + ("" if hi_base is None else f" vs {hi_base.replace('_', ' ')}")
     return (claim, label, f"{a[0]:.1f} vs {b[0]:.1f}", f"{margin:+.1f}", verdict)
 
 
@@ -153,14 +157,14 @@ def _claims(info: Info) -> list[tuple[str, str, str, str, str | None]]:
     chain = [v for v in info if info[v][0] == AR.name] + sorted(
         (v for v in info if info[v][0] == ESO_B.name and info[v][1] is not None), key=lambda v: info[v][1])
     for lo, hi in zip(chain, chain[1:]):
-        out += [(f"{lo} < {hi}", lo, hi, base, None) for base in ("exact_sampler", "nelbo")]
-    for v in sorted(info):
+        out += [(f"{lo} < {hi}", lo, hi, base, None) for base in ("exact_sampler", "nelbo_paired")]
+    for v in sorted(info):  # every NELBO here is on the exact metrics' own tokens (nelbo_paired)
         if info[v][0] != AR.name:  # both orders: the paper's "exact" column does not name its order
-            out += [(f"{v}: exact <= NELBO", v, v, base, "nelbo") for base in ("exact_l2r", "exact_sampler")]
+            out += [(f"{v}: exact <= NELBO", v, v, base, "nelbo_paired") for base in ("exact_l2r", "exact_sampler")]
     ones = [v for v in info if info[v][0] == ESO_B.name and info[v][1] == 1.0]
     for m in (v for v in info if info[v][0] == MDLM.name):
         for e in ones:
-            out += [(f"{m} < {e}", m, e, base, None) for base in ("exact_sampler", "nelbo")]
+            out += [(f"{m} < {e}", m, e, base, None) for base in ("exact_sampler", "nelbo_paired")]
     return out
 
 
@@ -230,3 +234,39 @@ def judge_line(db: Path, rid: str) -> str:
     parts = [f"{name} (an AR model of its own stage, never a contestant; its test perplexity "
              f"{ppl:.1f})" if ppl is not None else str(name) for name, ppl in rows]
     return f"Generative perplexity is judged by {', '.join(parts)}." if parts else ""
+
+
+SETTINGS_SQL = """
+SELECT v.variant, v.settings, r.params FROM variants v JOIN runs r ON r.run_id = v.run_id
+WHERE v.run_id = ? AND v.family != 'unigram' ORDER BY v.variant
+"""
+# train settings that do not change what a model is (raising ``steps`` continues a run; logging)
+NOT_A_SETTING = ("steps", "log_every", "val_every", "val_batches", "ckpt_every")
+
+
+def settings_line(db: Path, rid: str) -> str:
+    """Where a model was trained with other ``train:`` settings than the run's ``params.yaml``
+    (a stage left out of a rerun): say so, naming the variant, the key and both values. The
+    numbers in the report are the model file's; its settings come from its ``train.json``."""
+    import json
+
+    _, rows = query(SETTINGS_SQL, db, [rid])
+    notes, unrecorded = [], []
+    for variant, settings, params in rows:
+        if not settings:
+            unrecorded.append(variant)
+            continue
+        trained = json.loads(settings).get("train", {})
+        wanted = (json.loads(params) or {}).get("train", {}) if params else {}
+        if variant == ((json.loads(params) or {}).get("judge") or {}).get("name", "judge"):
+            continue  # the judge has its own train overrides
+        diff = [f"train.{k}={trained[k]!r} (params.yaml: {wanted[k]!r})" for k in sorted(wanted)
+                if k in trained and k not in NOT_A_SETTING and trained[k] != wanted[k]]
+        if diff:
+            notes.append(f"{variant} was trained with {', '.join(diff)}")
+    out = []
+    if notes:
+        out.append("Models older than params.yaml (rerun `dvc repro` to retrain them): " + "; ".join(notes) + ".")
+    if unrecorded:
+        out.append(f"Training settings not recorded (train.json before 2026-12): {', '.join(unrecorded)}.")
+    return " ".join(out)

@@ -21,13 +21,33 @@ from esolm.io import write_json
 T = TypeVar("T")
 
 
-def _read(path: Path) -> dict:
+def rerun(path: Path, stage: str) -> str:
+    """How to write ``runs/<name>/<file>`` again: its stage for that variant (the judge stage
+    for the judge's own ``likelihood.json``)."""
+    name = path.parent.name
+    if stage == "evaluate" and name == "judge":
+        return "dvc repro -f judge (or esolm judge)"
+    return f"dvc repro -f {stage}@{name} (or esolm {stage} --variant {name})"
+
+
+def _read(path: Path, stage: str = "") -> dict:
+    """The JSON object in ``path``; a missing, truncated, binary or foreign file is one line
+    naming it and the stage that writes it again."""
+    fix = rerun(path, stage) if stage else "dvc repro"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run its stage first (dvc repro)")
+        raise FileNotFoundError(f"{path} not found: run its stage first ({fix})")
     try:
-        return json.loads(path.read_text())
+        values = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                         f"{err.start}: corrupt); rerun the stage that writes it: {fix}") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); rerun its stage") from None
+        raise ValueError(f"{path} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno}: "
+                         f"truncated or corrupt); rerun the stage that writes it: {fix}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds a JSON {type(values).__name__}, not the object its stage "  # noqa: TRY004
+                         f"writes; rerun the stage that writes it: {fix}")
+    return values
 
 
 def _plain(cls: type[T], values: dict, where: str) -> T:
@@ -44,6 +64,8 @@ class _RunFile:
     """A result stored as ``runs/<variant>/<FILE>``: its one writer and its one reader."""
 
     FILE: str
+    STAGE: str
+    """The stage (verb) that writes it."""
 
     def write(self, run: Path) -> None:
         write_json(Path(run) / self.FILE, self.to_json())
@@ -51,7 +73,13 @@ class _RunFile:
     @classmethod
     def read(cls, run: Path) -> Self:
         path = Path(run) / cls.FILE
-        return cls.from_json(_read(path), str(path))
+        values = _read(path, cls.STAGE)
+        try:
+            return cls.from_json(values, str(path))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            what = str(err).removesuffix("; rerun its stage") if isinstance(err, ValueError) else \
+                f"{path} is not what its stage writes ({type(err).__name__}: {err})"
+            raise ValueError(f"{what}; rerun the stage that writes it: {rerun(path, cls.STAGE)}") from None
 
 
 @dataclass
@@ -69,6 +97,7 @@ class LikelihoodResult(_RunFile):
     bits_per_byte, seconds, ...) -> value."""
 
     FILE = "likelihood.json"
+    STAGE = "evaluate"
 
     def to_json(self) -> dict:
         return {"variant": self.variant, "family": self.family, "alpha_0": self.alpha_0, **self.splits}
@@ -116,6 +145,7 @@ class GenerationResult(_RunFile):
     """Samples drawn."""
 
     FILE = "generation.json"
+    STAGE = "sample"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -161,6 +191,7 @@ class CurveResult(_RunFile):
     """The points, in the order of the grid."""
 
     FILE = "curve.json"
+    STAGE = "curve"
 
     def to_json(self) -> dict:
         return asdict(self)

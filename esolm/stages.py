@@ -40,6 +40,40 @@ def model_config(params: dict, name: str, meta: dict) -> ModelConfig:
     return build(ModelConfig, values, f"variants.{name}")
 
 
+# the fields that say what a model is: a model file that differs from its variant in one of them
+# is another model (copied in, or trained before params.yaml changed), never evaluated as this one
+IDENTITY_FIELDS = ("family", "alpha_0", "batch_split", "block_size", "d_model", "n_layers", "n_heads",
+                   "cond_dim", "mlp_ratio", "rope_base", "vocab_size", "length")
+
+
+def load_variant(params: dict, name: str, device: torch.device, data: Path | None = None):
+    """(model, tokenizer) of ``runs/<name>/model.ckpt``, checked before use: the file is a model of
+    the variant ``name`` as params.yaml defines it (family, alpha_0, sizes), and, with ``data``
+    (a prepared folder), was trained with the tokenizer that made those shards."""
+    from esolm.checkpoint import load_run
+    from esolm.data.identity import data_tokenizer, same_tokenizer
+
+    path = run_dir(name) / "model.ckpt"
+    model, tok = load_run(path, device=device)
+    have = model.config
+    variant = (section(params, "variants").get(name) or {}) if name in section(params, "variants") else None
+    if variant is not None and "source" not in variant:  # an imported model keeps its own sizes
+        want = model_config(params, name, {"vocab_size": have.vocab_size, "length": have.length,
+                                           "pad_id": have.pad_token_id})
+        diff = [f"{k} {getattr(have, k)!r} (variants.{name}: {getattr(want, k)!r})" for k in IDENTITY_FIELDS
+                if getattr(have, k) != getattr(want, k)]
+        if diff:
+            raise ValueError(f"{path} is not the variant {name!r} of params.yaml: it has {', '.join(diff)}; "
+                             f"retrain it (dvc repro train@{name}) or fix variants.{name}")
+    if data is not None:
+        from esolm.data import read_meta
+
+        meta = read_meta(data)
+        _, data_sha = data_tokenizer(data, meta)
+        same_tokenizer(str(path), getattr(model, "provenance", {}).get("tokenizer_sha256"), data, data_sha)
+    return model, tok
+
+
 JUDGE_KEYS = ("name", "model", "train")
 
 
@@ -91,7 +125,6 @@ def _batches(ddir: Path, split: str, batch_size: int, n: int, device: torch.devi
 
 
 def evaluate_stage(params: dict, name: str, progress: bool) -> dict:
-    from esolm.checkpoint import load_model
     from esolm.data import read_meta
     from esolm.device import pick_device
     from esolm.likelihood import evaluate_split
@@ -100,7 +133,7 @@ def evaluate_stage(params: dict, name: str, progress: bool) -> dict:
     device = pick_device(ev.device)
     ddir = data_dir(params)
     meta = read_meta(ddir)
-    model = load_model(run_dir(name) / "model.ckpt", device=device)
+    model, _ = load_variant(params, name, device, data=ddir)
     if model.config.vocab_size != meta["vocab_size"]:
         raise ValueError(f"runs/{name}/model.ckpt has vocabulary {model.config.vocab_size} but "
                          f"{ddir} has {meta['vocab_size']}: retrain on these shards")
@@ -113,6 +146,15 @@ def evaluate_stage(params: dict, name: str, progress: bool) -> dict:
             raise ValueError(f"{folder} was prepared with vocabulary {zmeta['vocab_size']} and length "
                              f"{zmeta['length']}, the model needs {meta['vocab_size']} and {meta['length']}: "
                              f"prepare it with --set data.tokenizer=file:{ddir / 'tokenizer.json'}")
+        if folder != ddir:  # a zero-shot set: encoded with the model's own tokenizer, not one of its size
+            from esolm.data.identity import data_tokenizer, same_tokenizer
+
+            try:
+                same_tokenizer(str(run_dir(name) / "model.ckpt"), model.provenance.get("tokenizer_sha256"),
+                               folder, data_tokenizer(folder, zmeta)[1])
+            except ValueError as err:
+                raise ValueError(f"{err} (prepare it with --set data.tokenizer=file:{ddir / 'tokenizer.json'})") \
+                    from None
         t0 = time.perf_counter()
         batches = _batches(folder, split, ev.batch_size, ev.nelbo_batches, device)
         if not batches:
@@ -149,11 +191,17 @@ def settings_for(sc: ScheduleSettings, model) -> ScheduleSettings:
     return s if model.config.family_record.fixed_alpha_0 is None else replace(s, alpha_0=None)
 
 
-def judge_of(params: dict, judge_name: str, device: torch.device):
-    """The judge ``judge_name`` (``sample.judge``), never one of the contestants under ``variants``."""
+def judge_of(params: dict, judge_name: str, device: torch.device, contestant=None):
+    """The judge ``judge_name`` (``sample.judge``), never one of the contestants under ``variants``;
+    an esolm judge must share the ``contestant``'s tokenizer (a hub judge brings its own)."""
+    from esolm.data.identity import tokenizers_agree
     from esolm.judge import load_judge
 
-    return load_judge(judge_name, Path("runs"), device, contestants=tuple(section(params, "variants")))
+    judge = load_judge(judge_name, Path("runs"), device, contestants=tuple(section(params, "variants")))
+    if contestant is not None and hasattr(judge, "model"):
+        tokenizers_agree(f"the judge runs/{judge.name}/model.ckpt", judge.model,
+                         "the contestant", contestant)
+    return judge
 
 
 def judged_samples(model, tok, judge, settings: ScheduleSettings, num_samples: int, progress: bool) -> dict:
@@ -174,13 +222,12 @@ def sample_stage(params: dict, name: str, progress: bool, out: Path | None = Non
     """Sample ``name`` with the ``sample:`` settings and judge the samples. The files
     (``samples.jsonl``, ``generation.json``) are written only to ``out``; the variant's run folder
     (the DVC stage: ``esolm sample --variant V --out runs/V``) also gets its headline metrics."""
-    from esolm.checkpoint import load_run
     from esolm.device import pick_device
 
     sc = sample_config(params)
     device = pick_device(sc.device)
-    model, tok = load_run(run_dir(name) / "model.ckpt", device=device)
-    judge = judge_of(params, sc.judge, device)
+    model, tok = load_variant(params, name, device)
+    judge = judge_of(params, sc.judge, device, model)
     r = judged_samples(model, tok, judge, settings_for(sc, model), sc.num_samples, progress)
     g, scores = r["generation"], r["scores"]
     settings = g.settings  # what ran (the block order fixes its own steps)
@@ -204,15 +251,14 @@ def curve_stage(params: dict, name: str, progress: bool) -> dict:
     """runs/<name>/curve.json: generative perplexity, entropy, NFE and seconds per sample of
     ``name`` at each T of ``curve.steps`` (the sample section's other settings, a random order
     and the log-linear schedule; the same judge)."""
-    from esolm.checkpoint import load_run
     from esolm.device import pick_device
 
     cc = build(CurveConfig, dict(section(params, "curve")), "curve")
     sc = build(SampleConfig, dict(section(params, "sample")), "sample")
     sc = replace(sc, order="random", schedule="loglinear")  # a sample.schedule of best plays no part
     device = pick_device(sc.device)
-    model, tok = load_run(run_dir(name) / "model.ckpt", device=device)
-    judge = judge_of(params, sc.judge, device)
+    model, tok = load_variant(params, name, device)
+    judge = judge_of(params, sc.judge, device, model)
     ar = model.config.family_record.autoregressive  # one point: NFE = L
     points = []
     for steps in (model.config.length,) if ar else cc.steps:
@@ -261,13 +307,12 @@ def search_study(params: dict):
 
 def _search_setup(params: dict, device: torch.device):
     """(model, judge, tokenizer, entropy floor) for the schedule search."""
-    from esolm.checkpoint import load_run
     from esolm.data import load_split
     from esolm.judge import unigram_entropy
 
     sc = search_config(params)
-    model, tok = load_run(run_dir(sc.variant) / "model.ckpt", device=device)
-    judge = judge_of(params, build(SampleConfig, dict(section(params, "sample")), "sample").judge, device)
+    model, tok = load_variant(params, sc.variant, device)
+    judge = judge_of(params, build(SampleConfig, dict(section(params, "sample")), "sample").judge, device, model)
     floor = sc.entropy_floor
     if floor <= 0:
         rows = load_split(data_dir(params), "valid")[:64].tolist()

@@ -21,6 +21,7 @@ from esolm.config import renamed_family
 from esolm.families import FAMILIES
 from esolm.io import read_jsonl
 from esolm.results import CurveResult, GenerationResult, LikelihoodResult
+from esolm.throughput import BENCH_CORE, read_bench
 
 DEFAULT_DB = Path("reports/results.duckdb")
 
@@ -54,6 +55,7 @@ CREATE TABLE IF NOT EXISTS throughput (
     batch_size BIGINT, median_s DOUBLE, tokens_per_s DOUBLE, device VARCHAR,
     PRIMARY KEY (run_id, variant, length, nfe_budget, batch_size));
 ALTER TABLE variants ADD COLUMN IF NOT EXISTS objective VARCHAR;
+ALTER TABLE variants ADD COLUMN IF NOT EXISTS settings JSON;
 ALTER TABLE training ADD COLUMN IF NOT EXISTS t_max DOUBLE;
 ALTER TABLE throughput ADD COLUMN IF NOT EXISTS median_cpu_s DOUBLE;
 ALTER TABLE throughput ADD COLUMN IF NOT EXISTS d_model BIGINT;
@@ -153,17 +155,6 @@ def _rekey_throughput(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("DROP TABLE throughput_old")
 
 
-def _bench_names(row: dict) -> dict:
-    """The variant (bench entry) and family of a bench row. Rows written before the rename had
-    them the other way round (``family``: the entry, ``variant``: the family); the oldest have
-    the entry alone."""
-    if "variant" not in row:
-        return {"variant": row["family"], "family": row["family"] if row["family"] in FAMILIES else None}
-    if row["family"] in FAMILIES:
-        return {"variant": row["variant"], "family": row["family"]}
-    return {"variant": row["family"], "family": row["variant"]}
-
-
 def _rows_jsonl(path: Path) -> list[dict]:
     return read_jsonl(path)
 
@@ -187,6 +178,7 @@ def _summary_row(rid: str, name: str, s: dict, like: LikelihoodResult | None) ->
             "final_train_loss": s["final_train_loss"], "final_valid_loss": s["final_valid_loss"],
             "wall_s": s["wall_s"], "tokens_per_s": s["tokens_per_s"],
             "objective": s.get("objective", "nelbo"),  # older train.json: the NELBO
+            "settings": json.dumps(s["settings"]) if s.get("settings") else None,  # as trained
             "init": s.get("init"), "mask_warmup_start": warmup.get("start"), "mask_warmup_steps": warmup.get("steps")}
 
 
@@ -289,11 +281,8 @@ def _ingest_reports(con: duckdb.DuckDBPyConnection, rid: str, reports: Path) -> 
     out: dict[str, int] = {}
     bench = reports / "bench.json"
     if bench.exists():
-        rows = [{"run_id": rid, **_bench_names(r), "length": r["length"], "nfe_budget": r["nfe_budget"],
-                 "nfe": r["nfe"], "batch_size": r["batch_size"], "median_s": r["median_s"],
-                 "tokens_per_s": r["tokens_per_s"], "device": r["device"],
-                 **{k: r.get(k) for k in BENCH_EXTRA}}
-                for r in json.loads(bench.read_text())]
+        rows = [{"run_id": rid, **{k: getattr(r, k) for k in BENCH_CORE + BENCH_EXTRA}}
+                for r in read_bench(bench)]  # the one reader: older rows' names put right, later keys None
         out["throughput"] = _replace(con, "throughput", {"run_id": rid}, rows)
     trials = reports / "search" / "trials.parquet"
     if trials.exists():
@@ -326,6 +315,9 @@ def _plain(value: Any) -> Any:
 
 
 QUERY_KINDS = ("SELECT", "EXPLAIN")
+# what DuckDB parses as one of QUERY_KINDS, spelled as a user writes it (the read-only error names them all)
+READ_ONLY_FORMS = ("SELECT", "WITH ... SELECT", "FROM <table>", "VALUES", "SHOW TABLES", "SHOW <table>",
+                   "DESCRIBE <table>", "SUMMARIZE <table>", "EXPLAIN [ANALYZE] <query>")
 
 
 def query(sql: str, db: Path = DEFAULT_DB, params: list[Any] | None = None) -> tuple[list[str], list[tuple]]:
@@ -340,12 +332,50 @@ def query(sql: str, db: Path = DEFAULT_DB, params: list[Any] | None = None) -> t
             raise ValueError('the query is empty: give one statement, e.g. "SELECT * FROM runs"')
         for st in statements:
             if st.type.name not in QUERY_KINDS:
-                raise ValueError(f"esolm query is read-only: a {st.type.name} statement is refused "
-                                 f"(allowed: {', '.join(QUERY_KINDS)}); write files with --format csv/json")
+                raise ValueError(f"esolm query is read-only: a {st.type.name} statement is refused; "
+                                 f"allowed: {', '.join(READ_ONLY_FORMS)} (list the tables with --tables, "
+                                 "a table's columns with --schema TABLE; write files with --format csv/json)")
         if len(statements) > 1:
             raise ValueError(f"give one statement per query, not {len(statements)}")
         cur = con.execute(sql, params or [])
         cols = [d[0] for d in cur.description] if cur.description else []
         return cols, cur.fetchall()
+    finally:
+        con.close()
+
+
+def tables(db: Path = DEFAULT_DB) -> list[tuple[str, int, int]]:
+    """(table, rows, columns) of every table of the database (``esolm query --tables``)."""
+    con = connect(db, read_only=True)
+    try:
+        names = con.execute("SELECT table_name, count(*) FROM information_schema.columns "
+                            "WHERE table_schema = 'main' GROUP BY table_name ORDER BY table_name").fetchall()
+        # a table name cannot be a parameter: the names come from the catalogue, quoted
+        return [(name, con.execute(f'SELECT count(*) FROM "{name.replace(chr(34), chr(34) * 2)}"').fetchone()[0],
+                 ncols) for name, ncols in names]
+    finally:
+        con.close()
+
+
+def schema(table: str, db: Path = DEFAULT_DB) -> list[tuple[str, str, bool, bool]]:
+    """(column, type, nullable, in the primary key) of ``table`` (``esolm query --schema``); an
+    unknown table is an error naming the closest one."""
+    import difflib
+
+    con = connect(db, read_only=True)
+    try:
+        cols = con.execute("SELECT column_name, data_type, is_nullable = 'YES' FROM information_schema.columns "
+                           "WHERE table_schema = 'main' AND table_name = ? ORDER BY ordinal_position",
+                           [table]).fetchall()
+        if not cols:
+            names = [r[0] for r in con.execute("SELECT DISTINCT table_name FROM information_schema.columns "
+                                               "WHERE table_schema = 'main' ORDER BY 1").fetchall()]
+            close = difflib.get_close_matches(table, names, n=1)
+            raise ValueError(f"no table {table!r} in {db}" + (f"; did you mean {close[0]!r}?" if close else "")
+                             + f" (tables: {', '.join(names)})")
+        keys = con.execute("SELECT constraint_column_names FROM duckdb_constraints() WHERE table_name = ? "
+                           "AND constraint_type = 'PRIMARY KEY'", [table]).fetchall()
+        key = set(keys[0][0]) if keys else set()
+        return [(name, kind, nullable, name in key) for name, kind, nullable in cols]
     finally:
         con.close()

@@ -12,8 +12,10 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -25,10 +27,12 @@ from esolm.checkpoint import save_model
 from esolm.config import INITS, ModelConfig
 from esolm.data.batches import Batches
 from esolm.io import read_jsonl, run_lock, safe_load, write_text_atomic
-from esolm.lit import AtomicCheckpointIO, JsonlLog, LitModel, MicroBatches
+from esolm.lit import AtomicCheckpointIO, JsonlLog, LitModel, MicroBatches, ProgressLines
 from esolm.objectives import training_objective
 from esolm.train_config import TrainConfig
 
+PROGRESS_EVERY_S = float(os.environ.get("ESOLM_PROGRESS_EVERY", "30"))
+"""Seconds between progress lines when training runs without a terminal (``dvc repro`` into a log)."""
 CODE_ENTRY = "esolm.training:train"  # the fingerprint covers every file this can run (esolm.codedeps)
 # settings that do not change the training trajectory (raising ``steps`` continues a run)
 NOT_FINGERPRINTED = ("steps", "log_every", "val_every", "val_batches", "ckpt_every")
@@ -38,7 +42,6 @@ def fingerprint(cfg: ModelConfig, tc: TrainConfig, data_dir: Path) -> str:
     """What a resumable checkpoint must match: model and train config, the data's config
     hash, and the source of the code that defines the model and its loss."""
     import hashlib
-    from dataclasses import asdict
 
     from esolm.codedeps import code_files
 
@@ -94,9 +97,12 @@ def trainer_for(tc: TrainConfig, run_dir: Path, progress: bool, callbacks: list,
 def check_data(tc: TrainConfig, data_dir: Path) -> None:
     """The shards can feed ``tc``: a micro-step of every process takes ``micro x world`` rows of
     the train split (``Batches`` drops a partial one), so a larger batch than the split holds is
-    refused before anything moves."""
+    refused before anything moves; so are a changed or corrupt tokenizer.json and ids outside
+    the vocabulary (``esolm.data.identity``)."""
     from esolm.data import read_meta
+    from esolm.data.identity import check_prepared
 
+    check_prepared(data_dir)
     meta = read_meta(data_dir)
     rows = meta["splits"].get("train", {}).get("rows", 0)
     need = tc.micro * tc.world_size
@@ -157,15 +163,17 @@ def train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fres
         superseded.settle()
         log.flush()
 
-    with lightning_notices(progress):
-        trainer = trainer_for(tc, run_dir, progress, [log, *(callbacks or [])], first_save)
+    bar = progress and sys.stderr.isatty()  # a bar on a terminal; in a log, a line per interval
+    lines = [ProgressLines(run_dir.name, tc, cfg.length, PROGRESS_EVERY_S)] if progress and not bar else []
+    with lightning_notices(bar):  # Lightning's informational lines only beside its bar
+        trainer = trainer_for(tc, run_dir, bar, [log, *lines, *(callbacks or [])], first_save)
     run_dir.mkdir(parents=True, exist_ok=True)
     primary = os.environ.get("LOCAL_RANK", "0") == "0"  # DDP children share rank 0's lock
     with run_lock(run_dir / "checkpoints", "esolm train") if primary else contextlib.nullcontext():
         fresh = _plan_run(cfg, tc, data_dir, run_dir, fresh)
         if fresh and rank_zero_only.rank == 0:
             superseded.replace([run_dir / "checkpoints" / "last.ckpt", _working_log(run_dir)])
-        summary = _fit(cfg, tc, data_dir, run_dir, fresh, progress, trainer, log)
+        summary = _fit(cfg, tc, data_dir, run_dir, fresh, bar, trainer, log)
         if rank_zero_only.rank == 0:
             superseded.clean()
         return summary
@@ -252,7 +260,9 @@ def _finish(module: LitModel, trainer: pl.Trainer, tc: TrainConfig, data_dir: Pa
                "objective": module.objective, "init": INITS[module.cfg.init],
                "ema": {"decay": tc.ema, "warmup": "min(decay, (1 + n) / (10 + n))"} if tc.ema else None,
                "mask_warmup": {"steps": tc.mask_warmup_steps, "start": tc.mask_warmup_start}
-               if tc.mask_warmup_steps and module.masks else None}
+               if tc.mask_warmup_steps and module.masks else None,
+               # what this model was trained with: the report reads it, not today's params.yaml
+               "settings": {"model": module.cfg.to_dict(), "train": asdict(tc)}}
     if trainer.is_global_zero:
         save_model(run_dir / "model.ckpt", module.cfg, module.model.state_dict(),
                    None if module.ema is None else module.ema.state_dict(), trainer.global_step, data_dir)

@@ -6,7 +6,7 @@ import itertools
 
 from prefect import flow
 
-from tasks.stages import apply_experiment, exp_run, ingest_and_report, run_queue
+from tasks.stages import apply_experiment, check_overrides, exp_run, ingest_and_report, run_queue
 
 
 def grid_overrides(grid: dict[str, list]) -> list[list[str]]:
@@ -20,6 +20,7 @@ def experiment(overrides: list[str], name: str | None = None, repo: str = ".",
                targets: list[str] | None = None) -> str:
     """`dvc exp run -S ...` with the overrides (all stages, or ``targets``), then ingest the
     results under the experiment's label (the workspace holds the experiment's outputs)."""
+    check_overrides(repo, overrides)
     exp_run(overrides, repo, name, targets=targets)
     return ingest_and_report(repo, label=f"experiment:{name or ','.join(overrides)}")
 
@@ -29,6 +30,7 @@ def sweep(grid: dict[str, list], repo: str = ".", prefix: str = "sweep", jobs: i
     """Queue every combination of ``grid``, run the queue, then ingest each experiment: `dvc exp
     apply` brings back its params, git-tracked files and cached outputs (every output is cached,
     so no file of the previous experiment is left behind)."""
+    check_overrides(repo, [o for overrides in grid_overrides(grid) for o in overrides])
     names = []
     for i, overrides in enumerate(grid_overrides(grid)):
         name = f"{prefix}-{i}"

@@ -13,7 +13,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.deployments import run_deployment
 
-from tasks.stages import headline_markdown, pull_runs, push_runs, repro_stage, stage_tags
+from tasks.stages import check_checkout, headline_markdown, pull_runs, push_runs, repro_stage, stage_tags
 
 STAGES = ("prepare", "train", "evaluate", "sample", "bench", "search", "report")
 
@@ -29,6 +29,7 @@ def run_remote_stage(deployment: str, stage: str) -> None:
 def pipeline(repo: str = ".", stages: tuple[str, ...] = STAGES, gpu_deployment: str | None = None,
              gpu_stages: tuple[str, ...] = ("train",)) -> str:
     """Run the DVC stages one after another (DVC holds a repo lock, so no stage overlaps)."""
+    check_checkout(repo)
     for stage in stages:
         remote = bool(gpu_deployment) and stage in gpu_stages
         if remote:

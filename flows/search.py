@@ -13,7 +13,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.stages import join_search, queue_trials, search_outputs
+from tasks.stages import check_overrides, join_search, queue_trials, search_outputs
 
 
 @flow(name="esolm-schedule-search", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
@@ -22,6 +22,7 @@ def schedule_search(repo: str = ".", workers: int = 2, n_trials: int | None = No
     """Fill the study up to ``n_trials`` trials in total (default: search.n_trials) with
     ``workers`` concurrent worker processes, then write the outputs."""
     sets = list(sets or [])
+    check_overrides(repo, sets)
     queued = queue_trials(repo, n_trials, sets)
     futures = [join_search.submit(repo, sets) for _ in range(workers)]
     ran = sum(f.result() for f in futures)

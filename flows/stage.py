@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.stages import pull_runs, push_runs, repro_stage, stage_tags
+from tasks.stages import check_checkout, pull_runs, push_runs, repro_stage, stage_tags
 
 
 @flow(name="esolm-stage", log_prints=True)
 def stage(stage: str = "train", repo: str = ".", share: bool = True) -> str:
     """`dvc repro STAGE` in ``repo``; with ``share``, pull before and push after (a remote must be set)."""
+    check_checkout(repo)
     if share:
         pull_runs(repo)
     out = repro_stage.with_options(tags=stage_tags(stage))(stage, repo, pull=share)

@@ -10,7 +10,6 @@ a time. Each stage's task is tagged ``stage:<name>`` as well.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -31,13 +30,64 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
+def check_checkout(repo: str) -> Path:
+    """The checkout a flow runs in: a folder holding ``dvc.yaml``; anything else is one line
+    naming the value and the fix, before any task runs."""
+    path = Path(repo)
+    fix = ("pass the folder of an esolm checkout, the one holding dvc.yaml and params.yaml "
+           "(repo='.' when the flow runs from it)")
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise ValueError(f"repo={repo!r} {what}: {fix}")
+    if not (path / "dvc.yaml").is_file():
+        raise ValueError(f"repo={repo!r} ({path.resolve()}) holds no dvc.yaml: {fix}")
+    return path
+
+
+def check_overrides(repo: str, overrides: list[str]) -> None:
+    """Each ``dotted.key=value`` override (``dvc exp run -S``, ``esolm --set``) names a key of the
+    checkout's params.yaml and has a YAML value; else one line naming it, the closest key and
+    the file, before DVC or esolm runs. DVC's own forms (``+key=...``, ``~key``, ``file:key=...``)
+    are left to DVC."""
+    import copy
+
+    import yaml
+
+    from esolm.params import apply_sets, yaml_load
+
+    path = check_checkout(repo) / "params.yaml"
+    plain = [o for o in overrides if not str(o).startswith(("+", "~")) and ":" not in str(o).split("=", 1)[0]]
+    if not plain or not path.is_file():
+        return
+    try:
+        params = yaml_load(path.read_text(encoding="utf-8")) or {}
+        apply_sets(copy.deepcopy(params), [str(o) for o in plain])
+    except (ValueError, yaml.YAMLError) as err:
+        raise ValueError(f"bad override for {path}: {' '.join(str(err).split())}") from None
+
+
+def _error_line(stderr: str) -> str | None:
+    """The one line that says why a command failed: esolm's ``esolm <verb>: error: ...`` (the
+    cause, also under DVC), else DVC's last ``ERROR: ...`` line."""
+    lines = stderr.splitlines()
+    said = [line for line in lines if re.match(r"esolm [a-z-]+: error: ", line)]
+    said = said or [line for line in lines if line.startswith("ERROR: ")]
+    return said[-1].strip() if said else None
+
+
 def run_command(args: list[str], repo: str) -> str:
-    """Run a command in ``repo`` with the venv's bin first on PATH; raise with its output on failure."""
+    """Run a command in ``repo`` with the venv's bin first on PATH; on failure raise its one
+    error line (esolm's or DVC's), or its output when it said none."""
     env = {**os.environ, **OFFLINE_ENV}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if not Path(repo).is_dir():
+        check_checkout(repo)  # one line naming it
     proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+        command = " ".join([Path(args[0]).name, *args[1:]])
+        if (line := _error_line(proc.stderr)) is not None:
+            raise RuntimeError(f"{command} failed ({proc.returncode}): {line}")
+        raise RuntimeError(f"{command} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                            f"{proc.stderr[-4000:]}")
     return proc.stdout
 

@@ -8,6 +8,7 @@ import torch
 from esolm.bench import BenchConfig, format_rows, kv_cache_bytes, run_bench, settings_line
 from esolm.config import ScheduleSettings
 from esolm.profiling import profile_step
+from esolm.throughput import BenchRow, write_bench
 
 TINY = dict(lengths=(16,), repeats=1, warmup=1, d_model=32, n_layers=2, n_heads=4, vocab_size=11)
 
@@ -15,17 +16,18 @@ TINY = dict(lengths=(16,), repeats=1, warmup=1, d_model=32, n_layers=2, n_heads=
 def test_rows_state_memory_settings_and_ratios():
     bc = BenchConfig(variants=("eso_b", "mdlm", "bd3lm_l4", "ar"), mdlm_max_steps=4, **TINY)
     rows = run_bench(bc, torch.device("cpu"), progress=False)
-    by = {r["variant"]: r for r in rows}
-    assert by["bd3lm_l4"]["family"] == "bd3lm" and by["eso_b"]["family"] == "eso_b"
+    by = {r.variant: r for r in rows}
+    assert by["bd3lm_l4"].family == "bd3lm" and by["eso_b"].family == "eso_b"
     for r in rows:
-        assert r["d_model"] == 32 and r["n_layers"] == 2 and r["vocab_size"] == 11 and r["dtype"] == "float32"
-        assert r["nfe"] == 16 and r["median_s"] > 0 and r["batch_size"] == 1
-        assert "peak_mem_bytes" in r and r["peak_mem_kind"]
+        assert r.d_model == 32 and r.n_layers == 2 and r.vocab_size == 11 and r.dtype == "float32"
+        assert r.nfe == 16 and r.median_s > 0 and r.batch_size == 1 and r.peak_mem_kind
+        assert set(r.speedup_vs) == set(r.cpu_speedup_vs) == set(by) - {r.variant}
     # K and V, per layer, for every position: 2 x 2 layers x 16 x 32 x 4 bytes
-    assert by["eso_b"]["kv_cache_bytes"] == 2 * 2 * 16 * 32 * 4 == by["ar"]["kv_cache_bytes"]
-    assert by["mdlm"]["kv_cache_bytes"] == 0
-    assert by["mdlm"]["extrapolated_from_nfe"] == 4 and by["eso_b"]["extrapolated_from_nfe"] is None
-    assert by["eso_b"]["speedup_vs_mdlm"] == pytest.approx(by["mdlm"]["median_s"] / by["eso_b"]["median_s"])
+    assert by["eso_b"].kv_cache_bytes == 2 * 2 * 16 * 32 * 4 == by["ar"].kv_cache_bytes
+    assert by["mdlm"].kv_cache_bytes == 0
+    assert by["mdlm"].extrapolated_from_nfe == 4 and by["eso_b"].extrapolated_from_nfe is None
+    assert by["eso_b"].speedup_vs["mdlm"] == pytest.approx(by["mdlm"].median_s / by["eso_b"].median_s)
+    assert by["eso_b"].to_json()["speedup_vs_mdlm"] == by["eso_b"].speedup_vs["mdlm"]  # flat in bench.json
     assert "scaled linearly" in format_rows(rows)
     line = settings_line(bc, torch.device("cpu"))
     for key in ("d_model=32", "n_layers=2", "vocab_size=11", "batch_size=1", "nfe=('L',)",
@@ -65,7 +67,7 @@ def test_every_cell_is_handed_out_as_soon_as_it_is_timed(monkeypatch):
     Here the second cell fails; the first cell's rows were already handed out, with ratios."""
     import esolm.bench as bench
 
-    seen: list[list[dict]] = []
+    seen: list[list[BenchRow]] = []
     real = bench.time_cell
 
     def flaky(bc, families, length, nfe, device, batch=None):
@@ -77,9 +79,9 @@ def test_every_cell_is_handed_out_as_soon_as_it_is_timed(monkeypatch):
     bc = BenchConfig(variants=("eso_b", "ar"), batch_sizes=(1, 2), **TINY)
     with pytest.raises(RuntimeError, match="out of time"):
         run_bench(bc, torch.device("cpu"), progress=False, on_cell=lambda rows: seen.append(list(rows)))
-    assert len(seen) == 1 and {r["variant"] for r in seen[0]} == {"eso_b", "ar"}
-    assert all(r["batch_size"] == 1 and r["step_mode"] == "dynamic" for r in seen[0])
-    assert seen[0][0]["speedup_vs_ar"] == pytest.approx(seen[0][1]["median_s"] / seen[0][0]["median_s"])
+    assert len(seen) == 1 and {r.variant for r in seen[0]} == {"eso_b", "ar"}
+    assert all(r.batch_size == 1 and r.step_mode == "dynamic" for r in seen[0])
+    assert seen[0][0].speedup_vs["ar"] == pytest.approx(seen[0][1].median_s / seen[0][0].median_s)
 
 
 def test_warm_up_runs_the_first_steps_of_the_timed_configuration(monkeypatch):
@@ -141,9 +143,9 @@ def test_bench_rows_are_ingested_with_their_settings_into_old_and_new_databases(
     reports.mkdir()
     rows = run_bench(BenchConfig(variants=("eso_b", "mdlm"), mdlm_max_steps=4, **TINY),
                      torch.device("cpu"), progress=False)
-    old = {k: rows[0][k] for k in ("family", "length", "nfe_budget", "nfe", "batch_size", "median_s",
-                                   "tokens_per_s", "device")}
-    (reports / "bench.json").write_text(json.dumps(rows))
+    old = {k: rows[0].to_json()[k] for k in ("family", "length", "nfe_budget", "nfe", "batch_size", "median_s",
+                                             "tokens_per_s", "device")}
+    write_bench(reports / "bench.json", rows)
     ingest({"variants": {}}, tmp_path / "runs", reports, db, rid="new")
     (reports / "bench.json").write_text(json.dumps([old]))
     ingest({"variants": {}}, tmp_path / "runs", reports, db, rid="old")
@@ -192,7 +194,7 @@ def test_an_old_database_keys_throughput_by_variant_and_batch_size_and_keeps_its
     reports.mkdir()
     rows = run_bench(BenchConfig(variants=("eso_b", "ar"), batch_sizes=(1, 2), **TINY), torch.device("cpu"),
                      progress=False)
-    (reports / "bench.json").write_text(json.dumps(rows))
+    write_bench(reports / "bench.json", rows)
     ingest({"variants": {}}, tmp_path / "runs", reports, db, rid="new")
     _, got = query("SELECT run_id, variant, family, batch_size, step_mode FROM throughput "
                    "ORDER BY run_id, variant, batch_size", db)
@@ -200,7 +202,7 @@ def test_an_old_database_keys_throughput_by_variant_and_batch_size_and_keeps_its
                    ("new", "eso_b", "eso_b", 1, "dynamic"), ("new", "eso_b", "eso_b", 2, "dynamic"),
                    ("old", "ar", "ar", 1, None), ("old", "bd3lm_l4", None, 1, None)]  # a bench entry, not a family
     # a bench.json written before the rename (family: the entry, variant: the family) ingests renamed
-    old_row = {**rows[0], "family": "bd3lm_l4", "variant": "bd3lm"}
+    old_row = {**rows[0].to_json(), "family": "bd3lm_l4", "variant": "bd3lm"}
     (reports / "bench.json").write_text(json.dumps([old_row]))
     ingest({"variants": {}}, tmp_path / "runs", reports, db, rid="renamed")
     _, got = query("SELECT variant, family FROM throughput WHERE run_id = 'renamed'", db)

@@ -207,3 +207,25 @@ def test_likelihoods_are_deterministic_for_a_model_in_training_mode(fn):
     with torch.no_grad():
         model.eval()
         torch.testing.assert_close(first, calls[fn](), rtol=0, atol=0)
+
+
+def test_the_nelbo_of_a_row_is_on_the_exact_metrics_own_tokens(gen):
+    """Issue #22: the report's AR row showed NELBO 16.9 beside exact 18.5, the two computed on
+    16,384 and 2,048 tokens. ``nelbo_paired_*`` is the NELBO of the same draws on the exact
+    metrics' own batches: for AR (and alpha_0 = 0) it is the exact likelihood itself."""
+    from esolm.config import EvalConfig
+    from esolm.likelihood import evaluate_split, nelbo_per_token
+
+    batches = [torch.randint(0, 7, (4, 16), generator=gen) for _ in range(4)]
+    ev = EvalConfig(nelbo_batches=4, nelbo_draws=2, exact_batches=1, iw_orders=(1,))
+    for family in ("ar", "eso_b"):
+        out = evaluate_split(sharp_model(family, alpha_0=0.0 if family == "eso_b" else None), batches, ev, 1.0)
+        assert out["nelbo_paired_ppl"] == pytest.approx(out["exact_l2r_ppl"], rel=1e-5)
+        assert out["nelbo_tokens"] == 4 * 64 and out["tokens"] == 64  # the plain NELBO: every batch
+    model = sharp_model("eso_b", alpha_0=0.5)
+    both = nelbo_per_token(model, batches, draws=2, generator=torch.Generator().manual_seed(3), paired=4)
+    assert both["paired"]["nats_per_token"] == pytest.approx(both["nats_per_token"], rel=1e-12)
+    alone = nelbo_per_token(model, batches[:1], draws=1, generator=torch.Generator().manual_seed(3))
+    first = nelbo_per_token(model, batches, draws=1, generator=torch.Generator().manual_seed(3), paired=1)
+    assert first["paired"]["nats_per_token"] == pytest.approx(alone["nats_per_token"], rel=1e-12)
+    assert first["paired"]["tokens"] == alone["tokens"] == 64

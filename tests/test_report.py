@@ -14,10 +14,12 @@ def db(tmp_path):
     variants = [("ar", "ar", 0.0), ("b1", "eso_b", 1.0), ("b05", "eso_b", 0.5), ("mdlm", "mdlm", 1.0)]
     con.executemany("INSERT INTO variants (run_id, variant, family, alpha_0) VALUES ('r', ?, ?, ?)", variants)
     # (variant, metric base, ppl, stderr in nats)
-    values = [("ar", "exact_l2r", 20.0, 0.01), ("b1", "exact_l2r", 30.0, 0.01),
-              ("b05", "exact_sampler", 30.0, 0.01), ("b05", "nelbo", 33.0, 0.01),
-              ("b1", "exact_sampler", 29.0, 0.05), ("b1", "nelbo", 36.0, 0.01),
-              ("mdlm", "exact_sampler", 25.0, 0.01), ("mdlm", "nelbo", 24.0, 0.2)]
+    # nelbo: on every NELBO batch; nelbo_paired: on the exact metrics' tokens, what claims compare
+    values = [("ar", "exact_l2r", 20.0, 0.01), ("ar", "nelbo", 16.9, 0.0), ("ar", "nelbo_paired", 20.0, 0.0),
+              ("b1", "exact_l2r", 30.0, 0.01),
+              ("b05", "exact_sampler", 30.0, 0.01), ("b05", "nelbo_paired", 33.0, 0.01), ("b05", "nelbo", 28.0, 0.01),
+              ("b1", "exact_sampler", 29.0, 0.05), ("b1", "nelbo_paired", 36.0, 0.01),
+              ("mdlm", "exact_sampler", 25.0, 0.01), ("mdlm", "nelbo_paired", 24.0, 0.2)]
     rows = []
     for v, base, ppl, se in values:
         rows += [("r", v, "test", f"{base}_ppl", ppl), ("r", v, "test", f"{base}_stderr", se)]
@@ -37,13 +39,15 @@ def test_orderings_state_each_claim_with_its_margin_in_standard_errors(db):
     # b05 < b1 on the exact likelihood fails: 30 vs 29, -0.69 s.e.: "no, within noise"
     r = by[("b05 < b1", "exact sampler")]
     assert r[3] == f"{math.log(29 / 30) / math.hypot(0.01, 0.05):+.1f}" and r[4] == "no, within noise"
-    assert by[("b05 < b1", "nelbo")][4] == "yes"
+    assert by[("b05 < b1", "nelbo paired")][4] == "yes"
+    # AR's row uses its NELBO on the exact tokens (20.0), never the NELBO of other tokens (16.9)
+    assert by[("ar < b05", "nelbo paired")][2] == "20.0 vs 33.0"
     # exact <= NELBO per diffusion model; MDLM's NELBO is below its exact value here
-    assert by[("mdlm: exact <= NELBO", "exact sampler vs nelbo")][4] == "no, within noise"
-    assert by[("b1: exact <= NELBO", "exact sampler vs nelbo")][4] == "yes"
-    assert by[("b1: exact <= NELBO", "exact l2r vs nelbo")][4] == "yes"
-    assert ("ar: exact <= NELBO", "exact sampler vs nelbo") not in by  # AR has one order
-    assert by[("mdlm < b1", "nelbo")][4] == "yes"
+    assert by[("mdlm: exact <= NELBO", "exact sampler vs nelbo paired")][4] == "no, within noise"
+    assert by[("b1: exact <= NELBO", "exact sampler vs nelbo paired")][4] == "yes"
+    assert by[("b1: exact <= NELBO", "exact l2r vs nelbo paired")][4] == "yes"
+    assert ("ar: exact <= NELBO", "exact sampler vs nelbo paired") not in by  # AR has one order
+    assert by[("mdlm < b1", "nelbo paired")][4] == "yes"
     assert len(cols) == len(rows[0]) == 5
 
 

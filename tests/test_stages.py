@@ -124,7 +124,7 @@ def test_search_then_sample_with_the_best_schedule_then_report(project):
     assert curves == [("ar", 1), ("eso_b_a05", 2)]
     md = (project / "reports" / "report.md").read_text()
     assert "judged by judge (an AR model of its own stage, never a contestant; its test perplexity" in md
-    assert "| unigram | unigram |" in md and "NELBO PPL (± s.e.)" in md and "the paper's numbers" in md
+    assert "| unigram | unigram |" in md and "NELBO PPL, exact's tokens (± s.e.)" in md and "the paper's numbers" in md
     assert "e+0" not in md.split("## ")[0]  # readable numbers in the headline table
     assert f"| {rid} | pipeline |" in md  # the runs in the database, one row each
     assert "Which of the paper's orderings hold here" in md and "| ar < eso_b_a05 |" in md
@@ -134,6 +134,27 @@ def test_search_then_sample_with_the_best_schedule_then_report(project):
     assert {r["metric"] for r in table1} >= {"exact_l2r_ppl", "exact_sampler_ppl", "nelbo_ppl", "iw1_ppl"}
     eso = [r for r in table1 if r["variant"] == "eso_b_a05" and r["split"] == "test"]
     assert all(r["stderr"] and float(r["stderr"]) > 0 for r in eso), eso
+
+
+def test_best_json_is_exactly_the_chosen_trial_of_the_study(project):
+    """Issue #22: best.json said steps 64 and shuffle shared for a block-order trial that set
+    neither steps nor that name; it now holds the trial's own parameters and number, read back here
+    from the study, and leaves out the settings its order never reads."""
+    from esolm.config import ScheduleSettings
+    from esolm.search.results import BestSchedule
+    from esolm.stages import search_study
+
+    best = json.loads((project / "search" / "best.json").read_text())
+    assert best["schedule"] is not None and best["trial"] is not None
+    trial = next(t for t in search_study(_params(project))[1].trials if t.number == best["trial"])
+    assert best["searched"] == trial.params
+    assert ScheduleSettings.from_dict(best["schedule"]) == ScheduleSettings.from_dict(trial.params)
+    assert not set(BestSchedule.UNUSED[best["schedule"]["order"]]) & set(best["schedule"])
+    assert best["gen_ppl"] == trial.values[0]
+    block = BestSchedule(variant="v", schedule=ScheduleSettings(order="block", shuffle=True, subcontexts=3), trial=4,
+                         searched={"order": "block", "shuffle": True, "subcontexts": 3})
+    assert "steps" not in block.to_json()["schedule"] and block.to_json()["searched"]["shuffle"] is True
+    assert BestSchedule.from_json(block.to_json()) == block
 
 
 def test_the_study_belongs_to_the_model_file_and_workers_share_it(project):
@@ -302,3 +323,88 @@ def test_a_contestant_never_judges_and_the_judge_never_competes(project):
         judge_params(apply_sets(_params(project), ["judge.name=mdlm"]))
     jp, name = judge_params(_params(project))
     assert list(jp["variants"]) == [name] and jp["train"]["steps"] == 12
+
+
+def _swap(path: Path, data: bytes):
+    """Replace a file's bytes for a block; the original comes back afterwards."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def swapped():
+        original = path.read_bytes()
+        path.write_bytes(data)
+        try:
+            yield
+        finally:
+            path.write_bytes(original)
+
+    return swapped()
+
+
+def test_a_model_file_of_another_family_is_never_evaluated_as_the_variant(project):
+    """Issue #22: eso_b's model file copied into runs/mdlm/ was evaluated as MDLM and stored under mdlm."""
+    from esolm.stages import evaluate_stage, sample_stage
+
+    params = _params(project)
+    with _swap(project / "runs" / "mdlm" / "model.ckpt", (project / "runs" / "eso_b_a05" / "model.ckpt").read_bytes()):
+        before = (project / "runs" / "mdlm" / "likelihood.json").read_bytes()
+        with pytest.raises(ValueError, match=r"is not the variant 'mdlm' of params.yaml: it has family 'eso_b' "
+                                             r"\(variants.mdlm: 'mdlm'\).*dvc repro train@mdlm"):
+            evaluate_stage(params, "mdlm", progress=False)
+        with pytest.raises(ValueError, match="is not the variant 'mdlm'"):
+            sample_stage(params, "mdlm", progress=False)
+        assert (project / "runs" / "mdlm" / "likelihood.json").read_bytes() == before
+
+
+def test_shards_of_another_tokenizer_of_the_same_size_are_refused(project, tmp_path):
+    """Issue #22: shards of a different tokenizer with the same vocabulary size were evaluated
+    without a word (a perplexity printed as valid)."""
+    from esolm.data import DataConfig, prepare, read_meta
+    from esolm.params import apply_sets
+    from esolm.stages import evaluate_stage
+
+    other = write_txt_corpus(tmp_path / "other", n_docs=60, seed=11)
+    size = read_meta(project / "data" / "tiny")["vocab_size"]
+    twin = prepare(DataConfig(dataset="tiny", source=f"files:{other}/*.txt", tokenizer=f"bpe:{size}", length=16,
+                              out_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "raw")), progress=False)
+    assert read_meta(twin)["vocab_size"] == size  # the same size, another tokenizer
+    with pytest.raises(ValueError, match=r"model.ckpt was trained with tokenizer \w{12}, but .* was made with "
+                                         r"tokenizer \w{12}"):
+        evaluate_stage(apply_sets(_params(project), [f"data.out_dir={tmp_path / 'data'}"]), "ar", progress=False)
+
+
+def test_a_corrupt_or_swapped_tokenizer_is_refused_before_training_and_never_embedded(project, tmp_path):
+    import shutil
+
+    from esolm.params import apply_sets
+    from esolm.stages import train_stage
+
+    data = tmp_path / "data"
+    shutil.copytree(project / "data" / "tiny", data / "tiny")
+    params = apply_sets(_params(project), [f"data.out_dir={data}"])
+    params["variants"]["newcomer"] = {"family": "ar"}
+    tok = data / "tiny" / "tokenizer.json"
+    with _swap(tok, tok.read_bytes()[: len(tok.read_bytes()) // 2]), \
+            pytest.raises(ValueError, match=r"tokenizer.json is not a valid tokenizer .*prepare the data again"):
+        train_stage(params, "newcomer", fresh=False, progress=False)
+    swapped = tok.read_text().replace('"<|endoftext|>"', '"<|end|>"', 1)
+    with _swap(tok, swapped.encode()), \
+            pytest.raises(ValueError, match=r"has sha256 \w{12}, but the shards .* were made with \w{12}"):
+        train_stage(params, "newcomer", fresh=False, progress=False)
+    assert not (project / "runs" / "newcomer").exists()
+
+
+def test_the_report_takes_settings_from_the_model_files_and_says_when_params_changed(project, tmp_path):
+    """Issue #22: after train.lr changed, the report recorded the new lr for models trained with the old one."""
+    from esolm.params import apply_sets
+    from esolm.report_results import settings_line
+    from esolm.store import ingest, run_id
+
+    trained_lr = json.loads((project / "runs" / "ar" / "train.json").read_text())["settings"]["train"]["lr"]
+    params = apply_sets(_params(project), [f"train.lr={trained_lr * 3}"])
+    rid = run_id(params)
+    ingest(params, reports=project / "reports", db=tmp_path / "r.duckdb", rid=rid)
+    line = settings_line(tmp_path / "r.duckdb", rid)
+    assert f"ar was trained with train.lr={trained_lr!r} (params.yaml: {trained_lr * 3!r})" in line
+    ingest(_params(project), reports=project / "reports", db=tmp_path / "r.duckdb", rid="same")
+    assert "ar was trained" not in settings_line(tmp_path / "r.duckdb", "same")

@@ -392,10 +392,12 @@ def test_export_round_trip_gives_the_same_logits(shards, tmp_path, monkeypatch):
         esolm.load(out)
 
 
-def test_a_quiet_training_prints_none_of_lightnings_notices(shards, tmp_path, caplog):
-    """--quiet (progress off): no 'GPU available', no logger tip; and never the warnings about
-    our own checkpoints/ folder or Lightning's internal deprecations. Not quiet: the notices show."""
+def test_a_quiet_training_prints_none_of_lightnings_notices(shards, tmp_path, caplog, monkeypatch):
+    """--quiet (progress off) or no terminal (a log: progress lines instead): no 'GPU available',
+    no logger tip; and never the warnings about our own checkpoints/ folder or Lightning's
+    internal deprecations. On a terminal, not quiet: the notices show beside the bar."""
     import logging
+    import sys
     import warnings
 
     cfg, short = _cfg(shards, "ar"), TC.__class__(**{**TC.__dict__, "steps": 4, "val_every": 2, "ckpt_every": 2})
@@ -408,6 +410,9 @@ def test_a_quiet_training_prints_none_of_lightnings_notices(shards, tmp_path, ca
     noise = [str(w.message) for w in seen if "exists and is not empty" in str(w.message)
              or "LeafSpec" in str(w.message)]
     assert not noise
+    train(cfg, short, shards, tmp_path / "logged", progress=True)  # pytest's stderr is no terminal
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("lightning")]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     train(cfg, short, shards, tmp_path / "loud", progress=True)
     assert any("GPU available" in r.getMessage() for r in caplog.records)
 
@@ -440,3 +445,28 @@ def test_the_masking_warm_up_reaches_every_training_step_and_the_records(shards,
     assert ar["mask_warmup"] is None  # no diffusion term, nothing masked: no warm-up anywhere
     assert {c for c in seen if c != "validation"} == {1.0}
     assert [json.loads(r)["t_max"] for r in (tmp_path / "ar" / "train.jsonl").read_text().splitlines()] == [1.0, 1.0]
+
+
+def test_training_in_a_log_prints_a_line_per_interval_and_a_bar_only_on_a_terminal(shards, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """Issue #27: under dvc repro (no terminal) a 14-minute training printed nothing. Now: a line
+    per interval (here every step) with step, loss, tokens/s and ETA, and the last step always."""
+    from esolm import training
+
+    monkeypatch.setattr(training, "PROGRESS_EVERY_S", 0.0)
+    train(_cfg(shards, "ar"), TC.__class__(**{**TC.__dict__, "steps": 6, "ckpt_every": 6, "val_every": 6}),
+          shards, tmp_path / "logged", progress=True)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("train logged: step ")]
+    assert len(lines) == 6 and lines[-1].startswith("train logged: step 6/6 loss ")
+    assert "tok/s" in lines[0] and "ETA" in lines[0] and "\r" not in err
+    assert "train logged: 6 steps of 8 x 16 tokens, from step 0" in err
+
+
+def test_progress_lines_read_well():
+    from esolm.lit import ProgressLines, _clock
+
+    p = ProgressLines("v", TC, 16)
+    p.step0 = 10
+    assert p.line(20, 3.14159, 5.0) == "train v: step 20/40 loss 3.1416 256 tok/s, 5s elapsed, ETA 10s"
+    assert [_clock(s) for s in (4.2, 185, 3720, float("nan"))] == ["4s", "3m05s", "1h02m", "?"]

@@ -8,6 +8,7 @@ or interrupted fetch leaves nothing half-written behind.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from esolm.io import process_alive
 
 FETCH_TIMEOUT_S = 600
 
@@ -75,9 +78,13 @@ def _fetch(cmd: list[str], filename: str, sha256: str, cache_dir: Path, what: st
         verify_file(target, sha256)
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".fetch-", dir=cache_dir))
+    for left in cache_dir.glob(".fetch-*-*"):  # what a killed fetch left (its process is gone)
+        pid = left.name.split("-")[1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".fetch-{os.getpid()}-", dir=cache_dir))
     try:
-        with tqdm(total=1, desc=f"fetch {what}", disable=not progress, leave=False) as bar:
+        with tqdm(total=1, desc=f"fetch {what}", disable=None if progress else True, leave=False) as bar:
             _run_client(cmd, scratch, what)
             bar.update(1)
         got = scratch / filename

@@ -49,7 +49,7 @@ def sotu_documents(cache_dir: str | Path, progress: bool = True) -> tuple[list[s
         members = sorted((m for m in tf.getmembers() if m.isfile() and fnmatch(m.name, SOTU_MEMBERS)),
                          key=lambda m: m.name)
         docs = [tf.extractfile(m).read().decode("utf-8")  # type: ignore[union-attr]
-                for m in tqdm(members, desc="read sotu", disable=not progress, leave=False)]
+                for m in tqdm(members, desc="read sotu", disable=None if progress else True, leave=False)]
     if not docs:
         raise RuntimeError(f"{tarball} holds no {SOTU_MEMBERS} files")
     return [d for d in docs if d.strip()], sotu_checksums()
@@ -116,7 +116,7 @@ def file_documents(pattern: str, text_column: str = "text",
     """Non-empty documents of the files matching ``pattern`` and the sha256 of each file."""
     docs: list[str] = []
     inputs: dict[str, str] = {}
-    for path in tqdm(_glob_files(pattern), desc="read files", disable=not progress, leave=False):
+    for path in tqdm(_glob_files(pattern), desc="read files", disable=None if progress else True, leave=False):
         data = path.read_bytes()
         inputs[str(path)] = f"sha256:{sha256_bytes(data)}"
         docs.extend(d for d in _parse_file(path, data, text_column) if d.strip())

@@ -27,9 +27,11 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from esolm.data.config import DataConfig
+from esolm.data.identity import text_sha256
 from esolm.data.shards import ShardWriter, SplitStats, token_dtype
 from esolm.data.sources import SPLITS, input_checksums, load_corpus
 from esolm.data.tokenizers import add_pad_token, load_tokenizer, separator_token, tokenizer_inputs
+from esolm.io import process_alive
 
 FORMAT_VERSION = 1
 READ_DOCS = 1024  # documents read from a source at a time
@@ -96,7 +98,7 @@ def _write_split(path: Path, split: str, texts: Sequence[str], tok: Tokenizer, c
                  dtype: np.dtype, ids: tuple[int, int | None], progress: bool) -> SplitStats:
     """Encode one split and write its rows to ``path``; an empty result is a ValueError."""
     writer = ShardWriter(path, cfg.packing, cfg.length, dtype, *ids)
-    with tqdm(total=len(texts), desc=f"tokenize {split}", unit="doc", disable=not progress,
+    with tqdm(total=len(texts), desc=f"tokenize {split}", unit="doc", disable=None if progress else True,
               leave=False) as bar:
         try:
             for read, chunk in _text_chunks(texts):
@@ -161,21 +163,68 @@ def _summary(meta: dict, seconds: float) -> None:
     _console().print(table)
 
 
+def _remove_leftovers(out: Path) -> None:
+    """Remove the staging folders (``.<name>.new-<pid>-*``, ``.<name>.old-<pid>-*``) that a
+    killed prepare (SIGKILL, a power cut: no clean-up runs) left beside ``out``; those of a
+    process still running are kept."""
+    for kind in ("new", "old"):
+        prefix = f".{out.name}.{kind}-"
+        for folder in out.parent.glob(f"{prefix}*"):
+            pid = folder.name.removeprefix(prefix).split("-", 1)[0]
+            if folder.is_dir() and pid.isdigit() and not process_alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (``kill PID``, a CI timeout) raises SystemExit here, so the clean-up below runs
+    instead of the process vanishing mid-write (only in the main thread, where signals land)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @contextlib.contextmanager
 def _staging(out: Path) -> Iterator[Path]:
     """A new folder beside ``out`` to write into; on success it replaces ``out`` (two renames,
-    the old folder removed after), on failure it is removed and ``out`` is untouched."""
+    the old folder removed after), on failure or SIGTERM it is removed and ``out`` is untouched.
+    The folders carry this process's id, so that the next prepare removes what a SIGKILL left."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    _remove_leftovers(out)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-{os.getpid()}-", dir=out.parent))
     try:
         yield stage
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    old = out.with_name(f".{out.name}.old-{stage.name.rsplit('-', 1)[-1]}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(stage, out)
+    _swap(stage, out)
+
+
+def _swap(stage: Path, out: Path) -> None:
+    """``stage`` becomes ``out``; the previous ``out`` is removed after the rename. SIGTERM waits
+    until both renames are done (never an ``out`` missing between them)."""
+    import signal
+
+    old = out.with_name(f".{out.name}.old-{os.getpid()}-{stage.name.rsplit('-', 1)[-1]}")
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        if out.exists():
+            os.replace(out, old)
+        os.replace(stage, out)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -187,6 +236,11 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Path:
     row; 'pad' gives each document a row: its tokens (truncated to length), the separator if
     it fits, then the pad id. Returns the output folder.
     """
+    with _terminate_as_exit():  # a `kill` cleans up like an error: no partial folder or download left
+        return _prepare(cfg, progress)
+
+
+def _prepare(cfg: DataConfig, progress: bool) -> Path:
     start = time.perf_counter()
     out = Path(cfg.out_dir) / cfg.dataset
     digest = config_hash(cfg)
@@ -203,9 +257,11 @@ def prepare(cfg: DataConfig, progress: bool = True) -> Path:
     with _staging(out) as stage:  # the old dataset stays usable until the new one is complete
         stats = {split: _write_split(stage / f"{split}.bin", split, corpus.splits[split], tok, cfg,
                                      dtype, ids, progress) for split in SPLITS}
-        (stage / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")
+        tok_text = tok.to_str(pretty=True)
+        (stage / "tokenizer.json").write_text(tok_text, encoding="utf-8")
         inputs = {**corpus.inputs, **tokenizer_inputs(cfg.tokenizer)}
         meta = _build_meta(cfg, tok, ids, dtype, stats, inputs)
+        meta["tokenizer_sha256"] = text_sha256(tok_text)  # the shards' identity (esolm.data.identity)
         meta["unigram_ppl"] = unigram_ppl(stage, meta)
         (stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     if progress:

@@ -83,7 +83,7 @@ def generate(model: Backbone, settings: ScheduleSettings | None = None, *, promp
             plan = family_plan(cfg, B, s, given, cpu_gen)
             x = torch.full((B, cfg.length), cfg.mask_token_id, dtype=torch.long, device=device)
             x[:, given.to(device)] = ids.to(device)
-            bar = tqdm(total=_n_steps(plan, cfg.length - given.numel()), disable=not progress,
+            bar = tqdm(total=_n_steps(plan, cfg.length - given.numel()), disable=None if progress else True,
                        desc=f"sampling {cfg.family}", leave=False)
             dec.on_step = bar.update if stop_after is None else _stopper(bar.update, stop_after)
             synchronize(device)

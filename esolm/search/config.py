@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,18 @@ class SearchConfig:
         unknown = set(self.space) - set(DEFAULT_SPACE)
         if unknown:
             raise ValueError(f"search.space has unknown keys {sorted(unknown)}; use {sorted(DEFAULT_SPACE)}")
+        check_storage(self.storage)
+
+
+STORAGE_FORMS = ("sqlite:///PATH, journal:PATH, postgresql[+driver]://USER@HOST/DB or "
+                 "mysql[+driver]://USER@HOST/DB (\"\": SQLite <out_dir>/study.db)")
+_STORAGE = re.compile(r"(sqlite:///.+|journal:.+|(postgresql|mysql|mariadb|oracle|mssql)(\+\w+)?://.+)")
+
+
+def check_storage(url: str) -> None:
+    """``search.storage`` is "" or one of the forms Optuna opens (``STORAGE_FORMS``)."""
+    if url and not _STORAGE.fullmatch(url):
+        raise ValueError(f"search.storage={url!r} is not a storage URL: use {STORAGE_FORMS}")
 
 
 Evaluate = Callable[[dict], dict]  # schedule settings (a partial dict) -> {"gen_ppl", "seconds", "nfe", "entropy"}

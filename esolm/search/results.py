@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     import optuna
@@ -156,6 +156,15 @@ class BestSchedule:
     """The chosen trial's sampling seconds per sample."""
     time_budget: float = 0.0
     """``search.time_budget`` it was chosen under (0: the knee of the front)."""
+    trial: int | None = None
+    """The chosen trial's number in the search study (None: none feasible, or a hand-written file)."""
+    searched: dict | None = None
+    """The chosen trial's parameters exactly as the study holds them (``trial.params``); the
+    schedule above is these with the defaults of the settings they leave out."""
+
+    # settings an order never reads: best.json leaves them out, so it shows only what ran
+    UNUSED: ClassVar[dict[str, tuple[str, ...]]] = {"block": ("steps", "schedule", "gamma"),
+                                                    "random": ("subcontexts", "shuffle")}
 
     @classmethod
     def of(cls, variant: str, chosen: TrialRow | None, time_budget: float) -> BestSchedule:
@@ -166,7 +175,7 @@ class BestSchedule:
             return cls(variant=variant, time_budget=time_budget)
         schedule = ScheduleSettings.from_dict(chosen.params, f"search trial {chosen.trial}")
         return cls(variant=variant, schedule=schedule, gen_ppl=chosen.gen_ppl, seconds=chosen.seconds,
-                   time_budget=time_budget)
+                   time_budget=time_budget, trial=chosen.trial, searched=dict(chosen.params))
 
     def settings(self, where: str = BEST) -> ScheduleSettings:
         """The chosen schedule; an error says what to do when the search found none feasible."""
@@ -176,8 +185,12 @@ class BestSchedule:
 
     def to_json(self) -> dict:
         """best.json's content: the schedule as ``ScheduleSettings.to_dict(run=False)``."""
-        return {"variant": self.variant, "schedule": self.schedule.to_dict(run=False) if self.schedule else None,
-                "gen_ppl": self.gen_ppl, "seconds": self.seconds, "time_budget": self.time_budget}
+        schedule = None
+        if self.schedule is not None:
+            unused = self.UNUSED.get(self.schedule.order, ())
+            schedule = {k: v for k, v in self.schedule.to_dict(run=False).items() if k not in unused}
+        return {"variant": self.variant, "schedule": schedule, "gen_ppl": self.gen_ppl, "seconds": self.seconds,
+                "time_budget": self.time_budget, "trial": self.trial, "searched": self.searched}
 
     @classmethod
     def from_json(cls, values: dict, where: str = BEST) -> BestSchedule:

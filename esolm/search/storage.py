@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
+from esolm.search.config import STORAGE_FORMS
+
 if TYPE_CHECKING:
     from esolm.search.config import SearchConfig
 
@@ -36,7 +38,17 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
         _begin_immediate(storage.engine)
         return storage
-    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    except ImportError as err:  # the database's driver package: name it, as cli.missing_extra does
+        raise ValueError(f"search.storage={url!r} needs a database driver that is not installed "
+                         f"({' '.join(str(err).split())}): install it (PostgreSQL: pip install "
+                         "'esolm[postgres]'), or use sqlite:///PATH or journal:PATH") from err
+    except Exception as err:  # sqlalchemy.exc.ArgumentError / NoSuchModuleError: an unknown dialect or driver
+        if type(err).__module__.startswith("sqlalchemy"):
+            raise ValueError(f"search.storage={url!r} cannot be opened ({' '.join(str(err).split())}): "
+                             f"use {STORAGE_FORMS}") from err
+        raise
 
 
 def _begin_immediate(engine: Any) -> None:

@@ -190,7 +190,7 @@ def work(study: optuna.Study, objective: Callable, progress: bool = False) -> in
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     worker = f"{socket.gethostname()}:{os.getpid()}"
     ran = 0
-    with tqdm(desc="trials", disable=not progress) as bar:
+    with tqdm(desc="trials", disable=None if progress else True) as bar:
         while (trial := claim(study)) is not None:
             trial.set_user_attr("worker", worker)  # which machine and process ran it
             run_trial(study, trial, objective)

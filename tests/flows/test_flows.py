@@ -38,10 +38,11 @@ def make_repo(tmp: Path) -> Path:
     _git(repo, "config", "user.email", "t@example.org")
     _git(repo, "config", "user.name", "t")
     subprocess.run([dvc, "init", "-q"], cwd=repo, check=True, env={"DVC_NO_ANALYTICS": "1", "PATH": ""})
-    (repo / "params.yaml").write_text(yaml.safe_dump({"hello": {"times": 2}, "variants": {}}))
-    write = ("import yaml; n = yaml.safe_load(open('params.yaml'))['hello']['times']; "
+    # a section of esolm's params (esolm report reads this file, and refuses unknown sections)
+    (repo / "params.yaml").write_text(yaml.safe_dump({"train": {"times": 2}, "variants": {}}))
+    write = ("import yaml; n = yaml.safe_load(open('params.yaml'))['train']['times']; "
              "open('out.txt', 'w').write('hi' * n)")
-    stages = {"stages": {"hello": {"cmd": f'{sys.executable} -c "{write}"', "params": ["hello.times"],
+    stages = {"stages": {"hello": {"cmd": f'{sys.executable} -c "{write}"', "params": ["train.times"],
                                    "outs": [{"out.txt": {"cache": False}}]},
                          "broken": {"cmd": f'{sys.executable} -c "raise SystemExit(3)"'}}}
     (repo / "dvc.yaml").write_text(yaml.safe_dump(stages))
@@ -78,7 +79,7 @@ def test_experiment_flow_runs_overrides_as_a_dvc_experiment_and_ingests(tmp_path
     from flows.experiment import experiment
 
     repo = make_repo(tmp_path)
-    out = experiment(["hello.times=3"], name="three", repo=str(repo), targets=["hello"])
+    out = experiment(["train.times=3"], name="three", repo=str(repo), targets=["hello"])
     assert (repo / "out.txt").read_text() == "hihihi"
     assert "ingested run" in out
     assert (repo / "reports" / "results.duckdb").exists()

@@ -324,7 +324,12 @@ NO_SET = ("preset", "query", "doctor", "import")
 NO_QUIET = ("export", "import", "metrics", "report", "preset", "query", "doctor", "params")
 EXAMPLES: dict[str, tuple[str, ...]] = {
     "prepare": ("esolm prepare", "esolm prepare --set data.length=32 --set data.tokenizer=bpe:1024"),
-    "train": ("esolm train --variant eso_b_a025", "esolm train --variant mdlm --set train.steps=100 --fresh"),
+    "train": ("esolm train --variant eso_b_a025", "esolm train --variant mdlm --set train.steps=100 --fresh",
+              "esolm train --variant eso_b_a025 --set train.devices=8 --set train.strategy=ddp   # 8 GPUs, one node",
+              "torchrun --nnodes=2 --nproc-per-node=8 ... $(which esolm) train --variant eso_b_a025 "
+              "--set train.devices=8 --set train.num_nodes=2 --set train.strategy=ddp",
+              "srun esolm train --variant eso_b_a025 --set train.devices=8 --set train.num_nodes=2   # SLURM",
+              "(every node reads and writes the same runs/ folder; docs/scaling.md, multi-node training)"),
     "judge": ("esolm judge", "esolm judge --set judge.train.steps=100 --fresh"),
     "evaluate": ("esolm evaluate --variant eso_b_a025",
                  "esolm evaluate --variant mdlm --set 'evaluate.splits=[valid, test]'"),

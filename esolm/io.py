@@ -67,6 +67,77 @@ def run_lock(folder: str | Path, what: str = "esolm") -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+JOB_VARIABLES = (("SLURM_JOB_ID", "slurm"), ("TORCHELASTIC_RUN_ID", "torchrun"), ("LSB_JOBID", "lsf"))
+
+
+def job_key(claim: bool = False) -> str:
+    """The name of the job this process belongs to, the same in every rank of it: ``ESOLM_JOB``
+    (set by the job's first process for the ranks it starts), else the scheduler's job id (SLURM,
+    torchrun's rendezvous id, LSF), else the rendezvous address (``MASTER_ADDR:MASTER_PORT``, as
+    Lightning's multi-node launch and torchrun set it), else this process. ``claim``: put the name
+    in this process's environment, so that ranks it starts (Lightning's launcher) inherit it."""
+    import socket
+
+    key = os.environ.get("ESOLM_JOB")
+    for var, tag in JOB_VARIABLES:
+        if key is None and os.environ.get(var) not in (None, "", "none"):
+            key = f"{tag}:{os.environ[var]}"
+    if key is None and os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+        key = f"rendezvous:{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    key = key or f"process:{socket.gethostname()}:{os.getpid()}"
+    if claim:
+        os.environ["ESOLM_JOB"] = key
+    return key
+
+
+@contextmanager
+def job_lock(folder: str | Path, job: str, rank: int, what: str = "esolm train",
+             wait_s: float | None = None) -> Iterator[None]:
+    """Exclusive use of ``folder`` by one job: its global rank 0 holds the folder's lock
+    (``run_lock``) and names the job in ``.lock.job``; every other rank of the job waits (up to
+    ``wait_s``, default ``ESOLM_LOCK_WAIT_S`` or 30 s) for that file to name its own job. So the
+    ranks of one job never refuse each other (on any node, under torchrun, Lightning's launcher
+    or SLURM), and every rank of a second job stops with one line instead of hanging. A rank that
+    never sees the file (its own, unshared, run folder) goes on: ``lit.LitModel.setup`` then
+    stops every rank of the job together (``owner_of`` tells what each rank saw)."""
+    import time
+
+    folder = Path(folder)
+    owner = folder / ".lock.job"
+    if rank == 0:
+        try:
+            with run_lock(folder, what):
+                write_text_atomic(owner, job + "\n")
+                try:
+                    yield
+                finally:
+                    owner.unlink(missing_ok=True)
+        except RuntimeError as err:
+            if "in use by another" not in str(err):
+                raise
+            held = owner.read_text().strip() if owner.is_file() else "unknown"
+            raise RuntimeError(f"{folder} is in use by another {what} job ({held}); this job is {job}: "
+                               "wait for it to finish (or stop it) and run again") from None
+        return
+    wait_s = float(os.environ.get("ESOLM_LOCK_WAIT_S", "30")) if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
+    while (seen := owner_of(folder)) != job and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if seen is not None and seen != job:
+        raise RuntimeError(f"rank {rank}: {folder} is held by job {seen}, not this job ({job}): wait for "
+                           "it to finish (or stop it) and run again")
+    yield
+
+
+def owner_of(folder: str | Path) -> str | None:
+    """The job named in ``folder``'s ``.lock.job`` (``job_lock``), or None."""
+    path = Path(folder) / ".lock.job"
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return safe_load(Path(path), map_location)
 
 
+def disagreement(seen: list[tuple], job: str, folder: Path) -> str | None:
+    """Why the ranks of one job cannot train together, from what each saw: (resume point,
+    the job named in its run folder's lock); None when every rank sees this job's lock and the
+    same resume point (the same step of the same checkpoint, or none)."""
+    apart = [rank for rank, (_, owner) in enumerate(seen) if owner != job]
+    if apart:
+        return (f"rank{'s' if len(apart) > 1 else ''} {','.join(map(str, apart))} of job {job} do not see its "
+                f"lock in {folder}: every node must use the same run folder (a shared filesystem); training "
+                "from separate checkouts is not supported: nothing was trained")
+    points = [p for p, _ in seen]
+    if all(p == points[0] for p in points):
+        return None
+    groups: dict = {}
+    for rank, p in enumerate(points):
+        groups.setdefault(p, []).append(rank)
+    said = ", ".join(f"rank{'s' if len(r) > 1 else ''} {','.join(map(str, r))} "
+                     + ("from scratch" if p is None else f"step {p[0]} ({p[1]})") for p, r in groups.items())
+    return (f"the ranks disagree on where to resume: {said}; every rank must read the same {folder} "
+            "(a folder shared by every node), or none (--fresh): nothing was trained")
+
+
 def global_per_token(out: LossOutput, world_size: int) -> tuple[Tensor, Tensor]:
     """(loss to backpropagate, per-token NELBO of the global batch).
 
@@ -114,12 +135,29 @@ class LitModel(pl.LightningModule):
         object.__setattr__(self, "net", torch.compile(self.model) if tc.compile else self.model)
         self.train_data: MicroBatches | None = None
         self.fingerprint = ""
+        self.resume_point: tuple[int, str] | None = None  # (step, checkpoint sha) this rank resumes from
         self.last: dict[str, float] = {}
         self.losses: list[float] = []
 
     def t_max(self, step: int) -> float:
         """The largest diffusion time of optimizer step ``step`` (1 for a model that masks nothing)."""
         return mask_ceiling(step, self.tc) if self.masks else 1.0
+
+    def setup(self, stage: str) -> None:
+        """Before any checkpoint is restored, every rank states where it resumes from; unless all
+        agree (the same step of the same file, or all from scratch) every rank stops with one
+        line: ranks that read different run folders (separate checkouts) never train apart."""
+        world = self.trainer.world_size
+        if world < 2 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return
+        from esolm.io import job_key, owner_of
+
+        folder = Path(self.trainer.default_root_dir) / "checkpoints"
+        seen: list = [None] * world
+        torch.distributed.all_gather_object(seen, (self.resume_point, owner_of(folder)))
+        problem = disagreement(seen, job_key(), folder)
+        if problem:
+            raise RuntimeError(problem)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # train() resumes only a checkpoint whose fingerprint (config, data, code) matches
@@ -149,7 +187,12 @@ class LitModel(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        self.last["grad_norm"] = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if type(self.trainer.strategy).__name__.startswith("FSDP") and torch.distributed.is_initialized():
+            square = norm.double() ** 2  # each rank holds a shard: the global norm sums the squares
+            torch.distributed.all_reduce(square)
+            norm = square.sqrt()
+        self.last["grad_norm"] = float(norm)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -241,7 +241,8 @@ SELECT v.variant, v.settings, r.params FROM variants v JOIN runs r ON r.run_id =
 WHERE v.run_id = ? AND v.family != 'unigram' ORDER BY v.variant
 """
 # train settings that do not change what a model is (raising ``steps`` continues a run; logging)
-NOT_A_SETTING = ("steps", "log_every", "val_every", "val_batches", "ckpt_every")
+NOT_A_SETTING = ("steps", "log_every", "val_every", "val_batches", "ckpt_every",  # as training.NOT_FINGERPRINTED
+                 "devices", "num_nodes", "micro_batch_size", "strategy", "accelerator")
 
 
 def settings_line(db: Path, rid: str) -> str:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from esolm.checkpoint import save_model
 from esolm.config import INITS, ModelConfig
 from esolm.data.batches import Batches
-from esolm.io import read_jsonl, run_lock, safe_load, write_text_atomic
+from esolm.io import job_key, job_lock, read_jsonl, safe_load, write_text_atomic
 from esolm.lit import AtomicCheckpointIO, JsonlLog, LitModel, MicroBatches, ProgressLines
 from esolm.objectives import training_objective
 from esolm.train_config import TrainConfig
@@ -35,7 +35,9 @@ PROGRESS_EVERY_S = float(os.environ.get("ESOLM_PROGRESS_EVERY", "30"))
 """Seconds between progress lines when training runs without a terminal (``dvc repro`` into a log)."""
 CODE_ENTRY = "esolm.training:train"  # the fingerprint covers every file this can run (esolm.codedeps)
 # settings that do not change the training trajectory (raising ``steps`` continues a run)
-NOT_FINGERPRINTED = ("steps", "log_every", "val_every", "val_batches", "ckpt_every")
+NOT_FINGERPRINTED = ("steps", "log_every", "val_every", "val_batches", "ckpt_every",
+                     # how the global batch is spread over processes: the same rows, draws and losses
+                     "devices", "num_nodes", "micro_batch_size", "strategy", "accelerator")
 
 
 def fingerprint(cfg: ModelConfig, tc: TrainConfig, data_dir: Path) -> str:
@@ -168,13 +170,14 @@ def train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fres
     with lightning_notices(bar):  # Lightning's informational lines only beside its bar
         trainer = trainer_for(tc, run_dir, bar, [log, *lines, *(callbacks or [])], first_save)
     run_dir.mkdir(parents=True, exist_ok=True)
-    primary = os.environ.get("LOCAL_RANK", "0") == "0"  # DDP children share rank 0's lock
-    with run_lock(run_dir / "checkpoints", "esolm train") if primary else contextlib.nullcontext():
+    zero = trainer.global_rank == 0  # Lightning's ranks: torchrun, its own launcher, SLURM
+    # one job at a time per run; every rank of this job shares the lock (esolm.io.job_lock)
+    with job_lock(run_dir / "checkpoints", job_key(claim=True), trainer.global_rank):
         fresh = _plan_run(cfg, tc, data_dir, run_dir, fresh)
-        if fresh and rank_zero_only.rank == 0:
+        if fresh and zero:
             superseded.replace([run_dir / "checkpoints" / "last.ckpt", _working_log(run_dir)])
         summary = _fit(cfg, tc, data_dir, run_dir, fresh, bar, trainer, log)
-        if rank_zero_only.rank == 0:
+        if zero:
             superseded.clean()
         return summary
 
@@ -198,6 +201,17 @@ def _plan_run(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, 
     return fresh
 
 
+def resume_point(last: Path) -> tuple[int, str]:
+    """(step, sha256 prefix) of a checkpoint: what every rank must agree on before resuming."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with last.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return int(safe_load(last).get("global_step", 0)), h.hexdigest()[:12]
+
+
 def _fit(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fresh: bool, progress: bool,
          trainer: pl.Trainer, log: JsonlLog) -> dict:
     import time
@@ -212,6 +226,7 @@ def _fit(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fresh
         loader = DataLoader(module.train_data, batch_size=None)
         t0 = time.perf_counter()
         resume = last if last.exists() and not fresh else None
+        module.resume_point = None if resume is None else resume_point(resume)
         trainer.fit(module, loader, _val_loader(data_dir, tc, rank), ckpt_path=resume)
         seconds = time.perf_counter() - t0
     trainer.save_checkpoint(last, weights_only=False)
@@ -263,9 +278,11 @@ def _finish(module: LitModel, trainer: pl.Trainer, tc: TrainConfig, data_dir: Pa
                if tc.mask_warmup_steps and module.masks else None,
                # what this model was trained with: the report reads it, not today's params.yaml
                "settings": {"model": module.cfg.to_dict(), "train": asdict(tc)}}
+    # every rank gathers the weights (a collective under FSDP, where rank 0 alone would hang); one writes
+    weights = module.model.state_dict()
+    ema = None if module.ema is None else module.ema.state_dict()
     if trainer.is_global_zero:
-        save_model(run_dir / "model.ckpt", module.cfg, module.model.state_dict(),
-                   None if module.ema is None else module.ema.state_dict(), trainer.global_step, data_dir)
+        save_model(run_dir / "model.ckpt", module.cfg, weights, ema, trainer.global_step, data_dir)
         write_text_atomic(run_dir / "train.jsonl", text)
         write_text_atomic(run_dir / "train.json", json.dumps(summary, indent=2) + "\n")
     return summary

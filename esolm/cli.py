@@ -328,8 +328,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
               "esolm train --variant eso_b_a025 --set train.devices=8 --set train.strategy=ddp   # 8 GPUs, one node",
               "torchrun --nnodes=2 --nproc-per-node=8 ... $(which esolm) train --variant eso_b_a025 "
               "--set train.devices=8 --set train.num_nodes=2 --set train.strategy=ddp",
-              "srun esolm train --variant eso_b_a025 --set train.devices=8 --set train.num_nodes=2   # SLURM",
-              "(every node reads and writes the same runs/ folder; docs/scaling.md, multi-node training)"),
+              "srun esolm train --variant eso_b_a025 --set train.devices=8 --set train.num_nodes=2   "
+              "# SLURM; every node uses the same runs/ folder (docs/scaling.md)"),
     "judge": ("esolm judge", "esolm judge --set judge.train.steps=100 --fresh"),
     "evaluate": ("esolm evaluate --variant eso_b_a025",
                  "esolm evaluate --variant mdlm --set 'evaluate.splits=[valid, test]'"),
@@ -464,8 +464,10 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--workers", type=int, default=1,
                            help="worker processes that run trials of the one study (default 1)")
             s.add_argument("--only", choices=("queue", "join", "outputs"), default=None,
-                           help="queue: queue the missing trials up to search.n_trials; join: run queued "
-                                "trials until none is left (a worker, on any machine sharing "
+                           help="queue: fail and re-queue dead workers' trials (no heartbeat for "
+                                "search.grace_period; live ones are never touched), then queue the missing "
+                                "trials up to search.n_trials; join: run trials until the study holds "
+                                "search.n_trials and none is queued (a worker, on any machine sharing "
                                 "search.storage); outputs: write the outputs from the study")
         if name == "doctor":
             from esolm.doctor import add_arguments

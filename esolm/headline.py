@@ -25,7 +25,8 @@ from esolm.results import GenerationResult, LikelihoodResult
 
 REPORTS = Path("reports")
 # headline key -> dotted key inside the stage's result (``esolm.results``), per stage
-LIKELIHOOD_KEYS = {"exact_ppl": "test.exact_l2r_ppl", "nelbo_ppl": "test.nelbo_ppl"}
+# nelbo_ppl: the NELBO on the exact likelihood's own tokens, so the two numbers of a row compare
+LIKELIHOOD_KEYS = {"exact_ppl": "test.exact_l2r_ppl", "nelbo_ppl": "test.nelbo_paired_ppl"}
 SAMPLING_KEYS = {"gen_ppl": "gen_ppl", "s_per_sample": "seconds_per_sample"}
 HEADLINE = (*LIKELIHOOD_KEYS, *SAMPLING_KEYS)
 CURVE_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s")

@@ -257,7 +257,7 @@ def settings_line(db: Path, rid: str) -> str:
         if not settings:
             unrecorded.append(variant)
             continue
-        trained = json.loads(settings).get("train", {})
+        trained = json.loads(settings).get("train") or {}  # None: an imported model
         wanted = (json.loads(params) or {}).get("train", {}) if params else {}
         if variant == ((json.loads(params) or {}).get("judge") or {}).get("name", "judge"):
             continue  # the judge has its own train overrides

@@ -19,6 +19,11 @@ from esolm.io import write_text_atomic
 from esolm.params import build, section
 from esolm.results import CurvePoint, CurveResult, GenerationResult, LikelihoodResult
 
+IMPORT_KEYS = ("source", "raw")
+"""Keys of a variant that is imported, not trained: ``source`` (``hf:<owner/name>``, an authors'
+folder or Lightning ``.ckpt``: docs/released-models.md) and ``raw`` (the trained, not the EMA,
+weights of a Lightning file)."""
+
 
 def data_dir(params: dict) -> Path:
     data = section(params, "data")
@@ -35,7 +40,8 @@ def model_config(params: dict, name: str, meta: dict) -> ModelConfig:
     variants = section(params, "variants")
     if name not in variants:
         raise ValueError(f"unknown variant {name!r}; params.yaml defines {sorted(variants)}")
-    values = {**section(params, "model"), **renamed_family(variants[name] or {})}
+    own = {k: v for k, v in renamed_family(variants[name] or {}).items() if k not in IMPORT_KEYS}
+    values = {**section(params, "model"), **own}
     values.update(vocab_size=meta["vocab_size"], length=meta["length"], pad_token_id=meta.get("pad_id"))
     return build(ModelConfig, values, f"variants.{name}")
 
@@ -109,11 +115,53 @@ def train_stage(params: dict, name: str, fresh: bool, progress: bool) -> dict:
     from esolm.train_config import TrainConfig
     from esolm.training import train
 
+    variant = section(params, "variants").get(name) or {}
+    if variant.get("source"):
+        return import_stage(params, name, variant)
     tc = build(TrainConfig, dict(section(params, "train")), "train")  # every setting checked first
     ddir = data_dir(params)
     cfg = model_config(params, name, read_meta(ddir))
     summary = train(cfg, tc, ddir, run_dir(name), fresh=fresh, progress=progress)
     write_curve(name, run_dir(name) / "train.jsonl")  # the stage's DVC plot
+    return summary
+
+
+def import_stage(params: dict, name: str, variant: dict) -> dict:
+    """The train stage of a variant with ``source:``: the published model is read (safely,
+    ``esolm.published_io``) and written as ``runs/<name>/model.ckpt`` with the tokenizer of the
+    prepared data (whose vocabulary must be the model's), plus a ``train.json`` that says where it
+    came from and an empty curve; evaluate, sample, curve, search and report then treat it like a
+    trained variant."""
+    from esolm.checkpoint import save_model
+    from esolm.data import read_meta
+    from esolm.data.identity import check_prepared
+    from esolm.model.backbone import Backbone
+    from esolm.published_io import read_source
+
+    unknown = sorted(set(variant) - {*IMPORT_KEYS, "family", "alpha_0", "batch_split"})
+    if unknown:
+        raise ValueError(f"variants.{name}: {unknown} cannot be set for an imported model (source: "
+                         f"{variant['source']}): it brings its own sizes; use family, alpha_0, batch_split, raw")
+    ddir = data_dir(params)
+    check_prepared(ddir)
+    meta = read_meta(ddir)
+    imp = read_source(variant["source"], variant.get("family"), variant.get("alpha_0"), variant.get("batch_split"),
+                      bool(variant.get("raw", False)))
+    if imp.config.vocab_size != meta["vocab_size"]:
+        raise ValueError(f"variants.{name}.source {variant['source']} has a vocabulary of {imp.config.vocab_size} "
+                         f"ids but {ddir} has {meta['vocab_size']}: prepare the data with the model's tokenizer "
+                         "(data.tokenizer: gpt2 for the published OpenWebText models)")
+    Backbone(imp.config).load_state_dict(imp.weights)  # every name and shape checked before writing
+    step = int(imp.source.get("step") or 0)
+    out = run_dir(name)
+    save_model(out / "model.ckpt", imp.config, imp.weights, imp.ema_weights, step, ddir,
+               source={**imp.source, "skipped": imp.skipped})
+    summary = {"steps": step, "tokens": None, "final_train_loss": None, "final_valid_loss": None, "wall_s": None,
+               "tokens_per_s": None, "family": imp.config.family, "objective": None, "init": "imported",
+               "source": str(variant["source"]), "settings": {"model": imp.config.to_dict(), "train": None}}
+    write_text_atomic(out / "train.jsonl", "")
+    write_text_atomic(out / "train.json", json.dumps(summary, indent=2) + "\n")
+    write_curve(name, out / "train.jsonl")
     return summary
 
 
@@ -294,15 +342,22 @@ def search_config(params: dict):
 
 
 def search_study(params: dict):
-    """(config, study) of the search: the study of this model file (named by its content hash)
-    in ``search.storage``, created with named objectives if it does not exist yet."""
-    from esolm.search import model_key, open_study, study_name
+    """(config, study) of the search: the study named by everything that scores a trial (the
+    contestant's and the judge's model files by content hash, the samples, the entropy floor,
+    the space, the timing: ``search.scoring``) in ``search.storage``, created with named
+    objectives if it does not exist yet."""
+    from esolm.search import model_key, open_study, scoring, study_key, study_name
 
     sc = search_config(params)
     path = run_dir(sc.variant) / "model.ckpt"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: train the variant first (esolm train --variant {sc.variant})")
-    return sc, open_study(sc, study_name(sc.variant, model_key(path)))
+    judge = build(SampleConfig, dict(section(params, "sample")), "sample").judge
+    judge_file = run_dir(judge) / "model.ckpt"
+    if not judge.startswith("hf:") and not judge_file.exists():
+        raise FileNotFoundError(f"judge model {judge_file} not found: train it first (esolm judge, or dvc repro judge)")
+    scored = scoring(sc, model_key(path), judge if judge.startswith("hf:") else model_key(judge_file))
+    return sc, open_study(sc, study_name(sc.variant, study_key(scored)), scored=scored)
 
 
 def _search_setup(params: dict, device: torch.device):
@@ -329,9 +384,11 @@ def queue_search(params: dict, n_trials: int | None = None) -> int:
     return queue_trials(study, n_trials or sc.n_trials)
 
 
-def join_search(params: dict, progress: bool = False, threads: int = 0, shared: bool = True) -> int:
-    """One worker: claim and run queued trials of this model's study until none is left (any
-    process, any machine with the same model file and storage). Returns the trials it ran.
+def join_search(params: dict, progress: bool = False, threads: int = 0, shared: bool = True,
+                n_trials: int | None = None) -> int:
+    """One worker: run trials of this study until it holds ``n_trials`` (default search.n_trials)
+    and none is queued (any process, any machine with the same model files and storage); a dead
+    worker's trial is failed and run again, a live one's never touched. Returns the trials it ran.
     ``shared``: other workers run at the same time, so the sampler is reseeded (workers seeded
     alike would propose the same schedules); a lone worker keeps search.seed (reproducible)."""
     from esolm.device import pick_device
@@ -344,14 +401,15 @@ def join_search(params: dict, progress: bool = False, threads: int = 0, shared: 
     if shared:
         study.sampler.reseed_rng()
     model, judge, tok, floor = _search_setup(params, device)
-    evaluate = make_evaluator(model, judge, tok, sc.num_samples, sc.seed, sc.repeats)
-    return work(study, objective_for(evaluate, sc.space, model.config.family, floor), progress)
+    evaluate = make_evaluator(model, judge, tok, sc.num_samples, sc.seed, sc.repeats, sc.warmup)
+    return work(study, objective_for(evaluate, sc.space, model.config.family, floor), n_trials or sc.n_trials,
+                progress)
 
 
 def search_trials(params: dict, n_trials: int | None = None, progress: bool = False, workers: int = 1,
                   join: bool = False) -> int:
-    """Queue the missing trials (unless ``join``) and run queued ones with ``workers`` processes;
-    returns the trials run."""
+    """Queue the missing trials (unless ``join``) and run trials up to ``n_trials`` (default
+    search.n_trials) with ``workers`` processes; returns the trials run."""
     import os
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
@@ -359,21 +417,22 @@ def search_trials(params: dict, n_trials: int | None = None, progress: bool = Fa
     if not join:
         queue_search(params, n_trials)
     if workers <= 1:
-        return join_search(params, progress, shared=join)
+        return join_search(params, progress, shared=join, n_trials=n_trials)
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(join_search, params, False, threads) for _ in range(workers)]
+        futures = [pool.submit(join_search, params, False, threads, True, n_trials) for _ in range(workers)]
         return sum(f.result() for f in futures)
 
 
 def search_outputs(params: dict, compare: bool = True) -> dict:
-    """Write trials.parquet, pareto.json, best.json and the figure from the study (and, when the
-    study lives in a server database, a SQLite snapshot of it as study.db)."""
+    """Write trials.parquet, pareto.json, best.json and the figure from the study, and a SQLite
+    snapshot of it as study.db (the study itself lives in ``search.storage``, outside the outputs)."""
     from esolm.device import pick_device
     from esolm.search import (
         compare_with_default,
         copy_to_sqlite,
         make_evaluator,
+        open_storage,
         pareto,
         storage_url,
         trial_rows,
@@ -386,12 +445,12 @@ def search_outputs(params: dict, compare: bool = True) -> dict:
     comparison: dict = {}
     model, judge, tok, floor = _search_setup(params, device)
     if compare:
-        evaluate = make_evaluator(model, judge, tok, sc.num_samples, sc.seed, sc.repeats)
+        evaluate = make_evaluator(model, judge, tok, sc.num_samples, sc.seed, sc.repeats, sc.warmup)
         comparison = compare_with_default(evaluate, pareto([r for r in rows if r["feasible"]]),
                                           sc.default_steps, floor)
     snapshot = Path(sc.out_dir) / "study.db"
     if storage_url(sc) != f"sqlite:///{snapshot}":
-        copy_to_sqlite(study, snapshot)
+        copy_to_sqlite(study.study_name, open_storage(storage_url(sc)), snapshot)
     out = write_outputs(sc, rows, comparison, floor)
     out["study"] = study.study_name
     return out

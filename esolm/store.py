@@ -70,6 +70,8 @@ CREATE TABLE IF NOT EXISTS search_trials (
     run_id VARCHAR, variant VARCHAR, trial BIGINT, state VARCHAR, feasible BOOLEAN,
     gen_ppl DOUBLE, seconds DOUBLE, nfe DOUBLE, entropy DOUBLE, params JSON,
     PRIMARY KEY (run_id, variant, trial));
+ALTER TABLE search_trials ADD COLUMN IF NOT EXISTS seconds_min DOUBLE;
+ALTER TABLE search_trials ADD COLUMN IF NOT EXISTS seconds_max DOUBLE;
 ALTER TABLE variants ADD COLUMN IF NOT EXISTS init VARCHAR;
 ALTER TABLE variants ADD COLUMN IF NOT EXISTS mask_warmup_start DOUBLE;
 ALTER TABLE variants ADD COLUMN IF NOT EXISTS mask_warmup_steps BIGINT;

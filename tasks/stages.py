@@ -5,7 +5,12 @@ every command with ``cwd=repo``.
 DVC holds one lock per checkout. Every DVC command runs with ``--wait-for-lock`` (a second
 flow run waits its turn instead of failing), and every DVC task carries the tag ``dvc``: with
 ``prefect concurrency-limit create dvc 1`` the Prefect server also queues them, visibly, one at
-a time. Each stage's task is tagged ``stage:<name>`` as well.
+a time. Each stage's task is tagged ``stage:<name>`` as well, and every task run is named after
+what it does (``repro train``, ``dvc push``, ``exp run lr3``), not ``repro_stage-0d6``.
+
+The flows call these tasks in a worktree of their own at a pinned commit (``tasks/workspace.py``);
+a command run in a folder holding an ``esolm`` package imports that package (``PYTHONPATH``), so
+the pinned code runs, not the code of whichever checkout the worker started from.
 """
 
 from __future__ import annotations
@@ -80,6 +85,8 @@ def run_command(args: list[str], repo: str) -> str:
     error line (esolm's or DVC's), or its output when it said none."""
     env = {**os.environ, **OFFLINE_ENV}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if (Path(repo) / "esolm" / "__init__.py").is_file():  # the pinned code, not the worker's checkout
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(repo).resolve()), env.get("PYTHONPATH")) if p)
     if not Path(repo).is_dir():
         check_checkout(repo)  # one line naming it
     proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, check=False)
@@ -102,7 +109,15 @@ def stage_tags(stage: str) -> set[str]:
     return {DVC_TAG, f"stage:{stage.split('@')[0]}"}
 
 
-@task(retries=1, retry_delay_seconds=5, log_prints=True, tags=[DVC_TAG])
+def _exp_run_name(parameters: dict) -> str:
+    return f"exp run {parameters.get('name') or ' '.join(map(str, parameters.get('overrides') or []))}"
+
+
+def _targets(targets) -> str:
+    return f" {' '.join(targets)}" if targets else ""
+
+
+@task(retries=1, retry_delay_seconds=5, log_prints=True, tags=[DVC_TAG], task_run_name="repro {stage}")
 def repro_stage(stage: str, repo: str = ".", pull: bool = False) -> str:
     """`dvc repro STAGE` (a stage or a foreach group); unchanged stages are skipped by DVC.
     ``pull``: `--pull`, so that a stage found in the run cache (see ``pull_runs``) is restored
@@ -112,7 +127,7 @@ def repro_stage(stage: str, repo: str = ".", pull: bool = False) -> str:
     return out
 
 
-@task(retries=2, retry_delay_seconds=10, log_prints=True, tags=[DVC_TAG])
+@task(retries=2, retry_delay_seconds=10, log_prints=True, tags=[DVC_TAG], task_run_name="dvc push")
 def push_runs(repo: str = ".") -> str:
     """`dvc push --run-cache`: outputs and run history to the default remote."""
     out = run_command(dvc("push", "--run-cache"), repo)
@@ -120,17 +135,20 @@ def push_runs(repo: str = ".") -> str:
     return out
 
 
-@task(retries=2, retry_delay_seconds=10, log_prints=True, tags=[DVC_TAG])
-def pull_runs(repo: str = ".") -> str:
-    """`dvc pull --run-cache --allow-missing`: whatever the remote has of this pipeline, and the
-    run history, so that `dvc repro --pull` restores stages another machine ran (fetching their
-    outputs) instead of running them again."""
-    out = run_command(dvc("pull", "--run-cache", "--allow-missing"), repo)
+@task(retries=2, retry_delay_seconds=10, log_prints=True, tags=[DVC_TAG],
+      task_run_name=lambda parameters: f"dvc pull{_targets(parameters.get('targets'))}")
+def pull_runs(repo: str = ".", targets: list[str] | None = None) -> str:
+    """`dvc pull --run-cache --allow-missing [--with-deps TARGETS]`: whatever the remote has of
+    this pipeline (of ``targets`` and the stages they depend on), and the run history, so that
+    `dvc repro --pull` restores stages another machine ran (fetching their outputs) instead of
+    running them again."""
+    with_deps = ["--with-deps", *targets] if targets else []
+    out = run_command(dvc("pull", "--run-cache", "--allow-missing", *with_deps), repo)
     print(f"dvc pull --run-cache: {out.strip()[-500:]}")
     return out
 
 
-@task(log_prints=True, tags=[DVC_TAG])
+@task(log_prints=True, tags=[DVC_TAG], task_run_name=_exp_run_name)
 def exp_run(overrides: list[str], repo: str = ".", name: str | None = None, queue: bool = False,
             targets: list[str] | None = None) -> str:
     """`dvc exp run -S key=value ... [targets]` (or only queue it)."""
@@ -142,24 +160,25 @@ def exp_run(overrides: list[str], repo: str = ".", name: str | None = None, queu
     return run_command(args, repo)
 
 
-@task(log_prints=True, tags=[DVC_TAG])
+@task(log_prints=True, tags=[DVC_TAG], task_run_name="exp run --run-all")
 def run_queue(repo: str = ".", jobs: int = 1) -> str:
     return run_command(dvc("exp", "run", "--run-all", "--jobs", str(jobs)), repo)
 
 
-@task(log_prints=True, tags=[DVC_TAG])
+@task(log_prints=True, tags=[DVC_TAG], task_run_name="exp apply {name}")
 def apply_experiment(name: str, repo: str = ".") -> str:
     """`dvc exp apply NAME`: its params, git-tracked files and cached outputs into the workspace."""
     return run_command(dvc("exp", "apply", name), repo)
 
 
-@task(log_prints=True, tags=["duckdb"])
-def ingest_and_report(repo: str = ".", label: str = "pipeline") -> str:
-    """`esolm report`: ingest the run's files into DuckDB (one writer) and write the report."""
-    return run_command([_bin("esolm"), "report", "--label", label], repo)
+@task(log_prints=True, tags=["duckdb"], task_run_name="report {label}")
+def ingest_and_report(repo: str = ".", label: str = "pipeline", db: str | None = None) -> str:
+    """`esolm report [--db DB]`: ingest the run's files into the DuckDB results database (one
+    writer; ``db`` outside the worktree, so that it outlives the run) and write the report."""
+    return run_command([_bin("esolm"), "report", "--label", label, *(["--db", db] if db else [])], repo)
 
 
-@task
+@task(task_run_name="headline table")
 def headline_markdown(repo: str = ".") -> str:
     """The headline table (``reports/metrics/<variant>/*.json`` of the checkout, each written
     by the stage that computed it) as markdown."""
@@ -177,7 +196,7 @@ def _sets(sets: list[str]) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
-@task(tags=["search"])
+@task(tags=["search"], task_run_name="search: queue trials")
 def queue_trials(repo: str, n_trials: int | None, sets: list[str]) -> int:
     """`esolm search --only queue`: queue the trials missing from the study up to ``n_trials``."""
     extra = [f"search.n_trials={n_trials}"] if n_trials else []
@@ -185,14 +204,14 @@ def queue_trials(repo: str, n_trials: int | None, sets: list[str]) -> int:
     return int(re.search(r"queued (\d+) trials", out).group(1))
 
 
-@task(tags=["search"])
+@task(tags=["search"], task_run_name="search: worker")
 def join_search(repo: str, sets: list[str]) -> int:
     """`esolm search --only join`: one worker process that runs queued trials until none is left."""
     out = run_command([_bin("esolm"), "search", "--only", "join", "--quiet", *_sets(sets)], repo)
     return int(re.search(r"ran (\d+) queued trials", out).group(1))
 
 
-@task(tags=["search"])
+@task(tags=["search"], task_run_name="search: outputs")
 def search_outputs(repo: str, sets: list[str]) -> str:
     """`esolm search --only outputs`: trials.parquet, pareto.json, best.json from the whole study."""
     return run_command([_bin("esolm"), "search", "--only", "outputs", "--quiet", *_sets(sets)], repo).strip()

@@ -69,6 +69,7 @@ def trained_project(tmp: Path) -> Path:
     p["train"].update(steps=4, batch_size=8, val_every=2, ckpt_every=2, log_every=2, warmup_steps=1)
     p["search"].update(variant="eso_b_a05", num_samples=2, default_steps=[2], sampler="tpe", space={"steps": [2, 8]})
     p["judge"]["train"] = {"steps": 4}
+    p["evaluate"].update(batch_size=8, nelbo_batches=2, exact_batches=1)  # the tiny test split holds 32 rows
     (tmp / "params.yaml").write_text(yaml.safe_dump(p))
     env = {**os.environ, "PYTHONPATH": str(root)}
     verbs = [["prepare", "--quiet"], ["train", "--variant", "ar", "--quiet"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from esolm.codedeps import STAGES, code_files, covered, relative, stage_code
@@ -87,3 +88,23 @@ def test_the_sample_stage_lists_the_best_schedule_file_it_reads(tmp_path, monkey
     assert read and all(covered(p.as_posix(), deps) for p in read), (read, deps)
     search_outs = [next(iter(o)) if isinstance(o, dict) else o for o in _stages()["search"]["outs"]]
     assert all(p.as_posix() in search_outs for p in read)  # produced by the search stage: an edge, no cycle
+
+
+@pytest.mark.parametrize("override", ["train.seed=1", "evaluate.nelbo_draws=1", "sample.steps=8", "search.n_trials=4"])
+def test_an_experiment_changes_one_line_of_params_yaml(tmp_path, override):
+    """`dvc exp run -S key=value` rewrites params.yaml through DVC's own YAML writer: params.yaml is
+    kept in that writer's layout (block lists, its quoting), so an experiment's diff is the one
+    line it sets, comments kept (it was a 130-line diff: issue #27)."""
+    import difflib
+    import shutil
+
+    from dvc.utils.hydra import apply_overrides
+
+    copy = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", copy)
+    apply_overrides(str(copy), [override])
+    diff = [ln for ln in difflib.unified_diff((ROOT / "params.yaml").read_text().splitlines(),
+                                              copy.read_text().splitlines(), n=0, lineterm="")
+            if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
+    key, value = override.rsplit("=", 1)
+    assert len(diff) == 2 and diff[1][1:].split("#")[0].strip() == f"{key.rsplit('.', 1)[1]}: {value}", diff

@@ -1,7 +1,7 @@
 """The schedule search: an Optuna study over the sampling schedule and its speed-quality front.
 
 - ``config.py``: ``SearchConfig`` and the search space (no Optuna needed to read them);
-- ``study.py``: the objective, the sampler, tickets (queue, claim, tell), workers;
+- ``study.py``: the study's key, the objective, the sampler, workers (Optuna's loop, heartbeats);
 - ``storage.py``: where a search study lives (any Optuna storage URL) and its SQLite snapshot;
 - ``front.py``: the Pareto front, its hypervolume, the chosen schedule, the default schedule set
   against the front, the figure;
@@ -19,9 +19,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 _CONFIG = ("DEFAULT_SPACE", "Evaluate", "SAMPLERS", "SearchConfig")
-_STUDY = ("FINISHED", "METRIC_NAMES", "claim",
-          "make_evaluator", "make_sampler", "model_key", "objective_for", "open_study", "queue_trials", "run_study",
-          "run_trial", "study_name", "study_trials", "suggest", "trial_rows", "work")
+_STUDY = ("FINISHED", "METRIC_NAMES", "counts", "make_evaluator", "make_sampler", "model_key", "objective_for",
+          "open_study", "queue_trials", "reap", "run_study", "scoring", "study_key", "study_name", "study_trials",
+          "suggest", "trial_rows", "work")
 _STORAGE = ("copy_to_sqlite", "open_storage", "storage_url")
 _FRONT = ("by_name", "choose", "compare_with_default", "hypervolume", "matched_time", "pareto", "plot_front")
 _RESULTS = ("BestSchedule", "ParetoFront", "TrialRow", "best_schedule", "best_settings", "read_best", "read_front",
@@ -53,15 +53,17 @@ if TYPE_CHECKING:
     from esolm.search.study import (
         FINISHED,
         METRIC_NAMES,
-        claim,
+        counts,
         make_evaluator,
         make_sampler,
         model_key,
         objective_for,
         open_study,
         queue_trials,
+        reap,
         run_study,
-        run_trial,
+        scoring,
+        study_key,
         study_name,
         study_trials,
         suggest,
@@ -87,8 +89,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["DEFAULT_SPACE", "FINISHED", "METRIC_NAMES", "SAMPLERS", "BestSchedule", "Evaluate", "ParetoFront",
-           "SearchConfig", "TrialRow", "best_schedule", "best_settings", "by_name", "choose", "claim",
-           "compare_with_default", "copy_to_sqlite", "hypervolume", "make_evaluator", "make_sampler", "matched_time",
-           "model_key", "objective_for", "open_storage", "open_study", "pareto", "plot_front", "queue_trials",
-           "read_best", "read_front", "read_trials", "run_study", "run_trial", "storage_url", "study_name",
+           "SearchConfig", "TrialRow", "best_schedule", "best_settings", "by_name", "choose", "compare_with_default",
+           "copy_to_sqlite", "counts", "hypervolume", "make_evaluator", "make_sampler", "matched_time", "model_key",
+           "objective_for", "open_storage", "open_study", "pareto", "plot_front", "queue_trials", "read_best",
+           "read_front", "read_trials", "reap", "run_study", "scoring", "storage_url", "study_key", "study_name",
            "study_trials", "suggest", "trial_rows", "work", "write_outputs"]

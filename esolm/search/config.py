@@ -33,8 +33,11 @@ class SearchConfig:
     """Optuna's sampler: nsga2 (NSGA-II) or tpe; both respect the entropy constraint."""
     num_samples: int = 8
     """Samples each trial draws (the same seed in every trial) for its search objectives."""
-    repeats: int = 1
-    """Timed generations per trial: the seconds objective is their median."""
+    repeats: int = 3
+    """Timed generations per trial, after the warm-up: the seconds objective is their median,
+    their min and max the trial's spread (``seconds_min``, ``seconds_max``)."""
+    warmup: int = 1
+    """Untimed generations of each trial's schedule before the timed ones (allocations, caches)."""
     seed: int = 0
     """Seed of the sampler (a lone worker's trials are reproducible) and of every trial's samples."""
     entropy_floor: float = 0.0
@@ -49,17 +52,30 @@ class SearchConfig:
     """The search space: a ``ScheduleSettings`` field -> [low, high] or a list of choices
     (keys of ``DEFAULT_SPACE`` only; a key left out keeps ``DEFAULT_SPACE``'s fallback)."""
     out_dir: str = "reports/search"
-    """Folder of trials.parquet, pareto.json, best.json, pareto.png and the default study.db."""
+    """Folder of trials.parquet, pareto.json, best.json, pareto.png and study.db (a SQLite
+    snapshot of the study the outputs were computed from)."""
     storage: str = ""
     """Optuna storage URL (sqlite:///..., postgresql+psycopg://..., mysql+pymysql://...) or
-    journal:PATH; "": SQLite ``<out_dir>/study.db``."""
+    journal:PATH; "": SQLite ``<out_dir>-study.db`` beside the outputs (not one of them: the
+    outputs are a snapshot of the study, study.db, which DVC caches)."""
+    heartbeat_interval: int = 10
+    """Seconds between a running trial's heartbeats in an RDB storage (SQLite, PostgreSQL, MySQL;
+    a journal file has none): a trial whose worker died is failed and re-queued once its last
+    heartbeat is older than ``grace_period``; a live worker's trial is never failed."""
+    grace_period: int = 120
+    """Seconds without a heartbeat after which a running trial counts as its worker's death."""
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"search.sampler={self.sampler!r} is unknown: use one of {SAMPLERS}")
-        for name in ("n_trials", "num_samples", "repeats"):
+        for name in ("n_trials", "num_samples", "repeats", "heartbeat_interval", "grace_period"):
             if getattr(self, name) < 1:
                 raise ValueError(f"search.{name}={getattr(self, name)!r} is invalid: use an integer >= 1")
+        if self.warmup < 0:
+            raise ValueError(f"search.warmup={self.warmup!r} is invalid: use an integer >= 0")
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(f"search.grace_period={self.grace_period!r} must exceed search.heartbeat_interval="
+                             f"{self.heartbeat_interval!r}, or live trials would be failed between two heartbeats")
         unknown = set(self.space) - set(DEFAULT_SPACE)
         if unknown:
             raise ValueError(f"search.space has unknown keys {sorted(unknown)}; use {sorted(DEFAULT_SPACE)}")
@@ -67,7 +83,7 @@ class SearchConfig:
 
 
 STORAGE_FORMS = ("sqlite:///PATH, journal:PATH, postgresql[+driver]://USER@HOST/DB or "
-                 "mysql[+driver]://USER@HOST/DB (\"\": SQLite <out_dir>/study.db)")
+                 "mysql[+driver]://USER@HOST/DB (\"\": SQLite <out_dir>-study.db)")
 _STORAGE = re.compile(r"(sqlite:///.+|journal:.+|(postgresql|mysql|mariadb|oracle|mssql)(\+\w+)?://.+)")
 
 

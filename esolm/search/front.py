@@ -93,9 +93,21 @@ def matched_time(default: list[dict], searched: list[dict]) -> list[dict]:
     return matched
 
 
+def spread(points: Sequence[Any]) -> list[list[float]] | None:
+    """Error bars of the seconds of ``points`` (typed rows or dicts): [below, above] the median,
+    from ``seconds_min`` and ``seconds_max``; None when a point lacks them (older results)."""
+    get = (lambda p, k: p.get(k)) if points and isinstance(points[0], dict) else getattr
+    lo, hi = [get(p, "seconds_min") for p in points], [get(p, "seconds_max") for p in points]
+    if not points or None in lo or None in hi:
+        return None
+    secs = [get(p, "seconds") for p in points]
+    return [[max(0.0, s - a) for s, a in zip(secs, lo)], [max(0.0, b - s) for s, b in zip(secs, hi)]]
+
+
 def plot_front(rows: Sequence[Any], front: Sequence[Any], default: list[dict], path: Path) -> None:
     """pareto.png: every finished trial (grey: infeasible), the front and the default schedule's
-    grid of T, gen PPL against seconds per sample (log time axis)."""
+    grid of T, gen PPL against seconds per sample (log time axis); the front and the grid carry
+    the spread of their timed repeats (min to max) as horizontal error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,11 +117,11 @@ def plot_front(rows: Sequence[Any], front: Sequence[Any], default: list[dict], p
     done = [r for r in rows if r.gen_ppl is not None]
     ax.scatter([r.seconds for r in done], [r.gen_ppl for r in done], s=14, alpha=0.5,
                c=["tab:blue" if r.feasible else "tab:grey" for r in done], label="trials (grey: infeasible)")
-    ax.plot([p.seconds for p in front], [p.gen_ppl for p in front], "o-", color="tab:orange",
-            label="Pareto front")
+    ax.errorbar([p.seconds for p in front], [p.gen_ppl for p in front], xerr=spread(list(front)), fmt="o-",
+                color="tab:orange", capsize=2, label="Pareto front (bars: min-max of repeats)")
     if default:
-        ax.plot([p["seconds"] for p in default], [p["gen_ppl"] for p in default], "s--", color="k",
-                label="default schedule (T grid)")
+        ax.errorbar([p["seconds"] for p in default], [p["gen_ppl"] for p in default], xerr=spread(default),
+                    fmt="s--", color="k", capsize=2, label="default schedule (T grid)")
     ax.set_xscale("log")
     ax.set_xlabel("sampling time per sample (s)")
     ax.set_ylabel("generative perplexity")

@@ -70,6 +70,13 @@ class TrialRow:
     """Mean unigram entropy of the samples (nats); the constraint is entropy >= the floor."""
     params: dict
     """The trial's schedule settings as suggested (a partial ``ScheduleSettings`` dict)."""
+    seconds_min: float | None = None
+    """The fastest of the timed repeats (seconds per sample): with ``seconds_max``, the spread of
+    ``seconds`` (None unless COMPLETE, and in files written before it was recorded)."""
+    seconds_max: float | None = None
+    """The slowest of the timed repeats (seconds per sample)."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("seconds_min", "seconds_max")
 
     @classmethod
     def from_trial(cls, t: optuna.trial.FrozenTrial, variant: str) -> TrialRow:
@@ -80,7 +87,9 @@ class TrialRow:
                    feasible=bool(c is not None and c[0] <= 0 and complete),
                    gen_ppl=t.values[0] if t.values else None, seconds=t.values[1] if t.values else None,
                    nfe=t.user_attrs.get("nfe"), entropy=t.user_attrs.get("entropy"),
-                   params=t.user_attrs.get("schedule", dict(t.params)))
+                   params=t.user_attrs.get("schedule", dict(t.params)),
+                   seconds_min=t.user_attrs.get("seconds_min") if complete else None,
+                   seconds_max=t.user_attrs.get("seconds_max") if complete else None)
 
     def objectives(self) -> tuple[float, float]:
         """(gen_ppl, seconds): the point of this trial for ``pareto``, ``choose`` and ``hypervolume``."""
@@ -95,8 +104,9 @@ class TrialRow:
 
     @classmethod
     def from_json(cls, values: dict, where: str = "trial row") -> TrialRow:
-        """The inverse of ``to_json``; an unknown or missing key is an error naming it."""
-        _check_keys(cls, values, where)
+        """The inverse of ``to_json``; an unknown or missing key is an error naming it (the spread
+        may be missing: files written before it)."""
+        _check_keys(cls, values, where, optional=cls.OPTIONAL)
         return cls(**{**values, "params": dict(values["params"])})
 
     def to_row(self) -> dict:

@@ -12,77 +12,147 @@ import yaml
 
 pytest.importorskip("prefect")
 
-from prefect import task
-from prefect.testing.utilities import prefect_test_harness
+pytestmark = pytest.mark.usefixtures("harness")  # tests/flows/conftest.py
 
 
-@pytest.fixture(scope="session", autouse=True)
-def harness(tmp_path_factory):
-    import os
-
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
 
 
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+DVC = str(Path(sys.executable).parent / "dvc")
+# the stage "hello": out.txt and a headline metrics file from train.times, after HELLO_SLEEP seconds
+HELLO = ("import os, json, time, yaml; time.sleep(float(os.environ.get('HELLO_SLEEP', 0))); "
+         "n = yaml.safe_load(open('params.yaml'))['train']['times']; open('out.txt', 'w').write('hi' * n); "
+         "os.makedirs('reports/metrics/v', exist_ok=True); "
+         "json.dump(dict(exact_ppl=n, nelbo_ppl=n), open('reports/metrics/v/likelihood.json', 'w'))")
 
 
-def make_repo(tmp: Path) -> Path:
-    """A git + DVC repository with one parameterised stage."""
-    repo = tmp / "repo"
+def make_repo(tmp: Path, name: str = "repo") -> Path:
+    """A git + DVC repository with one parameterised stage, committed (clean)."""
+    repo = tmp / name
     repo.mkdir()
-    dvc = str(Path(sys.executable).parent / "dvc")
     _git(repo, "init", "-q")
     _git(repo, "config", "user.email", "t@example.org")
     _git(repo, "config", "user.name", "t")
-    subprocess.run([dvc, "init", "-q"], cwd=repo, check=True, env={"DVC_NO_ANALYTICS": "1", "PATH": ""})
+    subprocess.run([DVC, "init", "-q"], cwd=repo, check=True, env={"DVC_NO_ANALYTICS": "1", "PATH": ""})
     # a section of esolm's params (esolm report reads this file, and refuses unknown sections)
     (repo / "params.yaml").write_text(yaml.safe_dump({"train": {"times": 2}, "variants": {}}))
-    write = ("import yaml; n = yaml.safe_load(open('params.yaml'))['train']['times']; "
-             "open('out.txt', 'w').write('hi' * n)")
-    stages = {"stages": {"hello": {"cmd": f'{sys.executable} -c "{write}"', "params": ["train.times"],
-                                   "outs": [{"out.txt": {"cache": False}}]},
+    stages = {"stages": {"hello": {"cmd": f'{sys.executable} -c "{HELLO}"', "params": ["train.times"],
+                                   "outs": ["out.txt", "reports/metrics/v/likelihood.json"]},
                          "broken": {"cmd": f'{sys.executable} -c "raise SystemExit(3)"'}}}
     (repo / "dvc.yaml").write_text(yaml.safe_dump(stages))
-    (repo / ".gitignore").write_text("out.txt\n")
+    (repo / ".gitignore").write_text("out.txt\n/reports/\n")
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "init")
     return repo
 
 
-def test_pipeline_flow_runs_stages_in_order_and_publishes_the_table(tmp_path, monkeypatch):
-    import flows.pipeline as pipeline_module
+def worktrees(repo: Path) -> list[Path]:
+    folder = repo / ".git" / "esolm-worktrees"
+    return sorted(folder.iterdir()) if folder.is_dir() else []
 
-    @task
-    def fake_headline(repo: str) -> str:
-        return "| variant | ppl |\n|---|---|\n| ar | 1.0 |"
 
-    monkeypatch.setattr(pipeline_module, "headline_markdown", fake_headline)
+def untouched(repo: Path) -> None:
+    """The checkout a flow was given: no file written, nothing changed, no worktree left."""
+    assert _git(repo, "status", "--porcelain", "--untracked-files=all") == ""
+    assert not (repo / "out.txt").exists() and not (repo / "dvc.lock").exists()
+    assert worktrees(repo) == []
+    assert _git(repo, "worktree", "list").count("\n") == 1
+
+
+def test_pipeline_flow_runs_in_a_pinned_worktree_and_publishes_the_table(tmp_path):
+    """The stages run in a worktree of HEAD sharing the checkout's DVC cache; the checkout is
+    left as it was and the worktree removed."""
+    from flows.pipeline import pipeline
+
     repo = make_repo(tmp_path)
-    table = pipeline_module.pipeline(repo=str(repo), stages=["hello"])
-    assert (repo / "out.txt").read_text() == "hihi"
-    assert (repo / "dvc.lock").exists()
-    assert "| ar | 1.0 |" in table
+    table = pipeline(repo=str(repo), stages=["hello"])
+    assert table.splitlines()[2].startswith("| v | 2 | 2 |")
+    untouched(repo)
+    assert any((repo / ".dvc" / "cache" / "files").rglob("*")), "the output is in the checkout's cache"
+    assert any((repo / ".dvc" / "cache" / "runs").rglob("*")), "and so is the run cache"
 
 
-def test_a_failing_stage_fails_the_flow_after_its_retry(tmp_path):
+def test_a_dirty_checkout_runs_its_commit_and_revision_pins_another(tmp_path):
+    """Uncommitted edits are ignored (with a warning); ``revision`` runs an older commit."""
+    from flows.pipeline import pipeline
+
+    repo = make_repo(tmp_path)
+    first = _git(repo, "rev-parse", "HEAD").strip()
+    (repo / "params.yaml").write_text(yaml.safe_dump({"train": {"times": 4}, "variants": {}}))
+    _git(repo, "commit", "-qam", "four")
+    (repo / "params.yaml").write_text(yaml.safe_dump({"train": {"times": 7}, "variants": {}}))  # not committed
+    assert "| v | 4 | 4 |" in pipeline(repo=str(repo), stages=["hello"])
+    assert "| v | 2 | 2 |" in pipeline(repo=str(repo), stages=["hello"], revision=first)
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["times"] == 7  # edits kept
+    state = pipeline(repo=str(repo), stages=["hello"], revision="no-such-branch", return_state=True)
+    assert state.is_failed() and "is no commit of" in str(state.message)
+
+
+def test_a_failing_stage_fails_the_flow_and_keeps_its_worktree(tmp_path):
     from flows.pipeline import pipeline
 
     repo = make_repo(tmp_path)
     state = pipeline(repo=str(repo), stages=["broken"], return_state=True)
     assert state.is_failed()
+    kept = worktrees(repo)
+    assert len(kept) == 1 and (kept[0] / "dvc.yaml").is_file()  # kept for debugging
 
 
-def test_experiment_flow_runs_overrides_as_a_dvc_experiment_and_ingests(tmp_path):
+def test_experiment_flow_runs_overrides_in_a_worktree_and_ingests(tmp_path):
+    from prefect.artifacts import Artifact
+
     from flows.experiment import experiment
 
     repo = make_repo(tmp_path)
     out = experiment(["train.times=3"], name="three", repo=str(repo), targets=["hello"])
-    assert (repo / "out.txt").read_text() == "hihihi"
     assert "ingested run" in out
-    assert (repo / "reports" / "results.duckdb").exists()
+    assert (repo / "reports" / "results.duckdb").exists()  # the checkout's results database
+    assert "| v | 3 | 3 |" in Artifact.get("esolm-experiment").data
+    assert _git(repo, "for-each-ref", "refs/exps").strip()  # dvc exp show sees it from the checkout
+    (repo / "reports" / "results.duckdb").unlink()
+    untouched(repo)
+
+
+def test_two_flows_at_once_in_one_repository_each_publish_their_own_numbers(tmp_path, monkeypatch):
+    """The tester's corruption: an experiment's `dvc exp run -S train.times=3` in the middle of a
+    nightly. Each now runs in its own worktree: the nightly publishes the committed 2, the
+    experiment its 3, and params.yaml of the checkout stays as committed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect.artifacts import Artifact
+
+    from flows.experiment import experiment
+    from flows.pipeline import pipeline
+
+    monkeypatch.setenv("HELLO_SLEEP", "2")  # both stages run at the same time
+    repo = make_repo(tmp_path)
+    params = (repo / "params.yaml").read_text()
+    with ThreadPoolExecutor(2) as pool:
+        nightly = pool.submit(pipeline, repo=str(repo), stages=["hello"])
+        exp = pool.submit(experiment, ["train.times=3"], name="lr3", repo=str(repo), targets=["hello"],
+                          db=str(tmp_path / "results.duckdb"))
+        table, ingested = nightly.result(), exp.result()
+    assert "| v | 2 | 2 |" in table
+    assert "| v | 3 | 3 |" in Artifact.get("esolm-experiment").data and "ingested run" in ingested
+    assert (repo / "params.yaml").read_text() == params
+    untouched(repo)
+
+
+def test_task_runs_are_named_after_what_they_do():
+    from prefect._internal.engine import resolve_custom_task_run_name
+
+    from tasks.stages import exp_run, ingest_and_report, pull_runs, push_runs, repro_stage, stage_tags
+
+    def name(task, **parameters):
+        return resolve_custom_task_run_name(task, parameters)
+
+    assert name(repro_stage.with_options(tags=stage_tags("train")), stage="train", repo=".") == "repro train"
+    assert name(push_runs, repo=".") == "dvc push"
+    assert name(pull_runs, repo=".", targets=["train"]) == "dvc pull train"
+    assert name(exp_run, overrides=["train.lr=0.003"], name=None) == "exp run train.lr=0.003"
+    assert name(exp_run, overrides=["train.lr=0.003"], name="lr3") == "exp run lr3"
+    assert name(ingest_and_report, label="pipeline") == "report pipeline"
 
 
 def test_grid_overrides_and_task_logic_via_fn(tmp_path):
@@ -91,7 +161,7 @@ def test_grid_overrides_and_task_logic_via_fn(tmp_path):
 
     assert grid_overrides({"a": [1, 2], "b": ["x"]}) == [["a=1", "b=x"], ["a=2", "b=x"]]
     repo = make_repo(tmp_path)
-    assert "hello" in repro_stage.fn("hello", str(repo))
+    assert "hello" in repro_stage.fn("hello", str(repo))  # a task alone runs where it is told
     with pytest.raises(RuntimeError, match="failed"):
         repro_stage.fn("broken", str(repo))
 
@@ -156,3 +226,25 @@ def test_schedule_search_flow_runs_exactly_n_trials_across_its_workers(trained):
     assert len(study.trials) == 5 and {t.state.name for t in study.trials} == {"COMPLETE"}
     assert "5 trials (0 new)" in out["summary"]
     assert (trained / "reports" / "search" / "pareto.json").exists()
+
+
+def test_prefect_yaml_is_the_one_way_to_deploy_and_matches_the_flows():
+    """One place deploys nightly (flows/deploy.py is gone); every deployment's parameters, and
+    those the pipeline sends to the gpu deployment, are parameters of its flow."""
+    import importlib
+    import inspect
+
+    from flows.pipeline import TRAINING_STAGES
+
+    root = Path(__file__).resolve().parents[2]
+    assert not (root / "flows" / "deploy.py").exists()
+    deployments = yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]
+    assert [d["name"] for d in deployments if d.get("schedules")] == ["nightly"]
+    for d in deployments:
+        path, name = d["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+        accepted = set(inspect.signature(flow.fn).parameters)
+        assert set(d.get("parameters", {})) <= accepted, d["name"]
+        if d["name"] == "gpu":
+            assert {"stage", "revision", "branch"} <= accepted
+    assert set(TRAINING_STAGES) == {"train", "judge"}  # the judge is a training too

@@ -1,9 +1,12 @@
 """prefect.yaml on a real Prefect server: a process work pool, a worker, a deployment of a
-reduced pipeline; the flow run completes and publishes its artifact (slow: 3-6 minutes)."""
+reduced pipeline; the flow run completes in a worktree of the worker's checkout and publishes
+its artifact; training goes to a second pool's worker in another checkout and comes back
+(slow: 3-6 minutes)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -69,15 +72,34 @@ def _cli(args: list[str], env: dict, cwd: Path) -> str:
     return proc.stdout
 
 
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
+
+
 def _tiny_repo(tmp: Path) -> Path:
+    """A clone of this repository with the tiny study committed (flows run commits, not edits)
+    and a bare clone of it as ``origin`` (the hand-over branches go there, never to ROOT)."""
     repo = tmp / "repo"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
+    for folder in ("flows", "tasks"):  # the flows as they are here, committed or not: the ones under test
+        shutil.rmtree(repo / folder)
+        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(ROOT / "prefect.yaml", repo / "prefect.yaml")
     tiny_params(repo, write_txt_corpus(tmp / "docs", n_docs=40))
     p = yaml.safe_load((repo / "params.yaml").read_text())
     p["variants"] = {"ar": {"family": "ar"}}
     p["search"]["variant"] = "ar"
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    subprocess.run(["git", "add", "-A", "flows", "tasks", "prefect.yaml", "params.yaml"], cwd=repo, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "tiny study"], cwd=repo, check=True)
+    subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(tmp / "origin.git")], check=True)
+    subprocess.run(["git", "remote", "set-url", "origin", str(tmp / "origin.git")], cwd=repo, check=True)
     return repo
+
+
+def _untouched(repo: Path) -> None:
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
+    assert status == "", status
+    assert not (repo / "runs").exists() and not (repo / "data" / "processed").exists()
 
 
 @pytest.fixture(scope="module")
@@ -124,27 +146,28 @@ def test_a_worker_on_the_process_pool_runs_the_deployed_pipeline(tmp_path, serve
     worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "esolm-cpu", "--limit", "1"],
                     env, repo, tmp_path / "worker.log")
     try:
-        run_id = _run_deployment(api, "esolm-pipeline/nightly", {"stages": ["metrics"]}, worker,
-                                 tmp_path / "worker.log")
+        run_id = _run_deployment(api, "esolm-pipeline/nightly", {"stages": ["prepare", "train", "evaluate"]},
+                                 worker, tmp_path / "worker.log")
     finally:
         _stop(worker)
     assert "| ar |" in _artifact(api, run_id, "esolm-headline")["data"]
-    assert (repo / "reports" / "metrics" / "ar.json").exists()
+    _untouched(repo)  # everything happened in the run's worktree, now removed
 
 
 @pytest.mark.slow
 def test_training_is_sent_to_the_gpu_pool_and_restored_from_the_run_cache(tmp_path, server):
-    """Two checkouts (two "machines") share a DVC remote; the CPU pool's pipeline sends `train`
-    to the `gpu` pool's worker, which trains in its own checkout and pushes; the pipeline then
-    restores the trained model from the run cache instead of training."""
+    """Two checkouts (two "machines") share a DVC remote and a git remote; the CPU pool's
+    pipeline sends `train` to the `gpu` pool's worker, which trains in a worktree of its own
+    checkout at the pipeline's commit, pushes the model and hands its dvc.lock back on a branch;
+    the pipeline merges it and fetches the trained model instead of training."""
     api, home = server
     cpu = _tiny_repo(tmp_path)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
     subprocess.run([str(BIN / "dvc"), "remote", "add", "-d", "shared", str(tmp_path / "remote")], cwd=cpu,
                    check=True, capture_output=True)
-    subprocess.run([*git, "commit", "-qam", "tiny study with a remote"], cwd=cpu, check=True)
+    subprocess.run([*GIT, "commit", "-qam", "tiny study with a remote"], cwd=cpu, check=True)
+    subprocess.run(["git", "push", "-q", "origin", "HEAD"], cwd=cpu, check=True)
     gpu = tmp_path / "gpu_checkout"
-    subprocess.run(["git", "clone", "-q", str(cpu), str(gpu)], check=True)
+    subprocess.run(["git", "clone", "-q", str(tmp_path / "origin.git"), str(gpu)], check=True)
     cpu_env, gpu_env = _env(home, api, cpu), _env(home, api, gpu)
     for pool in ("esolm-cpu", "gpu"):
         subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"], cwd=cpu,
@@ -154,17 +177,18 @@ def test_training_is_sent_to_the_gpu_pool_and_restored_from_the_run_cache(tmp_pa
                       tmp_path / f"{pool}.log")
                for pool, env, repo in (("esolm-cpu", cpu_env, cpu), ("gpu", gpu_env, gpu))]
     try:
-        run_id = _run_deployment(api, "esolm-pipeline/nightly-gpu", {"stages": ["prepare", "train"]},
+        run_id = _run_deployment(api, "esolm-pipeline/nightly-gpu", {"stages": ["prepare", "train", "evaluate"]},
                                  workers[0], tmp_path / "esolm-cpu.log")
     finally:
         for w in workers:
             _stop(w)
-    model = Path("runs") / "ar" / "model.ckpt"
-    assert (gpu / model).read_bytes() == (cpu / model).read_bytes()
-    assert (gpu / "runs" / "ar" / "checkpoints" / "last.ckpt").exists()  # trained there
-    assert not (cpu / "runs" / "ar" / "checkpoints").exists()  # restored here, never trained
-    assert "is cached" in (tmp_path / "esolm-cpu.log").read_text()
-    _artifact(api, run_id, "esolm-headline")
+    cpu_log, gpu_log = (tmp_path / "esolm-cpu.log").read_text(), (tmp_path / "gpu.log").read_text()
+    assert "Running stage 'train@ar'" in gpu_log  # trained there
+    assert "Running stage 'train@ar'" not in cpu_log and "Pulling data for" in cpu_log  # fetched here
+    assert "took 1 stage(s)" in cpu_log or "took 2 stage(s)" in cpu_log  # the handed-back dvc.lock
+    assert "| ar |" in _artifact(api, run_id, "esolm-headline")["data"]
+    for checkout in (cpu, gpu):
+        _untouched(checkout)
 
 
 def _wait_for_run(api: str, run_id: str, worker: subprocess.Popen, log: Path, seconds: float = 900) -> str:

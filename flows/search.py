@@ -1,8 +1,8 @@
 """The schedule search with its trials spread over concurrent worker processes (Prefect tasks).
 
 The first task queues exactly the trials missing from the model's study; each worker task runs
-``esolm search --only join`` in its own process (own GIL and model copy), claiming queued trials
-until none is left; the last task writes the outputs from every trial of the study. Workers on
+``esolm search --only join`` in its own process (own GIL and model copy), running trials until
+the study holds ``n_trials`` counted trials; the last task writes the outputs from every trial. Workers on
 other machines can join the same study (``esolm search --only join`` with the same
 ``search.storage`` and model file). Concurrent trials share the CPU, so their timings are
 noisier than one worker's: use it to explore, the DVC stage to report.
@@ -22,6 +22,8 @@ def schedule_search(repo: str = ".", workers: int = 2, n_trials: int | None = No
     """Fill the study up to ``n_trials`` trials in total (default: search.n_trials) with
     ``workers`` concurrent worker processes, then write the outputs."""
     sets = list(sets or [])
+    if n_trials:  # every worker fills the study up to the same total (esolm search --only join)
+        sets.append(f"search.n_trials={n_trials}")
     check_overrides(repo, sets)
     queued = queue_trials(repo, n_trials, sets)
     futures = [join_search.submit(repo, sets) for _ in range(workers)]

@@ -71,6 +71,7 @@ def trained_project(tmp: Path) -> Path:
     p["judge"]["train"] = {"steps": 4}
     p["evaluate"].update(batch_size=8, nelbo_batches=2, exact_batches=1)  # the tiny test split holds 32 rows
     (tmp / "params.yaml").write_text(yaml.safe_dump(p))
+    (tmp / "dvc.yaml").write_text((root / "dvc.yaml").read_text())  # a checkout holds both (flows check it)
     env = {**os.environ, "PYTHONPATH": str(root)}
     verbs = [["prepare", "--quiet"], ["train", "--variant", "ar", "--quiet"],
              ["train", "--variant", "eso_b_a05", "--quiet"], ["judge", "--quiet"]]

@@ -146,7 +146,7 @@ def test_concurrent_workers_fill_the_study_with_exactly_n_trials(sc):
 DEAD_WORKER = """
 import sys, time
 from esolm.search import SearchConfig, open_study, work
-sc = SearchConfig(n_trials=4, out_dir=sys.argv[1], heartbeat_interval=1, grace_period=3)
+sc = SearchConfig(n_trials=4, out_dir=sys.argv[1], heartbeat_interval=1, grace_period=3, storage=sys.argv[2])
 
 def objective(trial):
     trial.suggest_int("steps", 2, 16, log=True)  # as the test's search.space suggests it
@@ -163,7 +163,13 @@ def test_a_new_search_fails_only_dead_workers_trials_and_requeues_them(sc, tmp_p
     worker then crashed ("Trial#1 has already finished and can not be updated"). Now: a worker
     killed mid-trial leaves a trial whose heartbeat stops; a second worker's trial is live (its
     heartbeat goes on); a new search then fails the dead trial only, runs it again, and the live
-    worker finishes its own trial; the study reaches n_trials."""
+    worker finishes its own trial; the study reaches n_trials. (SQLite here; PostgreSQL in
+    tests/test_search_postgres.py.)"""
+    dead_and_live_workers(sc)
+
+
+def dead_and_live_workers(sc) -> None:
+    """The scenario above on ``sc.storage`` ("" = SQLite under ``sc.out_dir``)."""
     import os
     import signal
     import subprocess
@@ -177,7 +183,7 @@ def test_a_new_search_fails_only_dead_workers_trials_and_requeues_them(sc, tmp_p
 
     hb = replace(sc, n_trials=4, heartbeat_interval=1, grace_period=3)
     root = Path(__file__).resolve().parents[1]
-    dead = subprocess.Popen([sys.executable, "-c", DEAD_WORKER, hb.out_dir], cwd=root, text=True,
+    dead = subprocess.Popen([sys.executable, "-c", DEAD_WORKER, hb.out_dir, hb.storage], cwd=root, text=True,
                             env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE)
     assert dead.stdout.readline().strip() == "started"
     dead.send_signal(signal.SIGKILL)  # the worker dies mid-trial: no tell, no more heartbeats

@@ -108,3 +108,16 @@ def test_two_worker_processes_share_one_study_on_postgresql(tmp_path, postgres_u
     front = json.loads((repo / "reports" / "search" / "pareto.json").read_text())["front"]
     expected = pareto([{**r, "params": json.loads(r["params"])} for r in rows if r["feasible"]])
     assert [(p["trial"], p["gen_ppl"]) for p in front] == [(p["trial"], p["gen_ppl"]) for p in expected]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_trial_on_postgresql_never_costs_a_live_trial(tmp_path, postgres_url):
+    """Issue #25, item 5: on a real server, a worker killed mid-trial, a live worker and then a
+    new search: the dead trial is failed and run again, the live one survives, the total is
+    reached (tests/test_search.py states the scenario)."""
+    from esolm.search import SearchConfig
+    from tests.test_search import dead_and_live_workers
+
+    dead_and_live_workers(SearchConfig(n_trials=3, out_dir=str(tmp_path / "search"), storage=postgres_url,
+                                       space={"steps": [2, 16], "alpha_0": [0.0, 1.0], "order": ["random", "block"],
+                                              "top_p": [0.8, 1.0]}))

@@ -220,9 +220,10 @@ def test_schedule_search_flow_runs_exactly_n_trials_across_its_workers(trained):
 
     out = schedule_search(repo=str(trained), workers=2, n_trials=5)
     assert out["queued"] == 5 and out["ran"] == 5
-    names = optuna.get_all_study_names(f"sqlite:///{trained / 'reports/search/study.db'}")
+    storage = f"sqlite:///{trained / 'reports/search-study.db'}"  # the study, beside the search's outputs
+    names = optuna.get_all_study_names(storage)
     assert len(names) == 1 and names[0].startswith("schedule-eso_b_a05-")
-    study = optuna.load_study(study_name=names[0], storage=f"sqlite:///{trained / 'reports/search/study.db'}")
+    study = optuna.load_study(study_name=names[0], storage=storage)
     assert len(study.trials) == 5 and {t.state.name for t in study.trials} == {"COMPLETE"}
     assert "5 trials (0 new)" in out["summary"]
     assert (trained / "reports" / "search" / "pareto.json").exists()

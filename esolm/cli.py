@@ -136,14 +136,14 @@ def cmd_import(args: argparse.Namespace, params: dict) -> None:
 
 
 def cmd_sample(args: argparse.Namespace, params: dict) -> None:
-    from esolm.stages import sample_stage
+    from esolm.stages import prompted_samples, sample_stage
     from esolm.text import check_infill
 
     if args.infill is not None:
         check_infill(args.infill)  # before any model loads
     searched = _searched_variant(params, args.variant)
     if args.prompt is not None or args.infill is not None:  # text in, text out; no stage files
-        texts, ran = _prompted_samples(params, args.variant, args.prompt, args.infill)
+        texts, ran = prompted_samples(params, args.variant, args.prompt, args.infill)
         for i, text in enumerate(texts):
             print(f"--- sample {i}\n{text}")
         note = " (generated tokens between ⟦ ⟧)" if args.infill is not None else ""
@@ -155,19 +155,6 @@ def cmd_sample(args: argparse.Namespace, params: dict) -> None:
         print(f"--- sample {i}\n{text}")
     print(f"{args.variant}: {s['num_samples']} samples, NFE {s['nfe']}, {s['seconds']:.2f}s, "
           f"gen ppl {s['gen_ppl']:.2f}, entropy {s['entropy']:.2f}; {_schedule_line(s['schedule'], searched)}")
-
-
-def _prompted_samples(params: dict, variant: str, prompt: str | None, infill: str | None) -> tuple[list[str], dict]:
-    """``--prompt`` / ``--infill``: the sample section's schedule, printed not stored; generated
-    infill spans marked. Returns the texts and the settings that ran."""
-    from esolm.device import pick_device
-    from esolm.stages import run_dir, sample_config, settings_for
-    from esolm.text import INFILL_MARKS, load, sample_text
-
-    sc = sample_config(params)
-    model, tok = load(run_dir(variant) / "model.ckpt", device=pick_device(sc.device))
-    return sample_text(model, tok, settings_for(sc, model), prompt=prompt, infill=infill,
-                       num_samples=sc.num_samples, marks=INFILL_MARKS if infill is not None else None)
 
 
 def _searched_variant(params: dict, variant: str) -> str | None:

@@ -258,9 +258,10 @@ def settings_line(db: Path, rid: str) -> str:
             unrecorded.append(variant)
             continue
         trained = json.loads(settings).get("train") or {}  # None: an imported model
-        wanted = (json.loads(params) or {}).get("train", {}) if params else {}
-        if variant == ((json.loads(params) or {}).get("judge") or {}).get("name", "judge"):
+        run_params = (json.loads(params) if params else None) or {}
+        if variant == (run_params.get("judge") or {}).get("name", "judge"):
             continue  # the judge has its own train overrides
+        wanted = run_params.get("train", {})
         diff = [f"train.{k}={trained[k]!r} (params.yaml: {wanted[k]!r})" for k in sorted(wanted)
                 if k in trained and k not in NOT_A_SETTING and trained[k] != wanted[k]]
         if diff:

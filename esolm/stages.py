@@ -322,15 +322,16 @@ def curve_stage(params: dict, name: str, progress: bool) -> dict:
     return out.to_json()
 
 
-def prompted_samples(params: dict, name: str, prompt: str | None, infill: str | None) -> list[str]:
-    """``esolm sample --prompt/--infill``: the sample section's schedule, printed not stored."""
+def prompted_samples(params: dict, name: str, prompt: str | None, infill: str | None) -> tuple[list[str], dict]:
+    """``esolm sample --prompt/--infill``: the sample section's schedule, printed not stored;
+    generated infill spans marked. Returns the texts and the settings that ran."""
     from esolm.device import pick_device
-    from esolm.text import generate_text, load
+    from esolm.text import INFILL_MARKS, load, sample_text
 
     sc = sample_config(params)
     model, tok = load(run_dir(name) / "model.ckpt", device=pick_device(sc.device))
-    return generate_text(model, tok, prompt=prompt, infill=infill, num_samples=sc.num_samples,
-                         settings=settings_for(sc, model))
+    return sample_text(model, tok, settings_for(sc, model), prompt=prompt, infill=infill,
+                       num_samples=sc.num_samples, marks=INFILL_MARKS if infill is not None else None)
 
 
 def search_config(params: dict):

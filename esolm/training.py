@@ -173,61 +173,57 @@ def train(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fres
     zero = trainer.global_rank == 0  # Lightning's ranks: torchrun, its own launcher, SLURM
     # one job at a time per run; every rank of this job shares the lock (esolm.io.job_lock)
     with job_lock(run_dir / "checkpoints", job_key(claim=True), trainer.global_rank):
-        fresh = _plan_run(cfg, tc, data_dir, run_dir, fresh)
-        if fresh and zero:
+        fp = fingerprint(cfg, tc, data_dir)
+        resume = None if fresh else _resume_point(run_dir, tc, fp)
+        if resume is None and zero:
             superseded.replace([run_dir / "checkpoints" / "last.ckpt", _working_log(run_dir)])
-        summary = _fit(cfg, tc, data_dir, run_dir, fresh, bar, trainer, log)
+        summary = _fit(cfg, tc, data_dir, run_dir, resume, fp, bar, trainer, log)
         if zero:
             superseded.clean()
         return summary
 
 
-def _plan_run(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fresh: bool) -> bool:
-    """Whether training starts fresh (reads only): a checkpoint of these settings, data and code
-    is resumed; one from others is replaced (``Superseded``); one beyond ``train.steps`` is an
-    error (never silently a longer model)."""
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.exists() and not fresh:
-        ckpt = safe_load(last)
-        if ckpt.get("esolm_fingerprint") != fingerprint(cfg, tc, data_dir):
-            if rank_zero_only.rank == 0:
-                print(f"{last} came from other settings, data or code: training from scratch; it is "
-                      "set aside (stale-*.ckpt) when this run writes its first checkpoint")
-            return True
-        if ckpt.get("global_step", 0) > tc.steps:
-            raise ValueError(f"{last} is at step {ckpt['global_step']}, beyond train.steps={tc.steps}: "
-                             "raise train.steps to continue it, or pass --fresh to train "
-                             f"{tc.steps} steps from scratch")
-    return fresh
-
-
-def resume_point(last: Path) -> tuple[int, str]:
-    """(step, sha256 prefix) of a checkpoint: what every rank must agree on before resuming."""
+def _resume_point(run_dir: Path, tc: TrainConfig, fp: str) -> tuple[int, str] | None:
+    """Where training resumes (reads only): (step, sha256 prefix of the file) of a checkpoint of
+    these settings, data and code (``fp``), the point every rank must agree on; None to start
+    fresh (none, or one from other settings: ``Superseded`` replaces it). A checkpoint beyond
+    ``train.steps`` is an error (never silently a longer model)."""
     import hashlib
 
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        return None
+    ckpt = safe_load(last)
+    if ckpt.get("esolm_fingerprint") != fp:
+        if rank_zero_only.rank == 0:
+            print(f"{last} came from other settings, data or code: training from scratch; it is "
+                  "set aside (stale-*.ckpt) when this run writes its first checkpoint")
+        return None
+    step = int(ckpt.get("global_step", 0))
+    if step > tc.steps:
+        raise ValueError(f"{last} is at step {step}, beyond train.steps={tc.steps}: raise train.steps to "
+                         f"continue it, or pass --fresh to train {tc.steps} steps from scratch")
     h = hashlib.sha256()
     with last.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
-    return int(safe_load(last).get("global_step", 0)), h.hexdigest()[:12]
+    return step, h.hexdigest()[:12]
 
 
-def _fit(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, fresh: bool, progress: bool,
-         trainer: pl.Trainer, log: JsonlLog) -> dict:
+def _fit(cfg: ModelConfig, tc: TrainConfig, data_dir: Path, run_dir: Path, resume: tuple[int, str] | None,
+         fp: str, progress: bool, trainer: pl.Trainer, log: JsonlLog) -> dict:
     import time
 
     last = run_dir / "checkpoints" / "last.ckpt"
     module = LitModel(cfg, tc)
-    module.fingerprint = fingerprint(cfg, tc, data_dir)
+    module.fingerprint, module.resume_point = fp, resume
     with lightning_notices(progress):
         rank = trainer.global_rank
         module.train_data = MicroBatches(Batches(data_dir, "train", tc.micro, seed=tc.seed, rank=rank,
                                                  world_size=tc.world_size))
         loader = DataLoader(module.train_data, batch_size=None)
         t0 = time.perf_counter()
-        resume = last if last.exists() and not fresh else None
-        module.resume_point = None if resume is None else resume_point(resume)
-        trainer.fit(module, loader, _val_loader(data_dir, tc, rank), ckpt_path=resume)
+        trainer.fit(module, loader, _val_loader(data_dir, tc, rank), ckpt_path=last if resume else None)
         seconds = time.perf_counter() - t0
     trainer.save_checkpoint(last, weights_only=False)
     log.flush()

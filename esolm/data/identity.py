@@ -35,7 +35,7 @@ def data_tokenizer(data_dir: Path, meta: dict) -> tuple[str, str]:
         Tokenizer.from_str(text)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist: {redo}") from None
-    except (UnicodeDecodeError, Exception) as err:  # tokenizers raises a plain Exception
+    except Exception as err:  # undecodable text, or tokenizers' plain Exception for bad JSON
         raise ValueError(f"{path} is not a valid tokenizer ({type(err).__name__}: "
                          f"{str(err).splitlines()[0][:120] if str(err) else 'unreadable'}): {redo}") from None
     sha = text_sha256(text)

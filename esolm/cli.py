@@ -251,6 +251,23 @@ def cmd_search(args: argparse.Namespace, params: dict) -> None:
              else "none feasible"))
 
 
+def cmd_spread(args: argparse.Namespace, params: dict) -> None:
+    from esolm.spread import SPREAD_FILE, measure, summary_lines, write_spread
+
+    if args.seeds is None:
+        base = int((params.get("train") or {}).get("seed", 0))
+        args.seeds = [base, base + 1, base + 2]
+    spread = measure(params, args.seeds, progress=not args.quiet,
+                     command=f"esolm spread --seeds {' '.join(map(str, args.seeds))}")
+    write_spread(spread)
+    print(f"exact PPL, left to right, across seeds {', '.join(map(str, spread.seeds()))} "
+          f"(revision {spread.revision[:10]}, {spread.wall_s:.0f} s):")
+    print("\n".join("  " + line for line in summary_lines(spread)))
+    print(f"wrote {SPREAD_FILE} (commit it; the report stage shows it beside each run)")
+    for note in spread.notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
 def cmd_preset(args: argparse.Namespace, params: dict) -> None:
     from esolm.io import write_text_atomic
     from esolm.params import choose_preset
@@ -290,6 +307,9 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace, dict], None], str]] = {
                             "(docs/released-models.md)")),
     "metrics": (cmd_metrics, ("print each variant's headline numbers, as its stages wrote them "
                               "(reports/metrics/<variant>/likelihood.json and sampling.json)")),
+    "spread": (cmd_spread, ("retrain and evaluate every variant under other training seeds (one DVC "
+                            "experiment per seed, in a temporary copy: the workspace is untouched) and "
+                            "write reports/seeds.json, which the report shows as each number's spread")),
     "report": (cmd_report, "ingest every stage's files into the results database and write the report"),
     "preset": (cmd_preset, ("choose a preset study in params.yaml for DVC (sets `preset:` and copies "
                             "the preset's variants into the top-level block that dvc.yaml expands)")),
@@ -307,7 +327,7 @@ VERBS: dict[str, tuple[Callable[[argparse.Namespace, dict], None], str]] = {
 NEEDS_VARIANT = ("train", "evaluate", "sample", "curve", "export")
 # the options a verb has only where they act: no params file / no --set / no progress bars to hide
 NO_PARAMS = ("query", "doctor")
-NO_SET = ("preset", "query", "doctor", "import")
+NO_SET = ("preset", "query", "doctor", "import", "spread")
 NO_QUIET = ("export", "import", "metrics", "report", "preset", "query", "doctor", "params")
 EXAMPLES: dict[str, tuple[str, ...]] = {
     "prepare": ("esolm prepare", "esolm prepare --set data.length=32 --set data.tokenizer=bpe:1024"),
@@ -331,6 +351,8 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "export": ("esolm export --variant eso_b_a025", "esolm export --variant mdlm --out /tmp/mdlm"),
     "import": ("esolm import hf:sahoo-diffusion/Eso-LM-B-alpha-0_25 --variant eso_b_owt",),
     "metrics": ("esolm metrics",),
+    "spread": ("esolm spread", "esolm spread --seeds 0 1 2 3 4",
+               "esolm spread --quiet && git add reports/seeds.json"),
     "report": ("esolm report", "esolm report --label baseline --db /tmp/results.duckdb"),
     "preset": ("esolm preset cpu-study", "esolm preset tiny-cpu"),
     "query": ("esolm query --tables", "esolm query --schema sampling",
@@ -433,6 +455,10 @@ def parser() -> argparse.ArgumentParser:
         if name == "report":
             s.add_argument("--label", default="pipeline", help="a label stored with the run")
             s.add_argument("--run-id", default=None, help="run id (default: git revision + params hash)")
+        if name == "spread":
+            s.add_argument("--seeds", type=int, nargs="+", default=None, metavar="N",
+                           help="train.seed values (default: params.yaml's train.seed and the next two; "
+                                "seeds already run at this commit and params are reused)")
         if name == "preset":
             s.add_argument("name", help="a name under `presets:` in the params file, e.g. cpu-study")
         if name == "query":

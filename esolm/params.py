@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -305,3 +307,8 @@ def _typed(name: str, annotation: str, value: Any) -> Any:
     if "str" in kinds and number:
         return str(value)  # e.g. precision: 32
     raise ValueError(f"{name}={value!r} is not a {annotation}: write a plain {kinds[0]} value")
+
+
+def params_hash(params: dict) -> str:
+    """sha256 of the params as sorted JSON: the second half of a run id (``store.run_id``)."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()

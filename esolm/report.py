@@ -40,6 +40,7 @@ from esolm.report_results import (
     recipe_line,
     results_table,
     runs_table,
+    seed_spread,
     settings_line,
     table1_rows,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "recipe_line",
     "results_table",
     "runs_table",
+    "seed_spread",
     "settings_line",
     "table1_rows",
     "write_report",
@@ -98,9 +100,11 @@ def write_table1(db: Path, rid: str, path: Path) -> int:
     return len(rows)
 
 
-def _tables(db: Path, rid: str) -> list[tuple[str, list, list[tuple]]]:
-    """The report's tables after the headline: (title, columns, rows)."""
-    return [("Which of the paper's orderings hold here (test split; margin = gap in nats over its "
+def _tables(db: Path, rid: str) -> list[tuple]:
+    """The report's tables after the headline: (title, columns, rows[, a sentence under the title])."""
+    spread = seed_spread(db, rid)
+    return [*([spread] if spread else []),
+            ("Which of the paper's orderings hold here (test split; margin = gap in nats over its "
              "standard error)", *orderings(db, rid)),
             ("The paper's Table 1 (test perplexity on LM1B and OpenWebText: the paper's numbers, not ours)",
              *PAPER_TABLE1),
@@ -110,7 +114,8 @@ def _tables(db: Path, rid: str) -> list[tuple[str, list, list[tuple]]]:
 def _markdown(rid: str, cols: list[str], rows: list[tuple], figs: list, samples: list, judged: str,
               tables: list, out: Path) -> str:
     md = [f"# esolm report\n\nRun `{rid}`. {INTRO} {judged}\n", markdown_table(cols, rows), ""]
-    md += [f"## {title}\n\n{markdown_table(c, r)}\n" for title, c, r in tables]
+    md += [f"## {t[0]}\n\n" + "".join(f"{note}\n\n" for note in t[3:]) + f"{markdown_table(t[1], t[2])}\n"
+           for t in tables]
     md += [f"## {title}\n\n![{title}]({p.relative_to(out).as_posix()})\n" for title, p in figs]
     md += ["## Samples\n"] + [f"**{v}** #{i}\n\n> {t}\n" for v, i, t in samples]
     return "\n".join(md)
@@ -147,7 +152,8 @@ STYLE = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}.wide{overf
 def _html(rid: str, cols: list[str], rows: list[tuple], figs: list, samples: list, judged: str = "",
           tables: list | None = None) -> str:
     esc = html.escape
-    extra = "".join(f"<h2>{esc(t)}</h2>{_table_html(c, r)}" for t, c, r in tables or [])
+    extra = "".join(f"<h2>{esc(t[0])}</h2>" + "".join(f"<p>{esc(note)}</p>" for note in t[3:])
+                    + _table_html(t[1], t[2]) for t in tables or [])
     images = "".join(f"<h2>{esc(t)}</h2><img alt='{esc(t)}' src='data:image/png;base64,"
                      f"{base64.b64encode(p.read_bytes()).decode()}'>" for t, p in figs)
     texts = "".join(f"<h3>{esc(v)} #{i}</h3><blockquote>{esc(t)}</blockquote>" for v, i, t in samples)

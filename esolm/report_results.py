@@ -272,3 +272,49 @@ def settings_line(db: Path, rid: str) -> str:
     if unrecorded:
         out.append(f"Training settings not recorded (train.json before 2026-12): {', '.join(unrecorded)}.")
     return " ".join(out)
+
+
+SEEDS_SQL = """
+SELECT s.variant, s.seed, s.exact_ppl, s.nelbo_ppl, s.revision, s.same_params, s.command, s.finished, s.machine,
+       max(CASE WHEN l.metric = 'exact_l2r_ppl' THEN l.value END) AS this_run
+FROM seed_runs s
+LEFT JOIN likelihood l ON l.run_id = s.run_id AND l.variant = s.variant AND l.split = 'test'
+WHERE s.run_id = ?
+GROUP BY ALL ORDER BY s.variant, s.seed
+"""
+SEED_HEADERS = ["variant", "this run", "seeds", "exact PPL, mean ± s.d.", "min - max", "NELBO PPL, mean ± s.d."]
+
+
+def _mean_sd(values: list[float]) -> str:
+    import statistics
+
+    if not values:
+        return "-"
+    sd = f" ± {_fmt(statistics.stdev(values))}" if len(values) > 1 else ""
+    return f"{_fmt(statistics.fmean(values))}{sd}"
+
+
+def seed_spread(db: Path, rid: str) -> tuple[str, list[str], list[tuple], str] | None:
+    """The spread of each variant's test exact perplexity (left to right) and NELBO perplexity
+    across training seeds (table seed_runs, from ``esolm spread``'s reports/seeds.json), beside
+    this run's number: (title, columns, rows, the sentence that says where and when it was
+    measured); None when the run has no spread."""
+    _, rows = query(SEEDS_SQL, db, [rid])
+    if not rows:
+        return None
+    by_variant: dict[str, list[tuple]] = {}
+    for row in rows:
+        by_variant.setdefault(row[0], []).append(row)
+    table = []
+    for variant, got in by_variant.items():
+        exact = [r[2] for r in got if r[2] is not None]
+        nelbo = [r[3] for r in got if r[3] is not None]
+        table.append((variant, _fmt(got[0][9]), ", ".join(str(r[1]) for r in got), _mean_sd(exact),
+                      f"{_fmt(min(exact))} - {_fmt(max(exact))}" if exact else "-", _mean_sd(nelbo)))
+    _, _, _, _, revision, same, command, finished, machine, _ = rows[0]
+    params = ("with this run's params (train.seed aside)" if same else
+              "with other params than this run's: the spread shows the size of seed effects, not this run's numbers")
+    caption = (f"Across training seeds: every variant retrained and evaluated per seed (`{command}` at revision "
+               f"`{str(revision)[:10]}`, {finished}, {machine}), {params}. At this size the seed moves a "
+               "perplexity more than its standard error over test tokens: read a single run's digits with this.")
+    return "Across training seeds (test split, perplexity)", SEED_HEADERS, table, caption

@@ -88,7 +88,7 @@ class Spread:
     @classmethod
     def from_json(cls, values: dict, where: str = str(SPREAD_FILE)) -> Spread:
         if not isinstance(values, dict) or not isinstance(values.get("rows"), list):
-            raise ValueError(f"{where} holds no `rows` list: rerun `esolm spread` to write it again")
+            raise ValueError(f"{where} holds no `rows` list: rerun `esolm spread` to write it again")  # noqa: TRY004  (a damaged file, one line)
         known = set(cls.__dataclass_fields__) - {"rows"}
         try:
             rows = [SeedRow(**r) for r in values["rows"]]
@@ -135,7 +135,7 @@ def read_spread(path: Path = SPREAD_FILE) -> Spread | None:
 
 def seed_free_hash(params: dict) -> str:
     """The params hash a spread is keyed on: every setting but ``train.seed``."""
-    from esolm.store import params_hash
+    from esolm.params import params_hash
 
     trimmed = {**params, "train": {k: v for k, v in (params.get("train") or {}).items() if k != "seed"}}
     return params_hash(trimmed)
@@ -190,16 +190,14 @@ def _machine() -> str:
 def measure(params: dict, seeds: list[int], repo: Path = Path("."), progress: bool = True,
             command: str = "") -> Spread:
     """Run (or reuse) one experiment per seed and collect every variant's likelihood numbers."""
-    from esolm.store import git_revision
-
     if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
         raise ValueError(f"seeds={seeds!r}: give distinct seeds >= 0, e.g. --seeds 0 1 2")
+    if not (repo / "dvc.yaml").is_file():
+        raise ValueError(f"{repo.resolve()} holds no dvc.yaml: run esolm spread in an esolm checkout")
     if dirty := _dirty_inputs(repo):
         raise ValueError(f"uncommitted changes to {', '.join(dirty[:5])}: the spread is recorded against "
                          "a commit; commit them (or stash them) and run esolm spread again")
-    revision = git_revision(repo)
-    if revision == "nogit":
-        raise ValueError(f"{repo.resolve()} is not a git checkout: esolm spread runs DVC experiments")
+    revision = _run(["git", "rev-parse", "HEAD"], repo).strip()
     phash = seed_free_hash(params)
     variants = list(params.get("variants") or {})
     start = time.monotonic()

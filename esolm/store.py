@@ -7,7 +7,6 @@ finds the file locked by another writer retries with backoff instead of failing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import subprocess
@@ -20,6 +19,7 @@ import duckdb
 from esolm.config import renamed_family
 from esolm.families import FAMILIES
 from esolm.io import read_jsonl
+from esolm.params import params_hash
 from esolm.results import CurveResult, GenerationResult, LikelihoodResult
 from esolm.throughput import BENCH_CORE, read_bench
 
@@ -82,23 +82,25 @@ CREATE TABLE IF NOT EXISTS search_points (
     run_id VARCHAR, variant VARCHAR, kind VARCHAR, point BIGINT, trial BIGINT, steps BIGINT,
     seconds DOUBLE, gen_ppl DOUBLE, nfe DOUBLE, entropy DOUBLE, feasible BOOLEAN,
     PRIMARY KEY (run_id, kind, point));
+CREATE TABLE IF NOT EXISTS seed_runs (
+    run_id VARCHAR, variant VARCHAR, seed BIGINT, exact_ppl DOUBLE, nelbo_ppl DOUBLE,
+    experiment VARCHAR, revision VARCHAR, params_hash VARCHAR, same_params BOOLEAN, command VARCHAR,
+    finished VARCHAR, machine VARCHAR, PRIMARY KEY (run_id, variant, seed));
 """
 # What the report reads and no stage table above holds, so that it reads the database only:
 # variants.init / mask_warmup_* (runs/<variant>/train.json: how a contestant was trained; NULL
 # when train.json did not record it), judges (runs/<judge>/likelihood.json: the judge's own
 # likelihood, long format as in likelihood) and search_points (reports/search/pareto.json: kind
 # 'front' = the searched schedule's Pareto front in its order, trial = its search trial; kind
-# 'default' = the default schedule over the grid of T, steps = its T).
+# 'default' = the default schedule over the grid of T, steps = its T), seed_runs
+# (reports/seeds.json, written by `esolm spread`: every variant retrained under other training
+# seeds at ``revision``; same_params: that revision's params equal this run's but for train.seed).
 
 # bench columns added later (older bench.json files lack them: NULL)
 BENCH_EXTRA = ("median_cpu_s", "d_model", "n_layers", "vocab_size", "dtype", "kv_cache_bytes",
                "peak_mem_bytes", "extrapolated_from_nfe", "step_mode")
 TABLES = ("runs", "variants", "training", "likelihood", "sampling", "curves", "generations", "throughput",
-          "search_trials", "judges", "search_points")
-
-
-def params_hash(params: dict) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+          "search_trials", "judges", "search_points", "seed_runs")
 
 
 def git_revision(cwd: str | Path = ".") -> str:
@@ -268,6 +270,7 @@ def ingest(params: dict, runs_dir: Path = Path("runs"), reports: Path = Path("re
         for table, rows in _baseline_rows(rid, params).items():
             counts[table] += _replace(con, table, {"run_id": rid, "variant": "unigram"}, rows)
         counts.update(_ingest_reports(con, rid, reports))
+        counts["seed_runs"] = _replace(con, "seed_runs", {"run_id": rid}, _seed_rows(rid, params, reports))
         con.execute("COMMIT")
     except Exception:
         con.execute("ROLLBACK")
@@ -295,6 +298,20 @@ def _ingest_reports(con: duckdb.DuckDBPyConnection, rid: str, reports: Path) -> 
         out["search_points"] = _replace(con, "search_points", {"run_id": rid},
                                         _search_points(rid, read_front(pareto.parent).to_json()))
     return out
+
+
+def _seed_rows(rid: str, params: dict, reports: Path) -> list[dict]:
+    """reports/seeds.json (``esolm spread``) as rows of this run; none when the file is absent."""
+    from esolm.spread import read_spread, seed_free_hash  # the one reader of the file
+
+    spread = read_spread(reports / "seeds.json")
+    if spread is None:
+        return []
+    same = spread.params_hash == seed_free_hash(params)
+    return [{"run_id": rid, "variant": r.variant, "seed": r.seed, "exact_ppl": r.exact_ppl,
+             "nelbo_ppl": r.nelbo_ppl, "experiment": r.experiment, "revision": spread.revision,
+             "params_hash": spread.params_hash, "same_params": same, "command": spread.command,
+             "finished": spread.finished, "machine": spread.machine} for r in spread.rows]
 
 
 def _search_points(rid: str, pareto: dict) -> list[dict]:

@@ -7,7 +7,7 @@ OFFLINE := DVC_NO_ANALYTICS=1 HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 \
            PREFECT_SERVER_ANALYTICS_ENABLED=false MPLBACKEND=Agg \
            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
 
-.PHONY: setup run reference test test-all clean
+.PHONY: setup run reference plots test test-all clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,18 @@ reference: setup
 	  echo "- machine: $$(nproc) CPU cores, $$(uname -sm), torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	  echo "- finished: $$(date -u +%Y-%m-%dT%H:%MZ)"; } > reports/reference/RUN.md
 	@cat reports/reference/RUN.md
+
+# `dvc plots show` as a page that draws offline: the vega bundles pinned (sha512) in
+# web/package-lock.json, installed without scripts, inlined into the template (esolm/plots_html.py).
+PLOTS_TEMPLATE := .dvc/tmp/plots-offline.html
+plots: setup web/node_modules/.package-lock.json
+	$(OFFLINE) $(PY) -m esolm.plots_html --out $(PLOTS_TEMPLATE)
+	$(OFFLINE) $(VENV)/bin/dvc plots show --html-template $(PLOTS_TEMPLATE) -o reports/plots
+	@echo "plots (no network needed): reports/plots/index.html"
+
+web/node_modules/.package-lock.json: web/package.json web/package-lock.json
+	cd web && npm ci --ignore-scripts --omit=optional --no-audit --no-fund
+	touch $@
 
 test: setup
 	$(OFFLINE) $(PY) -m pytest -q

@@ -43,6 +43,7 @@ from esolm.report_results import (
     seed_spread,
     settings_line,
     table1_rows,
+    timing_line,
 )
 from esolm.store import DEFAULT_DB, query
 
@@ -74,6 +75,7 @@ __all__ = [
     "seed_spread",
     "settings_line",
     "table1_rows",
+    "timing_line",
     "write_report",
     "write_table1",
 ]
@@ -128,7 +130,8 @@ def write_report(db: Path = DEFAULT_DB, rid: str = "", out: Path = Path("reports
     figs = [(title, out / "figures" / name) for title, name, fn in FIGURES if fn(db, rid, out / "figures" / name)]
     _, samples = query("SELECT variant, sample_index, text FROM generations WHERE run_id = ? AND sample_index < ? "
                        "ORDER BY variant, sample_index", db, [rid, n_samples])
-    judged = " ".join(filter(None, (judge_line(db, rid), recipe_line(db, rid), settings_line(db, rid))))
+    judged = " ".join(filter(None, (judge_line(db, rid), timing_line(db, rid), recipe_line(db, rid),
+                                    settings_line(db, rid))))
     shown_cols, shown = display(cols, rows)
     tables = _tables(db, rid)
     write_text_atomic(out / "report.md", _markdown(rid, shown_cols, shown, figs, samples, judged, tables, out))

@@ -318,3 +318,24 @@ def seed_spread(db: Path, rid: str) -> tuple[str, list[str], list[tuple], str] |
                f"`{str(revision)[:10]}`, {finished}, {machine}), {params}. At this size the seed moves a "
                "perplexity more than its standard error over test tokens: read a single run's digits with this.")
     return "Across training seeds (test split, perplexity)", SEED_HEADERS, table, caption
+
+
+
+def timing_line(db: Path, rid: str) -> str:
+    """What the s/sample column is: one timed generation per variant, and how loaded the
+    machine was while it ran (the 1-minute load average each sample stage recorded) when known."""
+    _, rows = query("SELECT count(*), min(num_samples), max(num_samples), min(load_avg), max(load_avg), "
+                    "max(cpus) FROM sampling WHERE run_id = ?", db, [rid])
+    n, lo_n, hi_n, lo_load, hi_load, cpus = rows[0]
+    if not n:
+        return ""
+    samples = f"{lo_n}" if lo_n == hi_n else f"{lo_n}-{hi_n}"
+    line = (f"s/sample: one timed generation of {samples} samples per variant, not a benchmark (the speed "
+            "table's medians over repeats are)")
+    if hi_load is None:
+        return line + "; the machine's load was not recorded."
+    load = f"{lo_load:.1f}" if round(lo_load, 1) == round(hi_load, 1) else f"{lo_load:.1f}-{hi_load:.1f}"
+    shared = (f": above {cpus} cores, other processes shared the machine, so these times are slower than "
+              "an idle machine's" if cpus and hi_load > cpus else "")
+    return line + f"; the machine's 1-minute load average after sampling was {load}" + \
+        (f" on {cpus} cores" if cpus else "") + shared + "."

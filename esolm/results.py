@@ -12,7 +12,7 @@ what ``to_json`` gives, the same files as before these classes existed.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -52,12 +52,12 @@ def _read(path: Path, stage: str = "") -> dict:
 
 def _plain(cls: type[T], values: dict, where: str) -> T:
     """An instance of the flat dataclass ``cls`` from ``values``; a missing field is an error
-    naming it and the file."""
-    names = [f.name for f in fields(cls)]
-    missing = [n for n in names if n not in values]
+    naming it and the file, unless it has a default (a field added later: older files lack it)."""
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [n for n in required if n not in values]
     if missing:
         raise ValueError(f"{where} lacks {missing}; rerun its stage")
-    return cls(**{n: values[n] for n in names})
+    return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
 
 class _RunFile:
@@ -143,6 +143,11 @@ class GenerationResult(_RunFile):
     """The sampling settings that ran (``Generation.settings``)."""
     num_samples: int
     """Samples drawn."""
+    load_avg: float | None = None
+    """The machine's 1-minute load average right after sampling and judging (None where the
+    system does not tell): above ``cpus``, other processes shared the CPUs while it was timed."""
+    cpus: int | None = None
+    """CPU cores of the machine (``os.cpu_count()``), to read ``load_avg`` against."""
 
     FILE = "generation.json"
     STAGE = "sample"

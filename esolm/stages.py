@@ -7,6 +7,7 @@ library, and writes its outputs (one writer per file, atomic). No tensors cross 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -266,6 +267,14 @@ def judged_samples(model, tok, judge, settings: ScheduleSettings, num_samples: i
             "entropy": sum(entropies) / len(entropies), "scores": judge.score(texts)}
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the system has none): what else shared the CPUs."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def sample_stage(params: dict, name: str, progress: bool, out: Path | None = None) -> dict:
     """Sample ``name`` with the ``sample:`` settings and judge the samples. The files
     (``samples.jsonl``, ``generation.json``) are written only to ``out``; the variant's run folder
@@ -286,7 +295,7 @@ def sample_stage(params: dict, name: str, progress: bool, out: Path | None = Non
         variant=name, family=model.config.family, nfe=g.nfe, seconds=g.seconds,
         seconds_per_sample=g.seconds / sc.num_samples, tokens_per_s=g.tokens.numel() / g.seconds,
         kv_cache=g.kv_cache, gen_ppl=scores["gen_ppl"], entropy=r["entropy"], judge=judge.name,
-        schedule=settings, num_samples=sc.num_samples)
+        schedule=settings, num_samples=sc.num_samples, load_avg=load_average(), cpus=os.cpu_count())
     if out is not None:
         write_text_atomic(out / "samples.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
         result.write(out)

@@ -82,6 +82,8 @@ CREATE TABLE IF NOT EXISTS search_points (
     run_id VARCHAR, variant VARCHAR, kind VARCHAR, point BIGINT, trial BIGINT, steps BIGINT,
     seconds DOUBLE, gen_ppl DOUBLE, nfe DOUBLE, entropy DOUBLE, feasible BOOLEAN,
     PRIMARY KEY (run_id, kind, point));
+ALTER TABLE sampling ADD COLUMN IF NOT EXISTS load_avg DOUBLE;
+ALTER TABLE sampling ADD COLUMN IF NOT EXISTS cpus BIGINT;
 CREATE TABLE IF NOT EXISTS seed_runs (
     run_id VARCHAR, variant VARCHAR, seed BIGINT, exact_ppl DOUBLE, nelbo_ppl DOUBLE,
     experiment VARCHAR, revision VARCHAR, params_hash VARCHAR, same_params BOOLEAN, command VARCHAR,
@@ -203,7 +205,7 @@ def _variant_rows(rid: str, name: str, run: Path) -> dict[str, list[dict]]:
                             "seconds": g.seconds, "seconds_per_sample": g.seconds_per_sample,
                             "tokens_per_s": g.tokens_per_s, "gen_ppl": g.gen_ppl,
                             "entropy": g.entropy, "judge": g.judge, "num_samples": g.num_samples,
-                            "schedule": json.dumps(g.schedule)}]
+                            "schedule": json.dumps(g.schedule), "load_avg": g.load_avg, "cpus": g.cpus}]
     if (run / CurveResult.FILE).exists():
         c = CurveResult.read(run)
         out["curves"] = [{"run_id": rid, "variant": name, "family": c.family, "alpha_0": c.alpha_0,

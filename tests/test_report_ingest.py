@@ -112,7 +112,9 @@ def test_the_report_renders_from_the_database_alone(project, monkeypatch):
     monkeypatch.setattr(report_figures, "_save", save)
     out = write_report(db, "r", project / "out")
     md = (project / "out" / "report.md").read_text()
-    assert f"{JUDGED} {RECIPE}" in md and "a sample of eso" in md
+    timing = ("s/sample: one timed generation of 2 samples per variant, not a benchmark (the speed table's "
+              "medians over repeats are); the machine's load was not recorded.")  # older generation.json
+    assert f"{JUDGED} {timing} {RECIPE}" in md and "a sample of eso" in md
     assert {Path(f).name for f in out["figures"]} >= {"pareto.png", "search_pareto.png", "speed_quality.png"}
     assert all((project / "out" / "figures" / name).exists() for name in ("pareto.png", "search_pareto.png"))
     lines = {line.get_label(): line for ax in figs["pareto.png"].axes for line in ax.get_lines()}
@@ -171,3 +173,23 @@ def test_the_report_runs_no_model_or_sampling_code():
     loaded = out.stdout.split()  # what importing the verb's modules runs, beside the static follower
     assert "esolm.report_figures" in loaded and not [m for m in loaded if m.startswith(
         ("esolm.model", "esolm.sampling", "esolm.training", "esolm.objectives", "esolm.bench"))], loaded
+
+
+def test_the_report_says_how_loaded_the_machine_was_while_sampling(project):
+    from esolm.report_results import timing_line
+    from esolm.results import GenerationResult
+    from esolm.store import ingest
+
+    for name, load in (("eso", 1.2), ("mdlm", 3.46)):
+        g = GenerationResult.read(project / "runs" / name)
+        g.load_avg, g.cpus = load, 2
+        g.write(project / "runs" / name)
+    db = project / "reports" / "results.duckdb"
+    ingest(PARAMS, project / "runs", project / "reports", db, rid="r")
+    assert timing_line(db, "r").endswith("the machine's 1-minute load average after sampling was 1.2-3.5 on 2 "
+                                         "cores: above 2 cores, other processes shared the machine, so these "
+                                         "times are slower than an idle machine's.")
+    g.load_avg = 0.8
+    g.write(project / "runs" / "mdlm")
+    ingest(PARAMS, project / "runs", project / "reports", db, rid="r")
+    assert timing_line(db, "r").endswith("was 0.8-1.2 on 2 cores.")

@@ -8,7 +8,8 @@ flow run waits its turn instead of failing), and every DVC task carries the tag 
 a time. Each stage's task is tagged ``stage:<name>`` as well, and every task run is named after
 what it does (``repro train``, ``dvc push``, ``exp run lr3``), not ``repro_stage-0d6``.
 
-The flows call these tasks in a worktree of their own at a pinned commit (``tasks/workspace.py``);
+The flows call these tasks in a worktree of their own at a pinned commit (``tasks/workspace.py``),
+into which ``checkout_outputs`` brings the DVC outputs a command reads from the shared cache;
 a command run in a folder holding an ``esolm`` package imports that package (``PYTHONPATH``), so
 the pinned code runs, not the code of whichever checkout the worker started from.
 """
@@ -80,6 +81,16 @@ def _error_line(stderr: str) -> str | None:
     return said[-1].strip() if said else None
 
 
+def _warn(message: str) -> None:
+    """A warning to the task or flow run's log when there is one, else to stderr."""
+    try:
+        from prefect.logging import get_run_logger
+
+        get_run_logger().warning(message)
+    except Exception:  # no run context (a plain call, a test)
+        print(message, file=sys.stderr)
+
+
 def run_command(args: list[str], repo: str) -> str:
     """Run a command in ``repo`` with the venv's bin first on PATH; on failure raise its one
     error line (esolm's or DVC's), or its output when it said none."""
@@ -90,6 +101,9 @@ def run_command(args: list[str], repo: str) -> str:
     if not Path(repo).is_dir():
         check_checkout(repo)  # one line naming it
     proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, check=False)
+    for line in proc.stderr.splitlines():  # esolm's warnings reach the run's log, not only its stderr
+        if re.match(r"esolm [a-z-]+: warning: ", line):
+            _warn(line.strip())
     if proc.returncode:
         command = " ".join([Path(args[0]).name, *args[1:]])
         if (line := _error_line(proc.stderr)) is not None:
@@ -196,7 +210,105 @@ def _sets(sets: list[str]) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
-@task(tags=["search"], task_run_name="search: queue trials")
+def search_inputs(repo: str, sets: list[str]) -> dict:
+    """What `esolm search` reads in ``repo`` (a worktree), with the overrides ``sets``: ``needs``,
+    the DVC outputs it opens ({path: the stage that writes it}: the contestant's and the judge's
+    model files, and the prepared validation split the relative entropy floor is measured on),
+    ``out_dir`` and ``storage`` (search.storage as written: "" for the default file)."""
+    from esolm.config import SampleConfig
+    from esolm.params import build, load_params, section
+    from esolm.search.config import SearchConfig
+
+    params = load_params(Path(repo) / "params.yaml", sets)
+    sc = build(SearchConfig, {k: v for k, v in section(params, "search").items() if k != "device"}, "search")
+    judge = build(SampleConfig, dict(section(params, "sample")), "sample").judge
+    needs: dict[str, str | None] = {f"runs/{sc.variant}/model.ckpt": f"train@{sc.variant}"}
+    if not judge.startswith("hf:"):  # a hub judge is no file of the pipeline
+        own = (params.get("judge") or {}).get("name", "judge")  # the judge stage's model
+        needs[f"runs/{judge}/model.ckpt"] = "judge" if judge == own else None
+    data = section(params, "data")
+    folder = Path(str(data["out_dir"])) / str(data["dataset"])
+    if sc.entropy_floor <= 0 and not folder.is_absolute():  # read by stages._search_setup
+        needs.update({f"{folder.as_posix()}/meta.json": "prepare", f"{folder.as_posix()}/valid.bin": "prepare"})
+    return {"needs": needs, "out_dir": sc.out_dir, "storage": sc.storage, "variant": sc.variant}
+
+
+def default_study_storage(repo: str, out_dir: str) -> str:
+    """The study file the search stage uses by default (``<out_dir>-study.db``) in the checkout
+    ``repo``, as an absolute ``sqlite:///`` URL: a flow's worktree is removed, its study is not."""
+    from esolm.search.config import SearchConfig
+    from esolm.search.storage import storage_url
+
+    return storage_url(SearchConfig(out_dir=str(Path(repo).resolve() / out_dir)))
+
+
+def _recorded(repo: str) -> list[str]:
+    """The output paths ``dvc.lock`` of ``repo`` records."""
+    import yaml
+
+    lock = Path(repo) / "dvc.lock"
+    stages = ((yaml.safe_load(lock.read_text()) or {}).get("stages") or {}) if lock.is_file() else {}
+    return [o["path"] for entry in stages.values() for o in entry.get("outs") or []]
+
+
+def _missing_outputs(repo: str, missing: list[str], needs: dict, commit: str) -> str:
+    """One line: which outputs of ``commit`` neither the lock, the cache nor the remote provides,
+    and the stages to run."""
+    recorded = _recorded(repo)
+    unrecorded = [p for p in missing if not any(p == o or p.startswith(o.rstrip("/") + "/") for o in recorded)]
+    uncached = [p for p in missing if p not in unrecorded]
+    remote = "the DVC remote" if run_command(dvc("remote", "list"), repo).strip() else \
+        "a DVC remote (none is configured)"
+    why = ([f"dvc.lock of commit {commit[:12]} records no {', '.join(unrecorded)}"] if unrecorded else []) + \
+        ([f"{', '.join(uncached)} of commit {commit[:12]} {'is' if len(uncached) == 1 else 'are'} in neither "
+          f"the DVC cache nor {remote}"] if uncached else [])
+    stages = list(dict.fromkeys(needs[p] for p in missing))
+    stages = " ".join(s for s in stages if s != "prepare" or len(stages) == 1)  # the trainings depend on it
+    return (f"the schedule search's inputs are missing: {'; '.join(why)}: run `dvc repro {stages}` "
+            "in the checkout and commit dvc.lock (and `dvc push`, for other machines), then run the flow again")
+
+
+def _dvc_each(verb: str, paths: list[str], repo: str) -> str | None:
+    """`dvc VERB --allow-missing PATHS`; when DVC fails (e.g. the cache lost a directory's
+    listing, the remote cannot be reached), each path alone, so that one broken output keeps none
+    of the others out. Returns DVC's last error line, if any."""
+    errors = []
+    for group in ([paths], [[p] for p in paths]):
+        errors = []
+        for targets in group:
+            try:
+                run_command(dvc(verb, "--allow-missing", *targets), repo)
+            except RuntimeError as err:
+                errors.append(" ".join(str(err).split()))
+        if not errors:
+            return None
+        print(errors[-1])
+    return errors[-1]
+
+
+@task(log_prints=True, tags=[DVC_TAG], task_run_name="dvc checkout search inputs")
+def checkout_outputs(repo: str, needs: dict[str, str | None], commit: str) -> list[str]:
+    """The DVC outputs ``needs`` ({path: its stage}) of the worktree ``repo`` (at ``commit``) from
+    the shared cache (`dvc checkout`), else from the DVC remote (`dvc pull --allow-missing`);
+    what neither holds is one line naming the stages to run. Returns the paths."""
+    orphans = [p for p, stage in needs.items() if stage is None]
+    if orphans:
+        raise ValueError(f"{orphans[0]} (sample.judge) is the output of no stage of dvc.yaml, so no worktree "
+                         "holds it: set sample.judge to the judge stage's model (judge.name) or hf:<model>")
+    paths, said = list(needs), None
+    for verb in ("checkout", "pull"):
+        missing = [p for p in paths if not (Path(repo) / p).exists()]
+        if missing:
+            said = _dvc_each(verb, missing, repo)
+    missing = [p for p in paths if not (Path(repo) / p).exists()]
+    if missing:
+        pulled = f" (the pull said: {said[-300:]})" if said and "pull" in said else ""
+        raise RuntimeError(_missing_outputs(repo, missing, needs, commit) + pulled)
+    print(f"checked out {', '.join(paths)}")
+    return paths
+
+
+@task(tags=["search"], log_prints=True, task_run_name="search: queue trials")
 def queue_trials(repo: str, n_trials: int | None, sets: list[str]) -> int:
     """`esolm search --only queue`: queue the trials missing from the study up to ``n_trials``."""
     extra = [f"search.n_trials={n_trials}"] if n_trials else []
@@ -204,14 +316,23 @@ def queue_trials(repo: str, n_trials: int | None, sets: list[str]) -> int:
     return int(re.search(r"queued (\d+) trials", out).group(1))
 
 
-@task(tags=["search"], task_run_name="search: worker")
+@task(tags=["search"], log_prints=True, task_run_name="search: worker")
 def join_search(repo: str, sets: list[str]) -> int:
     """`esolm search --only join`: one worker process that runs queued trials until none is left."""
     out = run_command([_bin("esolm"), "search", "--only", "join", "--quiet", *_sets(sets)], repo)
     return int(re.search(r"ran (\d+) queued trials", out).group(1))
 
 
-@task(tags=["search"], task_run_name="search: outputs")
+@task(tags=["search"], log_prints=True, task_run_name="search: outputs")
 def search_outputs(repo: str, sets: list[str]) -> str:
     """`esolm search --only outputs`: trials.parquet, pareto.json, best.json from the whole study."""
     return run_command([_bin("esolm"), "search", "--only", "outputs", "--quiet", *_sets(sets)], repo).strip()
+
+
+@task(task_run_name="search: results")
+def search_results(repo: str, out_dir: str) -> dict:
+    """``best.json`` and ``pareto.json`` of the search's outputs under ``repo``, as written."""
+    import json
+
+    folder = Path(repo) / out_dir
+    return {name: json.loads((folder / f"{name}.json").read_text()) for name in ("best", "pareto")}

@@ -14,8 +14,10 @@ worktree for debugging; the log names it and the command that removes it.
   again by the next. Its ``.dvc/config.local`` (remote credentials, ...) is copied, and
   ``data/raw`` (the verified downloads, not a DVC output) is linked to the main checkout's.
 - **Nothing leaks back:** `dvc exp run -S` edits the worktree's ``params.yaml``; the main
-  checkout's files are never written (the results database is the one shared file, passed
-  explicitly with ``--db``).
+  checkout's files are never written (the shared files are passed explicitly: the results
+  database with ``--db``, the schedule search's study file with ``--set search.storage=``).
+- **Outputs a flow reads, not runs** (the schedule search's models and data) are checked out into
+  the worktree from the shared cache, else pulled (``tasks.stages.checkout_outputs``).
 
 Handing results back between machines (the ``gpu`` pool): ``commit_lock`` commits a worktree's
 ``dvc.lock`` on a branch and pushes it to a git remote; ``merge_lock`` fetches that branch and
@@ -69,8 +71,9 @@ def _dvc(repo: str | Path, *args: str) -> str:
 
 
 def dirty_files(repo: str | Path) -> list[str]:
-    """Tracked files of the checkout that differ from its HEAD (untracked files do not count)."""
-    return [line[3:] for line in git(repo, "status", "--porcelain", "--untracked-files=no").splitlines()]
+    """Tracked files of the checkout that differ from its HEAD, staged or not (untracked files do
+    not count)."""
+    return git(repo, "diff", "--name-only", "HEAD").splitlines()
 
 
 def resolve_revision(repo: str | Path, revision: str | None = None, remote: str | None = None) -> str:

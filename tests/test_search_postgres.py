@@ -1,5 +1,6 @@
 """The schedule search on a real PostgreSQL server (Debian's package, started by the test on a
-Unix socket in a temporary folder): two worker processes share one study (slow)."""
+Unix socket in a temporary folder): two worker processes share one study (slow); a password
+read from the environment (``${NAME}`` in search.storage) opens it and is never shown."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -32,9 +34,11 @@ def _as_postgres(args: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
 
 
-@pytest.fixture
-def postgres_url():
-    """Start a throwaway server on a Unix socket; yield its SQLAlchemy URL; stop and delete it."""
+@contextmanager
+def postgres_server(password: str | None = None):
+    """Start a throwaway server on a Unix socket (``password``: the user ``esolm`` needs it, by
+    SCRAM; else any local connection is trusted); yield its SQLAlchemy URL, which holds no
+    password; stop and delete it."""
     initdb, pg_ctl = _pg_tool("initdb"), _pg_tool("pg_ctl")
     if not (initdb and pg_ctl):
         pytest.skip("PostgreSQL server programs are not installed (apt-get install postgresql)")
@@ -44,10 +48,16 @@ def postgres_url():
     data, sock = home / "data", home / "sock"
     sock.mkdir()
     sock.chmod(0o777)
+    auth = ["--auth=trust"]
+    if password is not None:
+        (home / "pw").write_text(password)
+        auth = ["--auth=scram-sha-256", f"--pwfile={home / 'pw'}"]
     if os.geteuid() == 0:
         shutil.chown(home, "postgres")
         shutil.chown(sock, "postgres")
-    subprocess.run(_as_postgres([initdb, "-D", str(data), "-U", "esolm", "--auth=trust", "-E", "UTF8"]),
+        if password is not None:
+            shutil.chown(home / "pw", "postgres")
+    subprocess.run(_as_postgres([initdb, "-D", str(data), "-U", "esolm", *auth, "-E", "UTF8"]),
                    check=True, capture_output=True)
     port = "54329"
     options = f"-c listen_addresses='' -k {sock} -p {port}"
@@ -59,6 +69,12 @@ def postgres_url():
         subprocess.run(_as_postgres([pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"]), check=False,
                        capture_output=True)
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url():
+    with postgres_server() as url:
+        yield url
 
 
 def _esolm(repo: Path, *args: str) -> subprocess.Popen:
@@ -121,3 +137,27 @@ def test_a_worker_killed_mid_trial_on_postgresql_never_costs_a_live_trial(tmp_pa
     dead_and_live_workers(SearchConfig(n_trials=3, out_dir=str(tmp_path / "search"), storage=postgres_url,
                                        space={"steps": [2, 16], "alpha_0": [0.0, 1.0], "order": ["random", "block"],
                                               "top_p": [0.8, 1.0]}))
+
+
+@pytest.mark.slow  # a real PostgreSQL server (Debian's package), which CI does not install
+def test_a_password_from_the_environment_opens_the_server_and_is_never_shown(tmp_path, monkeypatch):
+    """search.storage holds ``${NAME}`` where the password goes (no PGPASSWORD, no ~/.pgpass): the
+    server is opened with the variable's value, percent-encoded (it holds @ : / { } %); a wrong one
+    is one line that shows neither password."""
+    from esolm.search import SearchConfig, objective_for, open_study, run_study
+    from tests.test_search import _toy
+
+    secret = "s3cr@t:/{x}%"
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "none"))
+    with postgres_server(password=secret) as url:
+        storage = url.replace("esolm@", "esolm:${ESOLM_TEST_DB_PASSWORD}@")
+        sc = SearchConfig(n_trials=2, out_dir=str(tmp_path / "search"), storage=storage, space={"steps": [2, 16]})
+        monkeypatch.setenv("ESOLM_TEST_DB_PASSWORD", secret)
+        assert run_study(open_study(sc, "pw"), objective_for(_toy, sc.space, "eso_b", 0.0), 2) == 2
+        monkeypatch.setenv("ESOLM_TEST_DB_PASSWORD", "wrong-" + secret)
+        with pytest.raises(ValueError) as err:
+            open_study(sc, "pw")
+    line = str(err.value)
+    assert "\n" not in line and "search.storage='postgresql+psycopg://esolm:***@/postgres?host=" in line
+    assert "password authentication failed" in line and "s3cr" not in line and "%40" not in line

@@ -57,7 +57,8 @@ class SearchConfig:
     storage: str = ""
     """Optuna storage URL (sqlite:///..., postgresql+psycopg://..., mysql+pymysql://...) or
     journal:PATH; "": SQLite ``<out_dir>-study.db`` beside the outputs (not one of them: the
-    outputs are a snapshot of the study, study.db, which DVC caches)."""
+    outputs are a snapshot of the study, study.db, which DVC caches). ``${NAME}`` in it is read
+    from the environment when the storage is opened (a password or host kept out of params.yaml)."""
     heartbeat_interval: int = 10
     """Seconds between a running trial's heartbeats in an RDB storage (SQLite, PostgreSQL, MySQL;
     a journal file has none): a trial whose worker died is failed and re-queued once its last
@@ -83,14 +84,30 @@ class SearchConfig:
 
 
 STORAGE_FORMS = ("sqlite:///PATH, journal:PATH, postgresql[+driver]://USER@HOST/DB or "
-                 "mysql[+driver]://USER@HOST/DB (\"\": SQLite <out_dir>-study.db)")
+                 "mysql[+driver]://USER@HOST/DB (\"\": SQLite <out_dir>-study.db; ${NAME}: from the environment)")
 _STORAGE = re.compile(r"(sqlite:///.+|journal:.+|(postgresql|mysql|mariadb|oracle|mssql)(\+\w+)?://.+)")
+_WHOLE_VARIABLE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
 
 
 def check_storage(url: str) -> None:
-    """``search.storage`` is "" or one of the forms Optuna opens (``STORAGE_FORMS``)."""
-    if url and not _STORAGE.fullmatch(url):
-        raise ValueError(f"search.storage={url!r} is not a storage URL: use {STORAGE_FORMS}")
+    """``search.storage`` is "" or one of the forms Optuna opens (``STORAGE_FORMS``), as written:
+    ``${NAME}`` parts stay unexpanded here (``storage.expand_url`` expands them when the storage
+    is opened, and checks a URL that is one variable as a whole then)."""
+    if url and not _STORAGE.fullmatch(url) and not _WHOLE_VARIABLE.fullmatch(url):
+        raise ValueError(f"search.storage={mask_url(url)!r} is not a storage URL: use {STORAGE_FORMS}")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password shown as ``***`` (``postgresql://user:***@host/db``): the form a
+    storage URL is printed, logged or put in an error in. A URL without one (SQLite, a journal
+    file, ``user@host``) is returned as it is."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or rest.startswith("/"):
+        return url
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 Evaluate = Callable[[dict], dict]  # schedule settings (a partial dict) -> {"gen_ppl", "seconds", "nfe", "entropy"}

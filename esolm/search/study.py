@@ -16,7 +16,8 @@ Workers run Optuna's own loop (``study.optimize``): each trial is asked for, run
 heartbeat, and told. Any number of workers, in any process or on any machine, share one study
 until it holds ``n_trials`` trials that count (``counts``: complete, running, waiting, or failed
 by their own error); a trial whose worker died (no heartbeat for ``grace_period``) is failed and
-queued again by Optuna (``fail_stale_trials``), and a live worker's trial is never touched. A
+queued again by Optuna (``fail_stale_trials``), and a live worker's trial is never touched (a
+journal storage has no heartbeats: its RUNNING trials are named on stderr, never failed). A
 trial that raises is recorded as failed and the study goes on. Two workers that ask at the very
 same moment for the last trial both get one: the later (higher number) is pruned at once with the
 user attribute ``surplus`` and left out of the rows, so the counted trials are exactly
@@ -39,7 +40,7 @@ import optuna
 
 from esolm.search.config import Evaluate, SearchConfig
 from esolm.search.results import TrialRow
-from esolm.search.storage import open_storage, storage_url
+from esolm.search.storage import note_running, open_storage, storage_url
 
 METRIC_NAMES = ["gen_ppl", "seconds_per_sample"]
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
@@ -138,7 +139,9 @@ def make_sampler(sc: SearchConfig) -> optuna.samplers.BaseSampler:
 def open_study(sc: SearchConfig, name: str, storage: optuna.storages.BaseStorage | None = None,
                scored: dict | None = None) -> optuna.Study:
     """Create or load study ``name`` in ``storage`` (default: ``search.storage``, with heartbeats)
-    with named objectives, and ``scored`` (``scoring``) as its user attribute ``scoring``."""
+    with named objectives, and ``scored`` (``scoring``) as its user attribute ``scoring``. On a
+    journal storage, RUNNING trials are named on stderr (``storage.note_running``), never failed."""
+    given = storage is not None
     storage = storage or open_storage(storage_url(sc), sc.heartbeat_interval, sc.grace_period)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -148,6 +151,7 @@ def open_study(sc: SearchConfig, name: str, storage: optuna.storages.BaseStorage
             study.set_metric_names(METRIC_NAMES)
     if scored is not None and study.user_attrs.get("scoring") != json.loads(json.dumps(scored, default=list)):
         study.set_user_attr("scoring", scored)
+    note_running(storage, study, "" if given else storage_url(sc))  # a journal file: RUNNING may be dead
     return study
 
 

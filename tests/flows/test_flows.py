@@ -204,31 +204,6 @@ def test_headline_markdown_reads_the_metrics_files_of_the_checkout(tmp_path):
     assert table.splitlines()[2] == "| ar | 12.5 | 13 | 40 | 0.01 |"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    from tests.conftest import trained_project
-
-    return trained_project(tmp_path_factory.mktemp("trained"))
-
-
-@pytest.mark.slow  # 4 esolm processes and a tiny training: about a minute on 2 idle cores
-def test_schedule_search_flow_runs_exactly_n_trials_across_its_workers(trained):
-    """The old flow asked 2 workers for 3 trials each and ran 9; now the study holds exactly n."""
-    import optuna
-
-    from flows.search import schedule_search
-
-    out = schedule_search(repo=str(trained), workers=2, n_trials=5)
-    assert out["queued"] == 5 and out["ran"] == 5
-    storage = f"sqlite:///{trained / 'reports/search-study.db'}"  # the study, beside the search's outputs
-    names = optuna.get_all_study_names(storage)
-    assert len(names) == 1 and names[0].startswith("schedule-eso_b_a05-")
-    study = optuna.load_study(study_name=names[0], storage=storage)
-    assert len(study.trials) == 5 and {t.state.name for t in study.trials} == {"COMPLETE"}
-    assert "5 trials (0 new)" in out["summary"]
-    assert (trained / "reports" / "search" / "pareto.json").exists()
-
-
 def test_prefect_yaml_is_the_one_way_to_deploy_and_matches_the_flows():
     """One place deploys nightly (flows/deploy.py is gone); every deployment's parameters, and
     those the pipeline sends to the gpu deployment, are parameters of its flow."""

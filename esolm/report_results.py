@@ -314,7 +314,7 @@ def seed_spread(db: Path, rid: str) -> tuple[str, list[str], list[tuple], str] |
     _, _, _, _, revision, same, command, finished, machine, _ = rows[0]
     params = ("with this run's params (train.seed aside)" if same else
               "with other params than this run's: the spread shows the size of seed effects, not this run's numbers")
-    caption = (f"Across training seeds: every variant retrained and evaluated per seed (`{command}` at revision "
+    caption = (f"Every variant retrained and evaluated once per training seed (`{command}` at revision "
                f"`{str(revision)[:10]}`, {finished}, {machine}), {params}. At this size the seed moves a "
                "perplexity more than its standard error over test tokens: read a single run's digits with this.")
     return "Across training seeds (test split, perplexity)", SEED_HEADERS, table, caption

@@ -147,6 +147,14 @@ def _table_html(cols: list, rows: list[tuple]) -> str:
     return f"<div class='wide'><table><tr>{head}</tr>{body}</table></div>"
 
 
+def _code_spans(text: str) -> str:
+    """Escaped text whose `backticked` spans are <code> (a sentence written for markdown)."""
+    parts = html.escape(text).split("`")
+    if len(parts) % 2 == 0:  # an unpaired backtick: keep the text as it is
+        return html.escape(text)
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
 STYLE = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}.wide{overflow-x:auto}"
          "table{border-collapse:collapse;font-size:.85em}"
          "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}img{max-width:100%}")
@@ -155,7 +163,7 @@ STYLE = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}.wide{overf
 def _html(rid: str, cols: list[str], rows: list[tuple], figs: list, samples: list, judged: str = "",
           tables: list | None = None) -> str:
     esc = html.escape
-    extra = "".join(f"<h2>{esc(t[0])}</h2>" + "".join(f"<p>{esc(note)}</p>" for note in t[3:])
+    extra = "".join(f"<h2>{esc(t[0])}</h2>" + "".join(f"<p>{_code_spans(note)}</p>" for note in t[3:])
                     + _table_html(t[1], t[2]) for t in tables or [])
     images = "".join(f"<h2>{esc(t)}</h2><img alt='{esc(t)}' src='data:image/png;base64,"
                      f"{base64.b64encode(p.read_bytes()).decode()}'>" for t, p in figs)

@@ -149,6 +149,7 @@ def test_the_report_shows_the_spread_beside_the_run_and_says_where_it_was_measur
     assert "with this run's params" in md
     html = (project / "reports" / "index.html").read_text()
     assert "Across training seeds" in html and "24 ± 4" in html
+    assert "<code>esolm spread --seeds 0 1 2</code> at revision <code>0123456789</code>" in html
     # another study's spread is labelled as such, never as this run's
     other = {**params, "train": {"seed": 0, "lr": 0.5}}
     ingest(other, project / "runs", project / "reports", db, rid="r2")

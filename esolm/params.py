@@ -312,3 +312,11 @@ def _typed(name: str, annotation: str, value: Any) -> Any:
 def params_hash(params: dict) -> str:
     """sha256 of the params as sorted JSON: the second half of a run id (``store.run_id``)."""
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+
+
+NOT_A_MODEL_SETTING = ("steps", "log_every", "val_every", "val_batches", "ckpt_every",
+                       # how the global batch is spread over processes: the same rows, draws and losses
+                       "devices", "num_nodes", "micro_batch_size", "strategy", "accelerator")
+"""``train:`` keys that do not change what a model is (raising ``steps`` continues a run;
+logging; the spread over devices): left out of the training fingerprint (``esolm.training``) and
+of the report's "trained with other settings" check (``esolm.report_results``)."""

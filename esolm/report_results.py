@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from esolm.families import AR, ESO_B, MDLM  # the paper's claims name these families
+from esolm.params import NOT_A_MODEL_SETTING
 from esolm.store import query
 
 RESULTS_TABLE_SQL = """
@@ -240,9 +241,6 @@ SETTINGS_SQL = """
 SELECT v.variant, v.settings, r.params FROM variants v JOIN runs r ON r.run_id = v.run_id
 WHERE v.run_id = ? AND v.family != 'unigram' ORDER BY v.variant
 """
-# train settings that do not change what a model is (raising ``steps`` continues a run; logging)
-NOT_A_SETTING = ("steps", "log_every", "val_every", "val_batches", "ckpt_every",  # as training.NOT_FINGERPRINTED
-                 "devices", "num_nodes", "micro_batch_size", "strategy", "accelerator")
 
 
 def settings_line(db: Path, rid: str) -> str:
@@ -263,7 +261,7 @@ def settings_line(db: Path, rid: str) -> str:
             continue  # the judge has its own train overrides
         wanted = run_params.get("train", {})
         diff = [f"train.{k}={trained[k]!r} (params.yaml: {wanted[k]!r})" for k in sorted(wanted)
-                if k in trained and k not in NOT_A_SETTING and trained[k] != wanted[k]]
+                if k in trained and k not in NOT_A_MODEL_SETTING and trained[k] != wanted[k]]
         if diff:
             notes.append(f"{variant} was trained with {', '.join(diff)}")
     out = []

@@ -29,15 +29,12 @@ from esolm.data.batches import Batches
 from esolm.io import job_key, job_lock, read_jsonl, safe_load, write_text_atomic
 from esolm.lit import AtomicCheckpointIO, JsonlLog, LitModel, MicroBatches, ProgressLines
 from esolm.objectives import training_objective
+from esolm.params import NOT_A_MODEL_SETTING
 from esolm.train_config import TrainConfig
 
 PROGRESS_EVERY_S = float(os.environ.get("ESOLM_PROGRESS_EVERY", "30"))
 """Seconds between progress lines when training runs without a terminal (``dvc repro`` into a log)."""
 CODE_ENTRY = "esolm.training:train"  # the fingerprint covers every file this can run (esolm.codedeps)
-# settings that do not change the training trajectory (raising ``steps`` continues a run)
-NOT_FINGERPRINTED = ("steps", "log_every", "val_every", "val_batches", "ckpt_every",
-                     # how the global batch is spread over processes: the same rows, draws and losses
-                     "devices", "num_nodes", "micro_batch_size", "strategy", "accelerator")
 
 
 def fingerprint(cfg: ModelConfig, tc: TrainConfig, data_dir: Path) -> str:
@@ -49,7 +46,7 @@ def fingerprint(cfg: ModelConfig, tc: TrainConfig, data_dir: Path) -> str:
 
     files = code_files(CODE_ENTRY)
     meta = json.loads((data_dir / "meta.json").read_text()) if (data_dir / "meta.json").exists() else {}
-    train = {k: v for k, v in asdict(tc).items() if k not in NOT_FINGERPRINTED}
+    train = {k: v for k, v in asdict(tc).items() if k not in NOT_A_MODEL_SETTING}
     h = hashlib.sha256(json.dumps({"model": cfg.to_dict(), "train": train,
                                    "data": meta.get("config_hash")}, sort_keys=True, default=str).encode())
     for f in files:

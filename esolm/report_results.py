@@ -284,12 +284,12 @@ SEED_HEADERS = ["variant", "this run", "seeds", "exact PPL, mean ± s.d.", "min 
 
 
 def _mean_sd(values: list[float]) -> str:
-    import statistics
+    from esolm.spread import describe
 
     if not values:
         return "-"
-    sd = f" ± {_fmt(statistics.stdev(values))}" if len(values) > 1 else ""
-    return f"{_fmt(statistics.fmean(values))}{sd}"
+    d = describe(values)
+    return _fmt(d["mean"]) + (f" ± {_fmt(d['sd'])}" if d["sd"] is not None else "")
 
 
 def seed_spread(db: Path, rid: str) -> tuple[str, list[str], list[tuple], str] | None:

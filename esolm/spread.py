@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from esolm.io import write_text_atomic
+from esolm.params import params_hash
 
 SPREAD_FILE = Path("reports/seeds.json")
 METRICS = ("exact_ppl", "nelbo_ppl")
@@ -107,13 +108,15 @@ class Spread:
         for variant in dict.fromkeys(r.variant for r in self.rows):
             by_seed = {r.seed: getattr(r, metric) for r in self.rows if r.variant == variant
                        and getattr(r, metric) is not None}
-            values = list(by_seed.values())
-            if not values:
-                continue
-            out[variant] = {"n": len(values), "mean": statistics.fmean(values),
-                            "sd": statistics.stdev(values) if len(values) > 1 else None,
-                            "min": min(values), "max": max(values), "values": by_seed}
+            if by_seed:
+                out[variant] = {**describe(list(by_seed.values())), "values": by_seed}
         return out
+
+
+def describe(values: list[float]) -> dict:
+    """``n``, ``mean``, ``sd`` (the sample standard deviation; None for one value), ``min``, ``max``."""
+    return {"n": len(values), "mean": statistics.fmean(values),
+            "sd": statistics.stdev(values) if len(values) > 1 else None, "min": min(values), "max": max(values)}
 
 
 def write_spread(spread: Spread, path: Path = SPREAD_FILE) -> None:
@@ -135,8 +138,6 @@ def read_spread(path: Path = SPREAD_FILE) -> Spread | None:
 
 def seed_free_hash(params: dict) -> str:
     """The params hash a spread is keyed on: every setting but ``train.seed``."""
-    from esolm.params import params_hash
-
     trimmed = {**params, "train": {k: v for k, v in (params.get("train") or {}).items() if k != "seed"}}
     return params_hash(trimmed)
 

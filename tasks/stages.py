@@ -81,16 +81,6 @@ def _error_line(stderr: str) -> str | None:
     return said[-1].strip() if said else None
 
 
-def _warn(message: str) -> None:
-    """A warning to the task or flow run's log when there is one, else to stderr."""
-    try:
-        from prefect.logging import get_run_logger
-
-        get_run_logger().warning(message)
-    except Exception:  # no run context (a plain call, a test)
-        print(message, file=sys.stderr)
-
-
 def run_command(args: list[str], repo: str) -> str:
     """Run a command in ``repo`` with the venv's bin first on PATH; on failure raise its one
     error line (esolm's or DVC's), or its output when it said none."""
@@ -103,7 +93,9 @@ def run_command(args: list[str], repo: str) -> str:
     proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, check=False)
     for line in proc.stderr.splitlines():  # esolm's warnings reach the run's log, not only its stderr
         if re.match(r"esolm [a-z-]+: warning: ", line):
-            _warn(line.strip())
+            from tasks.workspace import run_log
+
+            run_log(line.strip(), warning=True)
     if proc.returncode:
         command = " ".join([Path(args[0]).name, *args[1:]])
         if (line := _error_line(proc.stderr)) is not None:
@@ -331,8 +323,9 @@ def search_outputs(repo: str, sets: list[str]) -> str:
 
 @task(task_run_name="search: results")
 def search_results(repo: str, out_dir: str) -> dict:
-    """``best.json`` and ``pareto.json`` of the search's outputs under ``repo``, as written."""
-    import json
+    """``best.json`` and ``pareto.json`` of the search's outputs under ``repo``, through their
+    one reader (``esolm.search.results``), in their JSON form."""
+    from esolm.search.results import read_best, read_front
 
     folder = Path(repo) / out_dir
-    return {name: json.loads((folder / f"{name}.json").read_text()) for name in ("best", "pareto")}
+    return {"best": read_best(folder).to_json(), "pareto": read_front(folder).to_json()}

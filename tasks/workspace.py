@@ -42,7 +42,7 @@ GIT_IDENTITY = {"GIT_AUTHOR_NAME": "esolm flow", "GIT_AUTHOR_EMAIL": "esolm-flow
                 "GIT_COMMITTER_NAME": "esolm flow", "GIT_COMMITTER_EMAIL": "esolm-flow@localhost"}
 
 
-def _log(message: str, warning: bool = False) -> None:
+def run_log(message: str, warning: bool = False) -> None:
     """To the flow run's log when there is one, else to stderr."""
     try:
         from prefect.logging import get_run_logger
@@ -86,7 +86,7 @@ def resolve_revision(repo: str | Path, revision: str | None = None, remote: str 
     if revision is None:
         if changed := dirty_files(repo):
             shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-            _log(f"{Path(repo).resolve()} has uncommitted changes ({shown}): ignored, the run uses "
+            run_log(f"{Path(repo).resolve()} has uncommitted changes ({shown}): ignored, the run uses "
                  "the commit HEAD; commit them to run them", warning=True)
         revision = "HEAD"
     found = git(repo, "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}", check=False)
@@ -125,7 +125,7 @@ def add_worktree(repo: str | Path, commit: str, name: str | None = None) -> Path
     if raw.is_dir() and not (path / "data" / "raw").exists():
         (path / "data").mkdir(exist_ok=True)
         (path / "data" / "raw").symlink_to(raw, target_is_directory=True)
-    _log(f"working in {path} (commit {commit[:12]} of {repo}; DVC cache {cache})")
+    run_log(f"working in {path} (commit {commit[:12]} of {repo}; DVC cache {cache})")
     return path
 
 
@@ -146,7 +146,7 @@ def pinned_worktree(repo: str | Path, revision: str | None = None, name: str | N
     try:
         yield path, commit
     except BaseException:
-        _log(f"the run failed: its worktree is kept for debugging at {path} "
+        run_log(f"the run failed: its worktree is kept for debugging at {path} "
              f"(remove it with: git -C {Path(repo).resolve()} worktree remove --force {path})", warning=True)
         raise
     remove_worktree(repo, path)
